@@ -1,0 +1,25 @@
+//! Userspace side of membrane's kernel datapath.
+//!
+//! Owns: loading the eBPF object built by `build.rs` ([`object`]), pinning its maps under a
+//! per-run bpffs path ([`bpffs`]), attaching the tc programs to endpoint interfaces inside a
+//! node network namespace and detaching them ([`loader`]), typed handles over every map
+//! ([`maps`]), and the endpoint plumbing (network namespaces, veth pairs, addresses, routes:
+//! [`netns`], [`plumbing`]).
+//!
+//! Must not depend on `membrane-l7proxy` (the two meet in `membrane-agent`), on the policy
+//! model (it takes plain datapath entries), or on async runtimes: every call here is a
+//! short blocking syscall or a short-lived `ip` command.
+
+pub mod bpffs;
+pub mod error;
+pub mod loader;
+pub mod maps;
+pub mod netns;
+pub mod object;
+pub mod plumbing;
+
+pub use error::DatapathError;
+pub use loader::{Datapath, MapSizes};
+pub use maps::{AllowRule, CtEntryView, EndpointsMap, MetricsMap, PolicyMap, CtMap};
+pub use membrane_common::{Direction, reason};
+pub use netns::Netns;
