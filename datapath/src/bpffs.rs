@@ -41,8 +41,8 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
             source: std::io::Error::last_os_error(),
         });
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libc targets")]
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    // Only x86_64 and aarch64 glibc are supported hosts; there f_type is i64.
+    Ok(st.f_type == BPF_FS_MAGIC)
 }
 
 fn mount_bpffs(path: &Path) -> Result<()> {
@@ -106,7 +106,10 @@ impl PinDir {
             what: "create pin directory",
             source,
         })?;
-        Ok(Self { path, private_mount: false })
+        Ok(Self {
+            path,
+            private_mount: false,
+        })
     }
 
     /// A private bpffs instance mounted at the new directory `dir` (which must not exist).
@@ -120,7 +123,10 @@ impl PinDir {
             let _ = std::fs::remove_dir(dir);
             return Err(err);
         }
-        Ok(Self { path: dir.to_owned(), private_mount: true })
+        Ok(Self {
+            path: dir.to_owned(),
+            private_mount: true,
+        })
     }
 
     pub fn path(&self) -> &Path {

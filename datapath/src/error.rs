@@ -12,7 +12,10 @@ pub enum DatapathError {
         source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no {kind} named `{name}` (build and ABI crate out of sync?)")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map `{map}`: {op} failed: {source}")]
     Map {
         map: &'static str,

@@ -20,6 +20,6 @@ pub mod plumbing;
 
 pub use error::DatapathError;
 pub use loader::{Datapath, MapSizes};
-pub use maps::{AllowRule, CtEntryView, EndpointsMap, MetricsMap, PolicyMap, CtMap};
+pub use maps::{AllowRule, CtEntryView, CtMap, EndpointsMap, MetricsMap, PolicyMap};
 pub use membrane_common::{Direction, reason};
 pub use netns::Netns;

@@ -40,7 +40,11 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self { endpoints: 1024, policy: 16384, conntrack: 65536 }
+        Self {
+            endpoints: 1024,
+            policy: 16384,
+            conntrack: 65536,
+        }
     }
 }
 
@@ -85,16 +89,26 @@ impl Datapath {
         for name in names::ALL_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Missing { kind: "program", name })?
+                .ok_or(DatapathError::Missing {
+                    kind: "program",
+                    name,
+                })?
                 .try_into()
-                .map_err(|source| DatapathError::Program { program: name, op: "type check".into(), source })?;
-            program
-                .load()
-                .map_err(|source| DatapathError::Program { program: name, op: "load (verifier)".into(), source })?;
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: "type check".into(),
+                    source,
+                })?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: name,
+                op: "load (verifier)".into(),
+                source,
+            })?;
         }
 
         let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
+            ebpf.take_map(name)
+                .ok_or(DatapathError::Missing { kind: "map", name })
         };
         let endpoints = EndpointsMap::new(take(names::MAP_ENDPOINTS)?)?;
         let policy = PolicyMap::new(take(names::MAP_POLICY_V4)?)?;
@@ -135,9 +149,16 @@ impl Datapath {
     fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(name)
-            .ok_or(DatapathError::Missing { kind: "program", name })?
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name,
+            })?
             .try_into()
-            .map_err(|source| DatapathError::Program { program: name, op: "type check".into(), source })
+            .map_err(|source| DatapathError::Program {
+                program: name,
+                op: "type check".into(),
+                source,
+            })
     }
 
     /// Attaches `from_endpoint` to the tc ingress hook and `to_endpoint` to the tc egress
@@ -146,8 +167,18 @@ impl Datapath {
         if self.attached.contains_key(host_ifname) {
             return Ok(());
         }
-        let ingress = self.attach_one(node, names::PROG_FROM_ENDPOINT, host_ifname, TcAttachType::Ingress)?;
-        let egress = match self.attach_one(node, names::PROG_TO_ENDPOINT, host_ifname, TcAttachType::Egress) {
+        let ingress = self.attach_one(
+            node,
+            names::PROG_FROM_ENDPOINT,
+            host_ifname,
+            TcAttachType::Ingress,
+        )?;
+        let egress = match self.attach_one(
+            node,
+            names::PROG_TO_ENDPOINT,
+            host_ifname,
+            TcAttachType::Egress,
+        ) {
             Ok(link) => link,
             Err(err) => {
                 // Leave nothing half-attached.
@@ -155,7 +186,8 @@ impl Datapath {
                 return Err(err);
             }
         };
-        self.attached.insert(host_ifname.to_owned(), (ingress, egress));
+        self.attached
+            .insert(host_ifname.to_owned(), (ingress, egress));
         Ok(())
     }
 
@@ -168,7 +200,11 @@ impl Datapath {
     ) -> Result<SchedClassifierLinkId> {
         let classifier = self.classifier(program)?;
         let attached = node.run(move || {
-            classifier.attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            classifier.attach_with_options(
+                ifname,
+                hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
         })?;
         attached.map_err(|source| DatapathError::Program {
             program,
@@ -215,11 +251,13 @@ impl Datapath {
             data_out: Some(&mut out),
             ..TestRunOptions::new()
         };
-        let result = classifier.test_run(opts).map_err(|source| DatapathError::Program {
-            program,
-            op: "BPF_PROG_TEST_RUN".into(),
-            source,
-        })?;
+        let result = classifier
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                program,
+                op: "BPF_PROG_TEST_RUN".into(),
+                source,
+            })?;
         Ok(result.return_value as i32)
     }
 

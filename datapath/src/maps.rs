@@ -2,12 +2,7 @@
 //! object, or opened from its pin by another process such as the CLI) and speaks in the
 //! crate's types: addresses as `Ipv4Addr`, ports in host order, directions as [`Direction`].
 
-use std::{
-    fmt,
-    net::Ipv4Addr,
-    path::Path,
-    str::FromStr,
-};
+use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
 
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use membrane_common::{
@@ -17,7 +12,10 @@ use membrane_common::{
 
 use crate::error::{DatapathError, Result};
 
-fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+fn map_err(
+    map: &'static str,
+    op: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { map, op, source }
 }
 
@@ -43,7 +41,11 @@ impl Ipv4Prefix {
                 detail: format!("{addr}/{len}: prefix length must be at most 32"),
             });
         }
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
         let bits = u32::from(addr);
         if bits & !mask != 0 {
             return Err(DatapathError::Invalid {
@@ -142,14 +144,19 @@ impl EndpointsMap {
         if entry.enforce_egress {
             flags |= endpoint_flags::ENFORCE_EGRESS;
         }
-        let value = EndpointInfo { endpoint_id: entry.endpoint_id, flags };
+        let value = EndpointInfo {
+            endpoint_id: entry.endpoint_id,
+            flags,
+        };
         self.0
             .insert(entry.ifindex, value, 0)
             .map_err(map_err(names::MAP_ENDPOINTS, "insert"))
     }
 
     pub fn remove(&mut self, ifindex: u32) -> Result<()> {
-        self.0.remove(&ifindex).map_err(map_err(names::MAP_ENDPOINTS, "remove"))
+        self.0
+            .remove(&ifindex)
+            .map_err(map_err(names::MAP_ENDPOINTS, "remove"))
     }
 
     pub fn list(&self) -> Result<Vec<EndpointEntry>> {
@@ -214,7 +221,11 @@ impl AllowRule {
 
 impl fmt::Display for AllowRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let port = if self.port == 0 { "any".to_owned() } else { self.port.to_string() };
+        let port = if self.port == 0 {
+            "any".to_owned()
+        } else {
+            self.port.to_string()
+        };
         write!(
             f,
             "endpoint {} {} {} {}/{} (cookie {})",
@@ -250,13 +261,17 @@ impl PolicyMap {
             _pad1: 0,
             rule_cookie: rule.rule_cookie,
         };
-        self.0.insert(&key, value, 0).map_err(map_err(names::MAP_POLICY_V4, "insert"))
+        self.0
+            .insert(&key, value, 0)
+            .map_err(map_err(names::MAP_POLICY_V4, "insert"))
     }
 
     /// Removes the entry for the rule's key (the cookie is ignored).
     pub fn remove(&mut self, rule: &AllowRule) -> Result<()> {
         let key = rule.key()?;
-        self.0.remove(&key).map_err(map_err(names::MAP_POLICY_V4, "remove"))
+        self.0
+            .remove(&key)
+            .map_err(map_err(names::MAP_POLICY_V4, "remove"))
     }
 
     pub fn list(&self) -> Result<Vec<AllowRule>> {
@@ -270,7 +285,10 @@ impl PolicyMap {
             out.push(AllowRule {
                 endpoint_id: data.endpoint_id,
                 direction: Direction::from_u8(data.direction).unwrap_or(Direction::Ingress),
-                remote: Ipv4Prefix { addr, len: remote_len },
+                remote: Ipv4Prefix {
+                    addr,
+                    len: remote_len,
+                },
                 protocol: data.protocol,
                 port: u16::from_be(data.dport_be),
                 rule_cookie: value.rule_cookie,
@@ -392,7 +410,12 @@ impl MetricsMap {
         let (packets, bytes) = values
             .iter()
             .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
-        Ok(MetricsSample { direction, reason, packets, bytes })
+        Ok(MetricsSample {
+            direction,
+            reason,
+            packets,
+            bytes,
+        })
     }
 
     /// Every non-zero slot.

@@ -30,7 +30,9 @@ impl Netns {
     pub fn create(name: &str) -> Result<Self> {
         validate_name(name)?;
         run_command("ip", &["netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -38,7 +40,9 @@ impl Netns {
     /// An existing namespace.
     pub fn open(name: &str) -> Result<Self> {
         validate_name(name)?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         if !ns.path().exists() {
             return Err(DatapathError::Netns {
                 netns: name.to_owned(),

@@ -63,7 +63,9 @@ impl Node {
 
     /// An existing node namespace.
     pub fn open(name: &str) -> Result<Self> {
-        Ok(Self { netns: Netns::open(name)? })
+        Ok(Self {
+            netns: Netns::open(name)?,
+        })
     }
 
     fn configure(&self) -> Result<()> {
@@ -82,7 +84,12 @@ impl Node {
 
     /// Creates endpoint namespace `pod_netns` with address `ipv4`, wired to the node through
     /// the veth `host_ifname` (at most 15 characters).
-    pub fn add_endpoint(&self, pod_netns: &str, host_ifname: &str, ipv4: Ipv4Addr) -> Result<EndpointLink> {
+    pub fn add_endpoint(
+        &self,
+        pod_netns: &str,
+        host_ifname: &str,
+        ipv4: Ipv4Addr,
+    ) -> Result<EndpointLink> {
         if host_ifname.is_empty() || host_ifname.len() > 15 || host_ifname.contains('/') {
             return Err(DatapathError::Invalid {
                 what: "interface name",
@@ -109,7 +116,15 @@ impl Node {
         pod.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         let node = &self.netns;
         node.ip(&[
-            "link", "add", host_ifname, "type", "veth", "peer", "name", POD_IFNAME, "netns",
+            "link",
+            "add",
+            host_ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            POD_IFNAME,
+            "netns",
             pod.name(),
         ])?;
         let gateway = format!("{POD_GATEWAY}/32");
@@ -120,8 +135,24 @@ impl Node {
 
         pod.ip(&["addr", "add", &pod_addr, "dev", POD_IFNAME])?;
         pod.ip(&["link", "set", POD_IFNAME, "up"])?;
-        pod.ip(&["route", "add", &POD_GATEWAY.to_string(), "dev", POD_IFNAME, "scope", "link"])?;
-        pod.ip(&["route", "add", "default", "via", &POD_GATEWAY.to_string(), "dev", POD_IFNAME])?;
+        pod.ip(&[
+            "route",
+            "add",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            POD_IFNAME,
+            "scope",
+            "link",
+        ])?;
+        pod.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            POD_IFNAME,
+        ])?;
 
         self.ifindex(host_ifname)
     }
@@ -133,7 +164,9 @@ impl Node {
             detail: format!("`{ifname}` contains a NUL byte"),
         })?;
         // SAFETY: `name` is NUL-terminated and outlives the call.
-        let index = self.netns.run(move || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
+        let index = self
+            .netns
+            .run(move || unsafe { libc::if_nametoindex(name.as_ptr()) })?;
         if index == 0 {
             return Err(DatapathError::Netns {
                 netns: self.netns.name().to_owned(),

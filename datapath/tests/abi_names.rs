@@ -14,9 +14,15 @@ fn symbols_in(prefix: &str) -> BTreeSet<String> {
     let file = object::File::parse(EBPF_OBJECT).expect("the embedded object is an ELF file");
     let mut out = BTreeSet::new();
     for sym in file.symbols() {
-        let Some(index) = sym.section_index() else { continue };
-        let Ok(section) = file.section_by_index(index) else { continue };
-        let Ok(section_name) = section.name() else { continue };
+        let Some(index) = sym.section_index() else {
+            continue;
+        };
+        let Ok(section) = file.section_by_index(index) else {
+            continue;
+        };
+        let Ok(section_name) = section.name() else {
+            continue;
+        };
         if section_name.starts_with(prefix)
             && let Ok(name) = sym.name()
             && !name.is_empty()
@@ -33,14 +39,20 @@ fn symbols_in(prefix: &str) -> BTreeSet<String> {
 fn object_has_exactly_the_named_programs() {
     let programs = symbols_in("classifier");
     let expected: BTreeSet<String> = names::ALL_PROGRAMS.iter().map(|s| s.to_string()).collect();
-    assert_eq!(programs, expected, "programs in the object vs membrane_common::names");
+    assert_eq!(
+        programs, expected,
+        "programs in the object vs membrane_common::names"
+    );
 }
 
 #[test]
 fn object_has_exactly_the_named_maps() {
     let maps = symbols_in("maps");
     let expected: BTreeSet<String> = names::ALL_MAPS.iter().map(|s| s.to_string()).collect();
-    assert_eq!(maps, expected, "maps in the object vs membrane_common::names");
+    assert_eq!(
+        maps, expected,
+        "maps in the object vs membrane_common::names"
+    );
 }
 
 #[test]
@@ -49,11 +61,23 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
     let pins = PinGuard::new();
     let datapath = Datapath::load(pins.path(), MapSizes::default()).expect("load");
     let expected: [(&str, usize, usize); 4] = [
-        (names::MAP_ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>()),
+        (
+            names::MAP_ENDPOINTS,
+            size_of::<u32>(),
+            size_of::<EndpointInfo>(),
+        ),
         // LPM trie keys carry a u32 prefix length before the data.
-        (names::MAP_POLICY_V4, 4 + size_of::<PolicyKeyV4>(), size_of::<PolicyValue>()),
+        (
+            names::MAP_POLICY_V4,
+            4 + size_of::<PolicyKeyV4>(),
+            size_of::<PolicyValue>(),
+        ),
         (names::MAP_CT_V4, size_of::<CtKeyV4>(), size_of::<CtEntry>()),
-        (names::MAP_METRICS, size_of::<u32>(), size_of::<MetricsValue>()),
+        (
+            names::MAP_METRICS,
+            size_of::<u32>(),
+            size_of::<MetricsValue>(),
+        ),
     ];
     for (name, key, value) in expected {
         let map = aya::maps::MapData::from_pin(pins.path().join(name))

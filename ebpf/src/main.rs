@@ -113,7 +113,7 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out immediately; a concurrent update can at worst give a
     // mix of old and new flags, both of which are valid configurations.
-    let endpoint = match unsafe { ENDPOINTS.get(&ifindex) } {
+    let endpoint = match unsafe { ENDPOINTS.get(ifindex) } {
         Some(ep) => *ep,
         None => return Err(reason::NO_ENDPOINT),
     };
@@ -165,7 +165,7 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
     };
 
     // Replies of a live connection skip policy.
-    if let Some(entry) = CT_V4.get_ptr_mut(&reply_key) {
+    if let Some(entry) = CT_V4.get_ptr_mut(reply_key) {
         // SAFETY: pointer into the map value; concurrent updates of counters may race, which
         // only makes statistics approximate.
         let entry = unsafe { &mut *entry };
@@ -190,7 +190,7 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
         0
     };
 
-    if let Some(entry) = CT_V4.get_ptr_mut(&forward_key) {
+    if let Some(entry) = CT_V4.get_ptr_mut(forward_key) {
         // SAFETY: as above.
         let entry = unsafe { &mut *entry };
         let reopened = flow.protocol == proto::TCP
@@ -212,7 +212,7 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
         rule_cookie,
     };
     CT_V4
-        .insert(&forward_key, &entry, 0)
+        .insert(forward_key, entry, 0)
         .map_err(|_| reason::CT_CREATE_FAILED)
 }
 
@@ -284,8 +284,12 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
         return Err(reason::FRAG_NOT_SUPPORTED);
     }
     let protocol: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| reason::INVALID_PACKET)?;
-    let saddr_be: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| reason::INVALID_PACKET)?;
-    let daddr_be: u32 = ctx.load(ETH_HLEN + 16).map_err(|_| reason::INVALID_PACKET)?;
+    let saddr_be: u32 = ctx
+        .load(ETH_HLEN + 12)
+        .map_err(|_| reason::INVALID_PACKET)?;
+    let daddr_be: u32 = ctx
+        .load(ETH_HLEN + 16)
+        .map_err(|_| reason::INVALID_PACKET)?;
     let l4 = ETH_HLEN + ihl;
 
     let mut flow = Flow {

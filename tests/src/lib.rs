@@ -14,8 +14,8 @@
 //! own tests build on this crate, not the other way round).
 
 pub mod net;
-pub mod packet;
 mod node;
+pub mod packet;
 
 use std::{
     path::PathBuf,
@@ -89,7 +89,8 @@ impl PinGuard {
         let root = PathBuf::from(BPFFS_TEST_ROOT);
         std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("create {}: {e}", root.display()));
         let dir = root.join(unique_name("bpffs"));
-        let pins = PinDir::private(&dir).unwrap_or_else(|e| panic!("private bpffs at {}: {e}", dir.display()));
+        let pins = PinDir::private(&dir)
+            .unwrap_or_else(|e| panic!("private bpffs at {}: {e}", dir.display()));
         Self(Some(pins))
     }
 
@@ -167,7 +168,11 @@ pub fn leftovers() -> Vec<String> {
         .map(|n| format!("netns {n}"))
         .collect();
     if let Ok(entries) = std::fs::read_dir(BPFFS_TEST_ROOT) {
-        out.extend(entries.flatten().map(|e| format!("bpffs {}", e.path().display())));
+        out.extend(
+            entries
+                .flatten()
+                .map(|e| format!("bpffs {}", e.path().display())),
+        );
     }
     out
 }

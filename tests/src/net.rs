@@ -51,9 +51,16 @@ impl Drop for ServerGuard {
 pub fn tcp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
     let listener = ns
         .run(move || TcpListener::bind(addr))
-        .and_then(|r| r.map_err(|e| membrane_datapath::DatapathError::Invalid { what: "bind", detail: e.to_string() }))
+        .and_then(|r| {
+            r.map_err(|e| membrane_datapath::DatapathError::Invalid {
+                what: "bind",
+                detail: e.to_string(),
+            })
+        })
         .unwrap_or_else(|e| panic!("bind tcp {addr} in {}: {e}", ns.name()));
-    listener.set_nonblocking(true).expect("nonblocking listener");
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let (stop2, served2) = (stop.clone(), served.clone());
@@ -79,16 +86,28 @@ pub fn tcp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
             }
         }
     });
-    ServerGuard { stop, served, handle: Some(handle), addr }
+    ServerGuard {
+        stop,
+        served,
+        handle: Some(handle),
+        addr,
+    }
 }
 
 /// A UDP server in `ns` on `addr` that answers each datagram with `"echo:" + datagram`.
 pub fn udp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
     let socket = ns
         .run(move || UdpSocket::bind(addr))
-        .and_then(|r| r.map_err(|e| membrane_datapath::DatapathError::Invalid { what: "bind", detail: e.to_string() }))
+        .and_then(|r| {
+            r.map_err(|e| membrane_datapath::DatapathError::Invalid {
+                what: "bind",
+                detail: e.to_string(),
+            })
+        })
         .unwrap_or_else(|e| panic!("bind udp {addr} in {}: {e}", ns.name()));
-    socket.set_read_timeout(Some(Duration::from_millis(20))).expect("udp timeout");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("udp timeout");
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let (stop2, served2) = (stop.clone(), served.clone());
@@ -107,7 +126,12 @@ pub fn udp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
             }
         }
     });
-    ServerGuard { stop, served, handle: Some(handle), addr }
+    ServerGuard {
+        stop,
+        served,
+        handle: Some(handle),
+        addr,
+    }
 }
 
 /// Outcome of one client exchange.

@@ -3,11 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use membrane_datapath::{
-    Datapath, MapSizes, Netns,
-    maps::EndpointEntry,
-    plumbing::Node,
-};
+use membrane_datapath::{Datapath, MapSizes, Netns, maps::EndpointEntry, plumbing::Node};
 
 use crate::{NsGuard, PinGuard, require_root, sweep_stale, unique_name};
 
@@ -44,12 +40,25 @@ impl TestNode {
         let node_ns = NsGuard::adopt(node.netns().clone());
         let datapath = Datapath::load(pins.path(), MapSizes::default())
             .unwrap_or_else(|e| panic!("load datapath: {e}"));
-        Self { datapath, pods: Vec::new(), node_ns, node, _pins: pins, next_endpoint_id: 100 }
+        Self {
+            datapath,
+            pods: Vec::new(),
+            node_ns,
+            node,
+            _pins: pins,
+            next_endpoint_id: 100,
+        }
     }
 
     /// Adds an endpoint called `short` with address `ip`, registers it in the endpoints map
     /// with the given enforcement, and attaches both programs to its host-side veth.
-    pub fn add_pod(&mut self, short: &str, ip: Ipv4Addr, enforce_ingress: bool, enforce_egress: bool) -> TestPod {
+    pub fn add_pod(
+        &mut self,
+        short: &str,
+        ip: Ipv4Addr,
+        enforce_ingress: bool,
+        enforce_egress: bool,
+    ) -> TestPod {
         let ns_name = unique_name(short);
         let host_ifname: String = format!("lxc-{short}").chars().take(15).collect();
         let link = self

@@ -79,7 +79,14 @@ pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
     t[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let c = pseudo_sum(src.0, dst.0, 6, &t);
     t[16..18].copy_from_slice(&c.to_be_bytes());
-    Ipv4Frame { src: src.0, dst: dst.0, protocol: 6, frag: 0, payload: t.to_vec() }.build()
+    Ipv4Frame {
+        src: src.0,
+        dst: dst.0,
+        protocol: 6,
+        frag: 0,
+        payload: t.to_vec(),
+    }
+    .build()
 }
 
 /// A UDP datagram carrying `data`.
@@ -92,7 +99,14 @@ pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), data: &[u8]) -> Vec<u8> {
     u.extend_from_slice(data);
     let c = pseudo_sum(src.0, dst.0, 17, &u);
     u[6..8].copy_from_slice(&c.to_be_bytes());
-    Ipv4Frame { src: src.0, dst: dst.0, protocol: 17, frag: 0, payload: u }.build()
+    Ipv4Frame {
+        src: src.0,
+        dst: dst.0,
+        protocol: 17,
+        frag: 0,
+        payload: u,
+    }
+    .build()
 }
 
 /// An ICMP message of `icmp_type` (code 0) with identifier `id` and sequence 1.
@@ -103,7 +117,14 @@ pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, id: u16) -> Vec<u8> {
     m[6..8].copy_from_slice(&1u16.to_be_bytes());
     let c = checksum(&m);
     m[2..4].copy_from_slice(&c.to_be_bytes());
-    Ipv4Frame { src, dst, protocol: 1, frag: 0, payload: m }.build()
+    Ipv4Frame {
+        src,
+        dst,
+        protocol: 1,
+        frag: 0,
+        payload: m,
+    }
+    .build()
 }
 
 /// An Ethernet frame of another EtherType with a zero payload.
