@@ -7,6 +7,9 @@
 //!   that the suite left no namespaces or bpffs mounts behind.
 //! - `lab [ARGS...]`: bootstrap, build, and run `membrane lab demo ARGS...`.
 //!
+//! The eBPF crate is excluded from host-side `--workspace` runs: it only builds for
+//! `bpfel-unknown-none` (its own clippy pass uses that target).
+//!
 //! This crate has no dependencies on purpose (see Cargo.toml) and must not grow any on the
 //! rest of the workspace.
 
@@ -301,6 +304,8 @@ fn test() -> Result {
     run(Command::new(cargo()).current_dir(&root).args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "membrane-ebpf",
         "--all-targets",
         "--",
         "-D",
@@ -335,6 +340,8 @@ fn test() -> Result {
             "nextest",
             "run",
             "--workspace",
+            "--exclude",
+            "membrane-ebpf",
             "--no-fail-fast",
         ]))
     } else {
@@ -342,6 +349,8 @@ fn test() -> Result {
         run(Command::new(cargo()).current_dir(&root).args([
             "test",
             "--workspace",
+            "--exclude",
+            "membrane-ebpf",
             "--no-fail-fast",
         ]))
     };
