@@ -1,11 +1,13 @@
 //! The minimal lab: a node in a box (DESIGN §7, first step).
 //!
 //! `membrane lab demo` builds a node network namespace (no uplink) with two pods, `frontend`
-//! and `backend`, loads the datapath with its maps pinned under a lab-specific bpffs path,
-//! attaches the tc programs to both host-side veths, applies one policy — backend accepts
-//! only frontend, only on 8080/TCP — and then shows it working with real traffic: `curl` from
-//! frontend to backend:8080 (answered) and to backend:9090 (dropped by the datapath), followed
-//! by the datapath's counters and conntrack table. It tears everything down at the end, also
+//! and `backend`, gives them security identities from their labels, loads the datapath with
+//! its maps pinned under a lab-specific bpffs path, attaches the tc programs to both
+//! host-side veths, and applies one CiliumNetworkPolicy — backend accepts only frontend, only
+//! on 8080/TCP — through the policy engine (parse, resolve, write the entries). It then shows
+//! the policy working with real traffic: `curl` from frontend to backend:8080 (answered) and
+//! to backend:9090 (dropped in the kernel), followed by the flow events the datapath emitted,
+//! its counters and its conntrack table. It tears everything down at the end, also
 //! after Ctrl-C or a failed step; `membrane lab down` removes what an killed run left.
 //!
 //! Everything lives in namespaces named `membrane-lab*`; nothing touches the root namespace.
@@ -23,13 +25,39 @@ use std::{
     time::{Duration, Instant},
 };
 
-use membrane_common::{Direction, proto, reason};
+use membrane_common::reason;
 use membrane_datapath::{
-    AllowRule, Datapath, MapSizes, Netns,
+    Datapath, EndpointEntry, EventKind, EventVerdict, FlowEventView, Ipv4Prefix, MapSizes, Netns,
     bpffs::{DEFAULT_BPFFS, PinDir},
-    maps::{EndpointEntry, Ipv4Prefix, protocol_name},
+    maps::protocol_name,
     plumbing::Node,
 };
+use membrane_policy::{
+    EndpointInfo, Identity, IdentityAllocator as _, IdentitySet, Labels, LocalAllocator,
+    Repository, ResolveOptions, parse_documents, resolve_endpoint,
+};
+
+use crate::datapath_sync;
+
+/// The lab's one policy, as a Cilium user writes it.
+pub const LAB_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: backend-allow-frontend
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: backend
+  ingress:
+    - fromEndpoints:
+        - matchLabels:
+            app: frontend
+      toPorts:
+        - ports:
+            - port: "8080"
+              protocol: TCP
+"#;
 
 /// Node namespace of the lab.
 pub const LAB_NODE: &str = "membrane-lab";
@@ -55,6 +83,8 @@ pub enum LabError {
     Step { step: String, detail: String },
     #[error("interrupted")]
     Interrupted,
+    #[error("policy: {0}")]
+    Policy(String),
     #[error("the lab ran, but {0}")]
     Unexpected(String),
 }
@@ -72,6 +102,7 @@ struct Pod {
     name: &'static str,
     ip: Ipv4Addr,
     endpoint_id: u32,
+    labels: &'static [&'static str],
 }
 
 const PODS: [Pod; 2] = [
@@ -79,11 +110,16 @@ const PODS: [Pod; 2] = [
         name: "frontend",
         ip: FRONTEND_IP,
         endpoint_id: 1001,
+        labels: &[
+            "k8s:app=frontend",
+            "k8s:io.kubernetes.pod.namespace=default",
+        ],
     },
     Pod {
         name: "backend",
         ip: BACKEND_IP,
         endpoint_id: 1002,
+        labels: &["k8s:app=backend", "k8s:io.kubernetes.pod.namespace=default"],
     },
 ];
 
@@ -280,28 +316,60 @@ fn run_demo() -> Result<()> {
     }
     check_interrupt()?;
 
+    // Identities from labels, the policy through the engine.
+    let mut allocator = LocalAllocator::new();
+    let mut identities = IdentitySet::with_reserved();
+    let mut pod_identities = Vec::new();
+    for pod in &PODS {
+        let labels = Labels::parse(pod.labels.iter().copied())
+            .map_err(|e| LabError::Policy(e.to_string()))?;
+        let id = allocator
+            .allocate(&labels)
+            .map_err(|e| LabError::Policy(e.to_string()))?;
+        identities.insert(id, labels.clone());
+        pod_identities.push((id, labels));
+    }
+    let mut repo = Repository::new();
+    for policy in
+        parse_documents(LAB_POLICY, "lab policy").map_err(|e| LabError::Policy(e.to_string()))?
+    {
+        repo.add(policy)
+            .map_err(|e| LabError::Policy(e.to_string()))?;
+    }
+    let options = ResolveOptions::new(0, 0);
+
     let pins =
         PinDir::under(Path::new(DEFAULT_BPFFS), LAB_PIN_RUN).map_err(at("create pin directory"))?;
     let mut datapath =
         Datapath::load(pins.path(), MapSizes::default()).map_err(at("load datapath"))?;
-    // frontend enforces nothing; backend enforces ingress (it is selected by the policy).
-    let enforcement = [(false, false), (true, false)];
-    for ((pod, link), (ingress, egress)) in PODS.iter().zip(&links).zip(enforcement) {
+    let mut events = datapath.take_events();
+    let mut resolved = Vec::new();
+    for ((pod, link), (id, labels)) in PODS.iter().zip(&links).zip(&pod_identities) {
+        let endpoint = EndpointInfo::new(u64::from(pod.endpoint_id), labels.clone());
+        let policy = resolve_endpoint(&repo, &endpoint, &identities, &options);
         datapath
             .endpoints()
             .upsert(EndpointEntry {
                 ifindex: link.host_ifindex,
                 endpoint_id: pod.endpoint_id,
-                enforce_ingress: ingress,
-                enforce_egress: egress,
+                identity: id.0,
+                enforce_ingress: policy.enforce_ingress,
+                enforce_egress: policy.enforce_egress,
             })
             .map_err(at("register endpoint"))?;
         datapath
+            .ipcache()
+            .upsert(Ipv4Prefix::host(pod.ip), id.0)
+            .map_err(at("ipcache"))?;
+        datapath_sync::install(datapath.policy(), &policy)
+            .map_err(|e| LabError::Policy(e.to_string()))?;
+        datapath
             .attach_endpoint(node.netns(), &link.host_ifname)
             .map_err(at("attach programs"))?;
+        resolved.push(policy);
     }
     ok(&format!(
-        "datapath loaded, maps pinned at {}, tc programs attached (tcx) to {}",
+        "datapath loaded, maps and links pinned at {}, tc programs attached (tcx) to {}",
         pins.path().display(),
         links
             .iter()
@@ -318,33 +386,44 @@ fn run_demo() -> Result<()> {
     ));
     check_interrupt()?;
 
-    let rule = AllowRule {
-        endpoint_id: PODS[1].endpoint_id,
-        direction: Direction::Ingress,
-        remote: Ipv4Prefix::host(FRONTEND_IP),
-        protocol: proto::TCP,
-        port: APP_PORT,
-        rule_cookie: 1,
-    };
-    datapath
-        .policy()
-        .insert(&rule)
-        .map_err(at("apply policy"))?;
-    println!(
-        "\npolicy \"backend-allow-frontend\": backend accepts only frontend, only on {APP_PORT}/TCP"
-    );
-    println!(
-        "  (ingress default-deny for backend; replies of allowed connections pass by conntrack)"
-    );
+    println!("\nidentities:");
+    for (pod, (id, labels)) in PODS.iter().zip(&pod_identities) {
+        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+        println!("  {:<6} {:<9} {}", id.0, pod.name, labels.join(" "));
+    }
+    println!("\npolicy:");
+    for line in LAB_POLICY.lines() {
+        println!("  | {line}");
+    }
+    println!("\nresolved into the datapath's policy map:");
+    for (pod, policy) in PODS.iter().zip(&resolved) {
+        println!(
+            "  {} (endpoint {}): ingress {}, egress {}",
+            pod.name,
+            pod.endpoint_id,
+            if policy.enforce_ingress {
+                "default-deny"
+            } else {
+                "not enforced"
+            },
+            if policy.enforce_egress {
+                "default-deny"
+            } else {
+                "not enforced"
+            }
+        );
+    }
     for r in datapath.policy().list().map_err(at("list policy"))? {
         println!(
-            "  endpoint {} {:<7} from {:<16} {}/{}  allow  cookie {}",
+            "    endpoint {} {:<7} peer {:<16} {}/{}  {:?}  precedence {}  cookie {}",
             r.endpoint_id,
             r.direction.as_str(),
-            r.remote,
-            r.port,
+            identity_name(&identities, r.remote_identity),
+            r.ports,
             protocol_name(r.protocol),
-            r.rule_cookie
+            r.verdict,
+            r.precedence,
+            r.cookie
         );
     }
 
@@ -374,6 +453,14 @@ fn run_demo() -> Result<()> {
             unexpected.push(format!(
                 "frontend -> backend:{ADMIN_PORT} should be dropped"
             ));
+        }
+    }
+
+    if let Some(reader) = events.as_mut() {
+        println!("\nflows (the datapath's events):");
+        let names: Vec<(Ipv4Addr, &str)> = PODS.iter().map(|p| (p.ip, p.name)).collect();
+        for e in reader.drain() {
+            println!("  {}", describe_event(&e, &names));
         }
     }
 
@@ -418,5 +505,68 @@ fn run_demo() -> Result<()> {
         Ok(())
     } else {
         Err(LabError::Unexpected(unexpected.join("; ")))
+    }
+}
+
+/// `ID (app=NAME)` for a known identity, `any` for 0.
+fn identity_name(identities: &IdentitySet, id: u32) -> String {
+    if id == 0 {
+        return "any".into();
+    }
+    let app = identities.get(Identity(id)).and_then(|labels| {
+        labels
+            .iter()
+            .find(|l| l.key == "app")
+            .map(|l| l.value.clone())
+    });
+    match app {
+        Some(app) => format!("{id} (app={app})"),
+        None => id.to_string(),
+    }
+}
+
+/// One event in the shape of Hubble's compact output.
+fn describe_event(e: &FlowEventView, names: &[(Ipv4Addr, &str)]) -> String {
+    let name = |ip: Ipv4Addr, port: u16| {
+        let who = names
+            .iter()
+            .find(|(a, _)| *a == ip)
+            .map_or_else(|| ip.to_string(), |(_, n)| (*n).to_owned());
+        format!("{who}:{port}")
+    };
+    let kind = match e.kind {
+        EventKind::Drop => "drop".to_owned(),
+        EventKind::Trace => "trace".to_owned(),
+        EventKind::PolicyVerdict => format!("policy-verdict:{}", match_type_name(e.match_type)),
+    };
+    let verdict = match (e.verdict, e.drop_reason) {
+        (EventVerdict::Dropped, Some(r)) => format!("DROPPED ({})", reason::describe(r)),
+        (EventVerdict::Dropped, None) => "DROPPED".into(),
+        (EventVerdict::Forwarded, _) => "FORWARDED".into(),
+        (EventVerdict::Redirected, _) => "REDIRECTED".into(),
+    };
+    format!(
+        "{} (ID:{}) -> {} (ID:{}) {} {} {} {}",
+        name(e.src, e.sport),
+        e.src_identity,
+        name(e.dst, e.dport),
+        e.dst_identity,
+        protocol_name(e.protocol),
+        kind,
+        e.direction.as_str().to_uppercase(),
+        verdict
+    )
+}
+
+/// Cilium's names for policy match types.
+fn match_type_name(m: u8) -> &'static str {
+    match m {
+        1 => "L3-Only",
+        2 => "L3-L4",
+        3 => "L4-Only",
+        4 => "all",
+        5 => "L3-Proto",
+        6 => "Proto-Only",
+        _ => "none",
     }
 }

@@ -9,4 +9,5 @@
 //!
 //! It may depend on every library crate of the workspace; none of them may depend on it.
 
+pub mod datapath_sync;
 pub mod lab;

@@ -155,7 +155,13 @@ impl PinDir {
             })?;
             for entry in entries.flatten() {
                 let p = entry.path();
-                std::fs::remove_file(&p).map_err(|source| DatapathError::BpfFs {
+                let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    // Pinned links live one level down.
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                removed.map_err(|source| DatapathError::BpfFs {
                     path: p.clone(),
                     what: "unpin",
                     source,

@@ -50,6 +50,21 @@ pub enum DatapathError {
         status: String,
         stderr: String,
     },
+    #[error(
+        "pinned maps at {pin_dir} have ABI version {found}, this build uses {expected}; \
+             detach the old datapath and remove the pins (`membrane lab down` for the lab) before loading this build"
+    )]
+    AbiMismatch {
+        pin_dir: PathBuf,
+        found: String,
+        expected: u32,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid {what}: {detail}")]
     Invalid { what: &'static str, detail: String },
 }

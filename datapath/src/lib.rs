@@ -12,6 +12,7 @@
 
 pub mod bpffs;
 pub mod error;
+pub mod events;
 pub mod loader;
 pub mod maps;
 pub mod netns;
@@ -19,7 +20,11 @@ pub mod object;
 pub mod plumbing;
 
 pub use error::DatapathError;
+pub use events::{EventKind, EventReader, EventVerdict, FlowEventView};
 pub use loader::{Datapath, MapSizes};
-pub use maps::{AllowRule, CtEntryView, CtMap, EndpointsMap, MetricsMap, PolicyMap};
+pub use maps::{
+    CtEntryView, CtMap, EndpointEntry, EndpointsMap, IpcacheMap, Ipv4Prefix, MetricsMap, PolicyMap,
+    PolicyRule, PolicyVerdict, PortMatch,
+};
 pub use membrane_common::{Direction, reason};
 pub use netns::Netns;

@@ -1,11 +1,15 @@
-//! Loading the eBPF object, pinning its maps, attaching the tc programs to endpoint
-//! interfaces and detaching them.
+//! Loading the eBPF object, pinning its maps and links, attaching the tc programs to
+//! endpoint interfaces and detaching them.
 //!
 //! Attachment uses tcx (bpf links on the interface's tc ingress/egress hooks, kernel ≥ 6.6:
-//! the successor of the clsact qdisc hook). A tcx link is released by closing its fd, which
-//! is independent of the caller's network namespace, so detaching can never touch an
-//! interface of the same index in another namespace. Attaching resolves the interface
-//! *inside* the node namespace ([`Netns::run`]).
+//! the successor of the clsact qdisc hook). Each link is pinned under `<pin_dir>/links/`, so
+//! it outlives the process: when the agent exits, enforcement continues from the pinned maps
+//! and links. A new process loading from the same pin directory reuses the maps (after an ABI
+//! version check) and atomically swaps its freshly loaded programs into the pinned links
+//! (`bpf_link_update`). Detaching an endpoint unpins its links; closing a tcx link's fd is
+//! independent of the caller's network namespace, so it can never touch an interface of the
+//! same index elsewhere. Attaching resolves the interface *inside* the node namespace
+//! ([`Netns::run`]).
 
 use std::{
     collections::BTreeMap,
@@ -16,24 +20,27 @@ use aya::{
     EbpfLoader,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        tc::{SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
     },
 };
-use membrane_common::names;
+use membrane_common::{ABI_VERSION, names};
 
 use crate::{
     error::{DatapathError, Result},
-    maps::{CtMap, EndpointsMap, MetricsMap, PolicyMap},
+    events::EventReader,
+    maps::{AbiMap, CtMap, EndpointsMap, IpcacheMap, MetricsMap, PolicyMap, open_pinned},
     netns::Netns,
     object::EBPF_OBJECT,
 };
 
-/// Map capacities. Defaults follow Cilium's where one exists (policy map 16384 entries);
-/// conntrack defaults to 65536 entries (Cilium: 512k TCP + 256k other, sized for a whole
-/// node; raise it with the agent's configuration on busy nodes).
+/// Map capacities. Defaults follow Cilium's where one exists (policy map 16384 entries,
+/// ipcache 512000); conntrack defaults to 65536 entries (Cilium: 512k TCP + 256k other,
+/// sized for a whole node; raise it on busy nodes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub endpoints: u32,
+    pub ipcache: u32,
     pub policy: u32,
     pub conntrack: u32,
 }
@@ -42,30 +49,38 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             endpoints: 1024,
+            ipcache: 512_000,
             policy: 16384,
             conntrack: 65536,
         }
     }
 }
 
-/// The loaded datapath: programs, typed map handles and the attachments it made.
+/// Sub-directory of the pin directory holding pinned links.
+const LINKS_DIR: &str = "links";
+
+/// The loaded datapath: programs, typed map handles and the attachments it holds.
 pub struct Datapath {
     ebpf: aya::Ebpf,
     pin_dir: PathBuf,
     endpoints: EndpointsMap,
+    ipcache: IpcacheMap,
     policy: PolicyMap,
     conntrack: CtMap,
     metrics: MetricsMap,
-    /// Host interface name → (ingress link, egress link).
-    attached: BTreeMap<String, (SchedClassifierLinkId, SchedClassifierLinkId)>,
+    events: Option<EventReader>,
+    /// Host interface name → (ingress link, egress link), both pinned.
+    attached: BTreeMap<String, (PinnedLink, PinnedLink)>,
 }
 
 impl Datapath {
-    /// Loads the programs and creates (or reuses) the maps pinned under `pin_dir`.
+    /// Loads the programs and creates (or reuses, if their ABI version matches) the maps
+    /// pinned under `pin_dir`.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Self> {
         for (name, size) in [
             (names::MAP_ENDPOINTS, sizes.endpoints),
-            (names::MAP_POLICY_V4, sizes.policy),
+            (names::MAP_IPCACHE_V4, sizes.ipcache),
+            (names::MAP_POLICY, sizes.policy),
             (names::MAP_CT_V4, sizes.conntrack),
         ] {
             if size == 0 {
@@ -75,10 +90,13 @@ impl Datapath {
                 });
             }
         }
+        check_pinned_abi(pin_dir)?;
+
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::MAP_ENDPOINTS, sizes.endpoints)
-            .map_max_entries(names::MAP_POLICY_V4, sizes.policy)
+            .map_max_entries(names::MAP_IPCACHE_V4, sizes.ipcache)
+            .map_max_entries(names::MAP_POLICY, sizes.policy)
             .map_max_entries(names::MAP_CT_V4, sizes.conntrack)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -87,41 +105,37 @@ impl Datapath {
             })?;
 
         for name in names::ALL_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
+            classifier(&mut ebpf, name)?
+                .load()
                 .map_err(|source| DatapathError::Program {
                     program: name,
-                    op: "type check".into(),
+                    op: "load (verifier)".into(),
                     source,
                 })?;
-            program.load().map_err(|source| DatapathError::Program {
-                program: name,
-                op: "load (verifier)".into(),
-                source,
-            })?;
         }
 
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(DatapathError::Missing { kind: "map", name })
         };
+        let mut abi = AbiMap::new(take(names::MAP_ABI)?)?;
+        abi.set(ABI_VERSION)?;
         let endpoints = EndpointsMap::new(take(names::MAP_ENDPOINTS)?)?;
-        let policy = PolicyMap::new(take(names::MAP_POLICY_V4)?)?;
+        let ipcache = IpcacheMap::new(take(names::MAP_IPCACHE_V4)?)?;
+        let policy = PolicyMap::new(take(names::MAP_POLICY)?)?;
         let conntrack = CtMap::new(take(names::MAP_CT_V4)?)?;
         let metrics = MetricsMap::new(take(names::MAP_METRICS)?)?;
+        let events = Some(EventReader::new(take(names::MAP_EVENTS)?)?);
 
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             endpoints,
+            ipcache,
             policy,
             conntrack,
             metrics,
+            events,
             attached: BTreeMap::new(),
         })
     }
@@ -132,6 +146,10 @@ impl Datapath {
 
     pub fn endpoints(&mut self) -> &mut EndpointsMap {
         &mut self.endpoints
+    }
+
+    pub fn ipcache(&mut self) -> &mut IpcacheMap {
+        &mut self.ipcache
     }
 
     pub fn policy(&mut self) -> &mut PolicyMap {
@@ -146,27 +164,32 @@ impl Datapath {
         &self.metrics
     }
 
-    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                program: name,
-                op: "type check".into(),
-                source,
-            })
+    /// The flow event reader (there is one per ring buffer consumer; take it to move it to
+    /// a reader thread).
+    pub fn take_events(&mut self) -> Option<EventReader> {
+        self.events.take()
+    }
+
+    fn link_pin(&self, ifname: &str, hook: &str) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("{ifname}-{hook}"))
     }
 
     /// Attaches `from_endpoint` to the tc ingress hook and `to_endpoint` to the tc egress
-    /// hook of `host_ifname` inside `node`.
+    /// hook of `host_ifname` inside `node`, pinning both links. If links for the interface
+    /// are already pinned (a previous process attached them), the freshly loaded programs
+    /// replace the old ones in those links atomically: enforcement never pauses.
     pub fn attach_endpoint(&mut self, node: &Netns, host_ifname: &str) -> Result<()> {
         if self.attached.contains_key(host_ifname) {
             return Ok(());
         }
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::BpfFs {
+            path: links_dir.clone(),
+            what: "create link pin directory",
+            source,
+        })?;
         let ingress = self.attach_one(
             node,
             names::PROG_FROM_ENDPOINT,
@@ -182,7 +205,7 @@ impl Datapath {
             Ok(link) => link,
             Err(err) => {
                 // Leave nothing half-attached.
-                let _ = self.classifier(names::PROG_FROM_ENDPOINT)?.detach(ingress);
+                let _ = ingress.unpin();
                 return Err(err);
             }
         };
@@ -197,45 +220,99 @@ impl Datapath {
         program: &'static str,
         ifname: &str,
         hook: TcAttachType,
-    ) -> Result<SchedClassifierLinkId> {
-        let classifier = self.classifier(program)?;
-        let attached = node.run(move || {
-            classifier.attach_with_options(
-                ifname,
-                hook,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+    ) -> Result<PinnedLink> {
+        let hook_name = match hook {
+            TcAttachType::Ingress => "ingress",
+            _ => "egress",
+        };
+        let pin = self.link_pin(ifname, hook_name);
+        let op = |what: &str| format!("{what} {ifname} ({hook_name}) in netns {}", node.name());
+        let classifier = classifier(&mut self.ebpf, program)?;
+
+        let link_id = if pin.exists() {
+            // A previous process's link: swap our program into it.
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Io {
+                what: format!("open pinned link {}", pin.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
+                DatapathError::Io {
+                    what: format!("pinned link {} is not a tcx link", pin.display()),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            classifier
+                .attach_to_link(link)
+                .map_err(|source| DatapathError::Program {
+                    program,
+                    op: op("replace program of pinned link on"),
+                    source,
+                })?
+        } else {
+            let attached = node.run(move || {
+                classifier.attach_with_options(
+                    ifname,
+                    hook,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+            })?;
+            attached.map_err(|source| DatapathError::Program {
+                program,
+                op: op("attach to"),
+                source,
+            })?
+        };
+
+        let classifier = self::classifier(&mut self.ebpf, program)?;
+        let link = classifier
+            .take_link(link_id)
+            .map_err(|source| DatapathError::Program {
+                program,
+                op: op("take link of"),
+                source,
+            })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Io {
+            what: op("tcx link expected for"),
+            source: std::io::Error::other(e.to_string()),
         })?;
-        attached.map_err(|source| DatapathError::Program {
-            program,
-            op: format!("attach to {ifname} ({hook:?}) in netns {}", node.name()),
-            source,
+        if pin.exists() {
+            // Same kernel link as the pin: keep the pin, hold a handle.
+            return PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Io {
+                what: format!("reopen pinned link {}", pin.display()),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+        fd_link.pin(&pin).map_err(|e| DatapathError::Io {
+            what: format!("pin link at {}", pin.display()),
+            source: std::io::Error::other(e.to_string()),
         })
     }
 
-    /// Detaches both programs from `host_ifname`. Unknown interfaces are not an error: the
-    /// interface may have disappeared with its namespace, which releases the links anyway.
+    /// Detaches both programs from `host_ifname` and removes their pins. An interface this
+    /// instance does not hold but whose links are pinned is detached too.
     pub fn detach_endpoint(&mut self, host_ifname: &str) -> Result<()> {
-        let Some((ingress, egress)) = self.attached.remove(host_ifname) else {
+        if let Some((ingress, egress)) = self.attached.remove(host_ifname) {
+            for link in [ingress, egress] {
+                link.unpin().map_err(|source| DatapathError::Io {
+                    what: format!("unpin link of {host_ifname}"),
+                    source,
+                })?;
+            }
             return Ok(());
-        };
-        self.classifier(names::PROG_FROM_ENDPOINT)?
-            .detach(ingress)
-            .map_err(|source| DatapathError::Program {
-                program: names::PROG_FROM_ENDPOINT,
-                op: format!("detach from {host_ifname}"),
-                source,
-            })?;
-        self.classifier(names::PROG_TO_ENDPOINT)?
-            .detach(egress)
-            .map_err(|source| DatapathError::Program {
-                program: names::PROG_TO_ENDPOINT,
-                op: format!("detach from {host_ifname}"),
-                source,
-            })
+        }
+        for hook in ["ingress", "egress"] {
+            let pin = self.link_pin(host_ifname, hook);
+            if pin.exists() {
+                std::fs::remove_file(&pin).map_err(|source| DatapathError::Io {
+                    what: format!("unpin {}", pin.display()),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
-    /// Interfaces with attached programs.
+    /// Interfaces with attached programs held by this instance.
     pub fn attached_interfaces(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
     }
@@ -243,12 +320,27 @@ impl Datapath {
     /// Runs `program` once on `packet` (an Ethernet frame) with `BPF_PROG_TEST_RUN` and
     /// returns the tc verdict. The packet's interface is the caller's loopback (ifindex 1).
     pub fn test_run(&mut self, program: &'static str, packet: &[u8]) -> Result<i32> {
+        self.test_run_with_mark(program, packet, 0)
+    }
+
+    /// [`Datapath::test_run`] with the skb mark preset (as the proxy's sockets set it).
+    pub fn test_run_with_mark(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+        mark: u32,
+    ) -> Result<i32> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        let classifier = self.classifier(program)?;
+        let classifier = classifier(&mut self.ebpf, program)?;
         let mut out = vec![0u8; packet.len() + 256];
+        // struct __sk_buff up to and including `mark` (offset 8); the kernel accepts a
+        // shorter context and requires the fields it does not allow to be zero.
+        let mut ctx = [0u8; 12];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
             ..TestRunOptions::new()
         };
         let result = classifier
@@ -261,13 +353,69 @@ impl Datapath {
         Ok(result.return_value as i32)
     }
 
-    /// Detaches everything this instance attached. Pinned maps stay (see
-    /// [`crate::bpffs::PinDir::remove`]).
+    /// Detaches everything this instance attached and removes those pins. (Dropping a
+    /// `Datapath` instead leaves links and maps pinned: that is a restart, not a teardown.)
     pub fn detach_all(&mut self) -> Result<()> {
-        let names: Vec<String> = self.attached.keys().cloned().collect();
-        for ifname in names {
+        let ifnames: Vec<String> = self.attached.keys().cloned().collect();
+        for ifname in ifnames {
             self.detach_endpoint(&ifname)?;
         }
         Ok(())
     }
+}
+
+fn classifier<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            op: "type check".into(),
+            source,
+        })
+}
+
+/// Refuses pinned maps written by a build with another ABI version (or by one that predates
+/// the version map), so a mismatched build never misreads them.
+fn check_pinned_abi(pin_dir: &Path) -> Result<()> {
+    let abi_pin = pin_dir.join(names::MAP_ABI);
+    if abi_pin.exists() {
+        let found = AbiMap::new(open_pinned(pin_dir, names::MAP_ABI)?)?.get()?;
+        // 0: created but never stamped (a load that failed half-way); the maps are ours.
+        if found != ABI_VERSION && found != 0 {
+            return Err(DatapathError::AbiMismatch {
+                pin_dir: pin_dir.to_owned(),
+                found: found.to_string(),
+                expected: ABI_VERSION,
+            });
+        }
+        return Ok(());
+    }
+    let foreign: Vec<String> = std::fs::read_dir(pin_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                // Every map of ours, in any version, is named `mb_*`; a fresh bpffs instance
+                // also shows the kernel's own `maps.debug`/`progs.debug`.
+                .filter(|name| name.starts_with("mb_"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !foreign.is_empty() {
+        return Err(DatapathError::AbiMismatch {
+            pin_dir: pin_dir.to_owned(),
+            found: format!(
+                "unknown (no {} map; pins: {})",
+                names::MAP_ABI,
+                foreign.join(", ")
+            ),
+            expected: ABI_VERSION,
+        });
+    }
+    Ok(())
 }

@@ -4,10 +4,11 @@
 
 use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use membrane_common::{
-    CtEntry, CtKeyV4, Direction, EndpointInfo, MetricsValue, PolicyKeyV4, PolicyValue, ct_flags,
-    endpoint_flags, metrics_index, names, policy_action, proto,
+    CtEntry, CtKeyV4, Direction, EndpointInfo, IpcacheKeyV4, IpcacheValue, METRICS_EVENTS_LOST,
+    MetricsValue, PolicyEntry, PolicyKey, ct_flags, endpoint_flags, metrics_index, names,
+    policy_flags, proto,
 };
 
 use crate::error::{DatapathError, Result};
@@ -114,7 +115,7 @@ pub fn protocol_name(protocol: u8) -> String {
     }
 }
 
-/// The endpoints map: host-side ifindex → endpoint id and enforcement flags.
+/// The endpoints map: host-side ifindex → endpoint id, identity and enforcement flags.
 pub struct EndpointsMap(HashMap<MapData, u32, EndpointInfo>);
 
 /// One row of [`EndpointsMap::list`].
@@ -122,6 +123,7 @@ pub struct EndpointsMap(HashMap<MapData, u32, EndpointInfo>);
 pub struct EndpointEntry {
     pub ifindex: u32,
     pub endpoint_id: u32,
+    pub identity: u32,
     pub enforce_ingress: bool,
     pub enforce_egress: bool,
 }
@@ -146,7 +148,9 @@ impl EndpointsMap {
         }
         let value = EndpointInfo {
             endpoint_id: entry.endpoint_id,
+            identity: entry.identity,
             flags,
+            _pad: 0,
         };
         self.0
             .insert(entry.ifindex, value, 0)
@@ -166,132 +170,334 @@ impl EndpointsMap {
             out.push(EndpointEntry {
                 ifindex,
                 endpoint_id: info.endpoint_id,
+                identity: info.identity,
                 enforce_ingress: info.flags & endpoint_flags::ENFORCE_INGRESS != 0,
                 enforce_egress: info.flags & endpoint_flags::ENFORCE_EGRESS != 0,
             });
         }
-        out.sort_by_key(|e| e.ifindex);
+        out.sort_by_key(|e| e.endpoint_id);
         Ok(out)
     }
 }
 
-/// One allow-list entry: the endpoint may exchange `protocol`/`port` traffic with `remote`
-/// in `direction`. `protocol == 0` means any protocol (port must be 0); `port == 0` means
-/// any port. For ICMP, `port` is the ICMP type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AllowRule {
-    pub endpoint_id: u32,
-    pub direction: Direction,
-    pub remote: Ipv4Prefix,
-    pub protocol: u8,
-    pub port: u16,
-    /// Names the rule that produced the entry.
-    pub rule_cookie: u32,
+/// The ipcache: IPv4 address or prefix → security identity (longest prefix wins; addresses
+/// it does not cover are `world` to the datapath).
+pub struct IpcacheMap(LpmTrie<MapData, IpcacheKeyV4, IpcacheValue>);
+
+fn ipcache_key(prefix: Ipv4Prefix) -> Key<IpcacheKeyV4> {
+    Key::new(
+        u32::from(prefix.len()),
+        IpcacheKeyV4 {
+            ip4_be: u32::from_ne_bytes(prefix.addr().octets()),
+        },
+    )
 }
 
-impl AllowRule {
-    fn key(&self) -> Result<Key<PolicyKeyV4>> {
-        if self.protocol == proto::ANY && self.port != 0 {
-            return Err(DatapathError::Invalid {
-                what: "allow rule",
-                detail: format!(
-                    "port {} given with protocol ANY; a port needs a protocol (TCP, UDP, SCTP, ICMP type)",
-                    self.port
-                ),
-            });
+impl IpcacheMap {
+    pub(crate) fn new(map: Map) -> Result<Self> {
+        let map = LpmTrie::try_from(map).map_err(map_err(names::MAP_IPCACHE_V4, "open"))?;
+        Ok(Self(map))
+    }
+
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::new(open_pinned(pin_dir, names::MAP_IPCACHE_V4)?)
+    }
+
+    pub fn upsert(&mut self, prefix: Ipv4Prefix, identity: u32) -> Result<()> {
+        self.0
+            .insert(&ipcache_key(prefix), IpcacheValue { identity, _pad: 0 }, 0)
+            .map_err(map_err(names::MAP_IPCACHE_V4, "insert"))
+    }
+
+    pub fn remove(&mut self, prefix: Ipv4Prefix) -> Result<()> {
+        self.0
+            .remove(&ipcache_key(prefix))
+            .map_err(map_err(names::MAP_IPCACHE_V4, "remove"))
+    }
+
+    pub fn list(&self) -> Result<Vec<(Ipv4Prefix, u32)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            let (key, value) = item.map_err(map_err(names::MAP_IPCACHE_V4, "iterate"))?;
+            let len = u8::try_from(key.prefix_len()).unwrap_or(32).min(32);
+            let addr = Ipv4Addr::from(key.data().ip4_be.to_ne_bytes());
+            out.push((Ipv4Prefix { addr, len }, value.identity));
         }
-        if self.protocol == proto::ICMP && self.port > 255 {
-            return Err(DatapathError::Invalid {
-                what: "allow rule",
-                detail: format!("ICMP type {} is out of range 0-255", self.port),
-            });
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Which destination ports a policy entry covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortMatch {
+    /// Every port (and, with protocol ANY, every protocol).
+    Any,
+    /// One port (for ICMP: one type).
+    Exact(u16),
+    /// The ports sharing the top `len` bits (1..=15) of `port`: one aligned piece of a range.
+    Prefix { port: u16, len: u8 },
+}
+
+impl PortMatch {
+    fn bits(self) -> u8 {
+        match self {
+            Self::Any => 0,
+            Self::Exact(_) => 16,
+            Self::Prefix { len, .. } => len,
         }
+    }
+
+    fn port(self) -> u16 {
+        match self {
+            Self::Any => 0,
+            Self::Exact(p) | Self::Prefix { port: p, .. } => p,
+        }
+    }
+
+    fn from_bits(port: u16, bits: u8) -> Self {
+        match bits {
+            0 => Self::Any,
+            16.. => Self::Exact(port),
+            len => Self::Prefix { port, len },
+        }
+    }
+
+    /// Lowest and highest port covered.
+    pub fn range(self) -> (u16, u16) {
+        match self {
+            Self::Any => (0, u16::MAX),
+            Self::Exact(p) => (p, p),
+            Self::Prefix { port, len } => {
+                let host = u16::MAX >> len;
+                (port & !host, port | host)
+            }
+        }
+    }
+}
+
+impl fmt::Display for PortMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any"),
+            Self::Exact(p) => write!(f, "{p}"),
+            Self::Prefix { .. } => {
+                let (lo, hi) = self.range();
+                write!(f, "{lo}-{hi}")
+            }
+        }
+    }
+}
+
+/// What a policy entry decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyVerdict {
+    Allow,
+    Deny,
+    /// Allow through the proxy listening on this port.
+    Redirect(u16),
+}
+
+/// Cilium's precedence levels at the default priority: deny > redirect > allow (the same
+/// values `membrane-policy` emits).
+pub mod precedence {
+    pub const ALLOW: u32 = 1;
+    pub const REDIRECT: u32 = 254;
+    pub const DENY: u32 = 255;
+}
+
+/// One entry of the policy map: for `endpoint_id` in `direction`, traffic with the peer
+/// `remote_identity` (0 = any peer) on `protocol` (0 = any, then `ports` must be `Any`) and
+/// `ports` gets `verdict`. For ICMP, ports are ICMP types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRule {
+    pub endpoint_id: u32,
+    pub direction: Direction,
+    pub remote_identity: u32,
+    pub protocol: u8,
+    pub ports: PortMatch,
+    pub verdict: PolicyVerdict,
+    /// Higher wins when an exact-identity and an any-identity entry both match.
+    pub precedence: u32,
+    /// Names the rule that produced the entry.
+    pub cookie: u32,
+}
+
+impl PolicyRule {
+    /// An entry with the default precedence of its verdict.
+    pub fn new(
+        endpoint_id: u32,
+        direction: Direction,
+        remote_identity: u32,
+        protocol: u8,
+        ports: PortMatch,
+        verdict: PolicyVerdict,
+    ) -> Self {
+        let precedence = match verdict {
+            PolicyVerdict::Allow => precedence::ALLOW,
+            PolicyVerdict::Redirect(_) => precedence::REDIRECT,
+            PolicyVerdict::Deny => precedence::DENY,
+        };
+        Self {
+            endpoint_id,
+            direction,
+            remote_identity,
+            protocol,
+            ports,
+            verdict,
+            precedence,
+            cookie: 0,
+        }
+    }
+
+    pub fn with_cookie(mut self, cookie: u32) -> Self {
+        self.cookie = cookie;
+        self
+    }
+
+    fn l4_bits(&self) -> Result<u8> {
+        let invalid = |detail: String| DatapathError::Invalid {
+            what: "policy entry",
+            detail,
+        };
+        if self.protocol == proto::ANY {
+            if self.ports != PortMatch::Any {
+                return Err(invalid(format!(
+                    "ports {} given with protocol ANY; a port needs a protocol (TCP, UDP, SCTP, ICMP type)",
+                    self.ports
+                )));
+            }
+            return Ok(0);
+        }
+        if let PortMatch::Prefix { len, .. } = self.ports
+            && !(1..=15).contains(&len)
+        {
+            return Err(invalid(format!("port prefix length {len} must be 1-15")));
+        }
+        if self.protocol == proto::ICMP && self.ports.range().1 > 255 {
+            return Err(invalid(format!(
+                "ICMP type {} is out of range 0-255",
+                self.ports
+            )));
+        }
+        if let PortMatch::Prefix { port, len } = self.ports
+            && port & (u16::MAX >> len) != 0
+        {
+            return Err(invalid(format!(
+                "port prefix {port}/{len} has bits set beyond its length; did you mean {}/{len}?",
+                port & !(u16::MAX >> len)
+            )));
+        }
+        if let PolicyVerdict::Redirect(0) = self.verdict {
+            return Err(invalid("redirect to proxy port 0".into()));
+        }
+        Ok(8 + self.ports.bits())
+    }
+
+    fn key(&self) -> Result<Key<PolicyKey>> {
+        let l4_bits = self.l4_bits()?;
         Ok(Key::new(
-            PolicyKeyV4::EXACT_BITS + u32::from(self.remote.len()),
-            PolicyKeyV4 {
+            PolicyKey::STATIC_BITS + u32::from(l4_bits),
+            PolicyKey {
                 endpoint_id: self.endpoint_id,
+                remote_identity: self.remote_identity,
                 direction: self.direction as u8,
                 protocol: self.protocol,
-                dport_be: self.port.to_be(),
-                remote_ip4_be: u32::from_ne_bytes(self.remote.addr().octets()),
+                dport_be: self.ports.port().to_be(),
             },
         ))
     }
 }
 
-impl fmt::Display for AllowRule {
+impl fmt::Display for PolicyRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let port = if self.port == 0 {
-            "any".to_owned()
-        } else {
-            self.port.to_string()
+        let verdict = match self.verdict {
+            PolicyVerdict::Allow => "allow".to_owned(),
+            PolicyVerdict::Deny => "deny".to_owned(),
+            PolicyVerdict::Redirect(p) => format!("redirect:{p}"),
         };
         write!(
             f,
-            "endpoint {} {} {} {}/{} (cookie {})",
+            "endpoint {} {} identity {} {}/{} {} (precedence {}, cookie {})",
             self.endpoint_id,
             self.direction.as_str(),
-            self.remote,
-            port,
+            self.remote_identity,
+            self.ports,
             protocol_name(self.protocol),
-            self.rule_cookie
+            verdict,
+            self.precedence,
+            self.cookie
         )
     }
 }
 
-/// The L3/L4 allow-list (LPM trie on the remote address).
-pub struct PolicyMap(LpmTrie<MapData, PolicyKeyV4, PolicyValue>);
+/// The per-endpoint policy map (one LPM trie for all endpoints).
+pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
 
 impl PolicyMap {
     pub(crate) fn new(map: Map) -> Result<Self> {
-        let map = LpmTrie::try_from(map).map_err(map_err(names::MAP_POLICY_V4, "open"))?;
+        let map = LpmTrie::try_from(map).map_err(map_err(names::MAP_POLICY, "open"))?;
         Ok(Self(map))
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_POLICY_V4)?)
+        Self::new(open_pinned(pin_dir, names::MAP_POLICY)?)
     }
 
     /// Inserts or replaces the entry for the rule's key.
-    pub fn insert(&mut self, rule: &AllowRule) -> Result<()> {
+    pub fn insert(&mut self, rule: &PolicyRule) -> Result<()> {
         let key = rule.key()?;
-        let value = PolicyValue {
-            action: policy_action::ALLOW,
-            _pad0: 0,
-            _pad1: 0,
-            rule_cookie: rule.rule_cookie,
+        let (flags, proxy_port) = match rule.verdict {
+            PolicyVerdict::Allow => (0, 0),
+            PolicyVerdict::Deny => (policy_flags::DENY, 0),
+            PolicyVerdict::Redirect(port) => (0, port),
+        };
+        let value = PolicyEntry {
+            precedence: rule.precedence,
+            cookie: rule.cookie,
+            proxy_port_be: proxy_port.to_be(),
+            flags,
+            l4_prefix_len: rule.l4_bits()?,
         };
         self.0
             .insert(&key, value, 0)
-            .map_err(map_err(names::MAP_POLICY_V4, "insert"))
+            .map_err(map_err(names::MAP_POLICY, "insert"))
     }
 
-    /// Removes the entry for the rule's key (the cookie is ignored).
-    pub fn remove(&mut self, rule: &AllowRule) -> Result<()> {
+    /// Removes the entry for the rule's key (verdict, precedence and cookie are ignored).
+    pub fn remove(&mut self, rule: &PolicyRule) -> Result<()> {
         let key = rule.key()?;
         self.0
             .remove(&key)
-            .map_err(map_err(names::MAP_POLICY_V4, "remove"))
+            .map_err(map_err(names::MAP_POLICY, "remove"))
     }
 
-    pub fn list(&self) -> Result<Vec<AllowRule>> {
+    pub fn list(&self) -> Result<Vec<PolicyRule>> {
         let mut out = Vec::new();
         for item in self.0.iter() {
-            let (key, value) = item.map_err(map_err(names::MAP_POLICY_V4, "iterate"))?;
+            let (key, value) = item.map_err(map_err(names::MAP_POLICY, "iterate"))?;
             let data = key.data();
-            let remote_len = key.prefix_len().saturating_sub(PolicyKeyV4::EXACT_BITS);
-            let remote_len = u8::try_from(remote_len).unwrap_or(32).min(32);
-            let addr = Ipv4Addr::from(data.remote_ip4_be.to_ne_bytes());
-            out.push(AllowRule {
+            let l4_bits = key.prefix_len().saturating_sub(PolicyKey::STATIC_BITS);
+            let port_bits = u8::try_from(l4_bits.saturating_sub(8))
+                .unwrap_or(16)
+                .min(16);
+            let proxy_port = u16::from_be(value.proxy_port_be);
+            let verdict = if value.flags & policy_flags::DENY != 0 {
+                PolicyVerdict::Deny
+            } else if proxy_port != 0 {
+                PolicyVerdict::Redirect(proxy_port)
+            } else {
+                PolicyVerdict::Allow
+            };
+            out.push(PolicyRule {
                 endpoint_id: data.endpoint_id,
                 direction: Direction::from_u8(data.direction).unwrap_or(Direction::Ingress),
-                remote: Ipv4Prefix {
-                    addr,
-                    len: remote_len,
-                },
+                remote_identity: data.remote_identity,
                 protocol: data.protocol,
-                port: u16::from_be(data.dport_be),
-                rule_cookie: value.rule_cookie,
+                ports: PortMatch::from_bits(u16::from_be(data.dport_be), port_bits),
+                verdict,
+                precedence: value.precedence,
+                cookie: value.cookie,
             });
         }
         out.sort();
@@ -313,6 +519,10 @@ pub struct CtEntryView {
     pub packets_rev: u64,
     pub closing: bool,
     pub seen_reply: bool,
+    /// Identity of the source when the connection opened.
+    pub src_identity: u32,
+    /// Proxy port of a redirected connection.
+    pub proxy_port: Option<u16>,
     /// Seconds since the last packet.
     pub idle_secs: u64,
     pub rule_cookie: u32,
@@ -321,10 +531,11 @@ pub struct CtEntryView {
 /// The conntrack table.
 pub struct CtMap(HashMap<MapData, CtKeyV4, CtEntry>);
 
-fn monotonic_ns() -> u64 {
+/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC), in nanoseconds.
+pub fn monotonic_ns() -> u64 {
     // SAFETY: zeroed timespec is a valid out-parameter.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: the pointer is valid for the call; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    // SAFETY: the pointer is valid for the call.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
@@ -344,6 +555,7 @@ impl CtMap {
         let mut out = Vec::new();
         for item in self.0.iter() {
             let (k, v) = item.map_err(map_err(names::MAP_CT_V4, "iterate"))?;
+            let proxy_port = u16::from_be(v.proxy_port_be);
             out.push(CtEntryView {
                 endpoint_id: k.endpoint_id,
                 direction: Direction::from_u8(k.direction).unwrap_or(Direction::Ingress),
@@ -356,10 +568,13 @@ impl CtMap {
                 packets_rev: v.packets_rev,
                 closing: v.flags & ct_flags::CLOSING != 0,
                 seen_reply: v.flags & ct_flags::SEEN_REPLY != 0,
+                src_identity: v.src_identity,
+                proxy_port: (v.flags & ct_flags::PROXY_REDIRECT != 0).then_some(proxy_port),
                 idle_secs: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
                 rule_cookie: v.rule_cookie,
             });
         }
+        out.sort_by_key(|e| (e.endpoint_id, e.direction, e.src, e.sport, e.dst, e.dport));
         Ok(out)
     }
 
@@ -402,20 +617,29 @@ impl MetricsMap {
         Self::new(open_pinned(pin_dir, names::MAP_METRICS)?)
     }
 
-    pub fn get(&self, direction: Direction, reason: u8) -> Result<MetricsSample> {
+    fn slot(&self, index: u32) -> Result<(u64, u64)> {
         let values = self
             .0
-            .get(&metrics_index(direction, reason), 0)
+            .get(&index, 0)
             .map_err(map_err(names::MAP_METRICS, "lookup"))?;
-        let (packets, bytes) = values
+        Ok(values
             .iter()
-            .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+            .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes)))
+    }
+
+    pub fn get(&self, direction: Direction, reason: u8) -> Result<MetricsSample> {
+        let (packets, bytes) = self.slot(metrics_index(direction, reason))?;
         Ok(MetricsSample {
             direction,
             reason,
             packets,
             bytes,
         })
+    }
+
+    /// Flow events the kernel could not queue (the ring buffer was full).
+    pub fn events_lost(&self) -> Result<u64> {
+        Ok(self.slot(METRICS_EVENTS_LOST)?.0)
     }
 
     /// Every non-zero slot.
@@ -430,5 +654,25 @@ impl MetricsMap {
             }
         }
         Ok(out)
+    }
+}
+
+/// The one-entry map recording the ABI version of a set of pinned maps.
+pub(crate) struct AbiMap(Array<MapData, u32>);
+
+impl AbiMap {
+    pub(crate) fn new(map: Map) -> Result<Self> {
+        let map = Array::try_from(map).map_err(map_err(names::MAP_ABI, "open"))?;
+        Ok(Self(map))
+    }
+
+    pub(crate) fn get(&self) -> Result<u32> {
+        self.0.get(&0, 0).map_err(map_err(names::MAP_ABI, "lookup"))
+    }
+
+    pub(crate) fn set(&mut self, version: u32) -> Result<()> {
+        self.0
+            .set(0, version, 0)
+            .map_err(map_err(names::MAP_ABI, "update"))
     }
 }

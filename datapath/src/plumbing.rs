@@ -16,6 +16,9 @@
 //! the datapath enforces IPv4 only (see ARCHITECTURE.md), and silent IPv6 autoconfiguration
 //! traffic would only add drops to the counters.
 //!
+//! The node namespace also carries the policy-routing rule for proxy redirects: packets with
+//! the to-proxy mark are routed by table 2004, which delivers everything locally.
+//!
 //! Nothing here touches the root namespace: links are created directly inside the node
 //! namespace (`ip -n NODE link add ... peer ... netns POD`).
 
@@ -28,6 +31,11 @@ use crate::{
 
 /// Gateway address every pod routes through (carried by each host-side veth).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// `fwmark/mask` of packets assigned to a proxy socket (Cilium's to-proxy magic).
+pub const PROXY_FWMARK: &str = "0x200/0xf00";
+/// Routing table delivering them locally (Cilium uses the same number).
+pub const PROXY_ROUTE_TABLE: &str = "2004";
 
 /// Interface name of an endpoint inside its own namespace.
 pub const POD_IFNAME: &str = "eth0";
@@ -70,6 +78,29 @@ impl Node {
 
     fn configure(&self) -> Result<()> {
         let ns = &self.netns;
+        // Packets the datapath assigned to a proxy socket carry the to-proxy mark; this rule
+        // makes the node deliver them locally whatever their destination address (the
+        // socket is transparent), instead of forwarding them.
+        ns.ip(&[
+            "rule",
+            "add",
+            "fwmark",
+            PROXY_FWMARK,
+            "lookup",
+            PROXY_ROUTE_TABLE,
+            "pref",
+            "9",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            PROXY_ROUTE_TABLE,
+        ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
         ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;

@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 
 use membrane_common::{
-    CtEntry, CtKeyV4, EndpointInfo, MetricsValue, PolicyKeyV4, PolicyValue, names,
+    CtEntry, CtKeyV4, EndpointInfo, IpcacheKeyV4, IpcacheValue, MetricsValue, PolicyEntry,
+    PolicyKey, names,
 };
 use membrane_datapath::{Datapath, MapSizes, object::EBPF_OBJECT};
 use membrane_tests::{PinGuard, require_root};
@@ -60,17 +61,24 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
     require_root();
     let pins = PinGuard::new();
     let datapath = Datapath::load(pins.path(), MapSizes::default()).expect("load");
-    let expected: [(&str, usize, usize); 4] = [
+    // LPM trie keys carry a u32 prefix length before the data. The ring buffer has no key
+    // or value; its records are FlowEvents, decoded in the TEST_RUN tests.
+    let expected: [(&str, usize, usize); 6] = [
+        (names::MAP_ABI, size_of::<u32>(), size_of::<u32>()),
         (
             names::MAP_ENDPOINTS,
             size_of::<u32>(),
             size_of::<EndpointInfo>(),
         ),
-        // LPM trie keys carry a u32 prefix length before the data.
         (
-            names::MAP_POLICY_V4,
-            4 + size_of::<PolicyKeyV4>(),
-            size_of::<PolicyValue>(),
+            names::MAP_IPCACHE_V4,
+            4 + size_of::<IpcacheKeyV4>(),
+            size_of::<IpcacheValue>(),
+        ),
+        (
+            names::MAP_POLICY,
+            4 + size_of::<PolicyKey>(),
+            size_of::<PolicyEntry>(),
         ),
         (names::MAP_CT_V4, size_of::<CtKeyV4>(), size_of::<CtEntry>()),
         (
@@ -79,6 +87,10 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
             size_of::<MetricsValue>(),
         ),
     ];
+    assert!(
+        pins.path().join(names::MAP_EVENTS).exists(),
+        "events ring buffer pinned by name"
+    );
     for (name, key, value) in expected {
         let map = aya::maps::MapData::from_pin(pins.path().join(name))
             .unwrap_or_else(|e| panic!("map {name} is pinned under its ABI name: {e}"));

@@ -5,46 +5,71 @@
 //! to the pod: the endpoint's *ingress* policy). Both share one body, [`try_policy`]:
 //!
 //! 1. endpoint lookup by ifindex (unknown interface ⇒ drop 152, never pass);
-//! 2. IPv4 parse (ARP passes; other L3 and IPv4 fragments are dropped while enforcing);
-//! 3. conntrack: a packet whose reversed tuple opened a live connection at this endpoint is a
+//! 2. parse: ARP passes; other L3 and IPv4 fragments are dropped while enforcing;
+//! 3. identities: the endpoint's own from `mb_endpoints`, the peer's from the ipcache (LPM,
+//!    unknown ⇒ world), or from the mark of a packet the proxy sent;
+//! 4. conntrack: a packet whose reversed tuple opened a live connection at this endpoint is a
 //!    reply and skips policy (Cilium: CT_REPLY skips policy);
-//! 4. otherwise the allow-list (LPM trie on the remote address, exact protocol and port, then
-//!    any-port, then any-protocol) decides; no match ⇒ drop 133;
-//! 5. an allowed packet creates or refreshes the conntrack entry; failure ⇒ drop 155.
+//! 5. policy: exact remote identity and any identity, each an LPM lookup over protocol and
+//!    port; higher precedence wins, then the longer L4 prefix, then the exact identity. Deny ⇒
+//!    drop 181, no entry ⇒ drop 133, a proxy port ⇒ redirect;
+//! 6. conntrack create/refresh (failure ⇒ drop 155), a flow event for new connections and
+//!    every drop, per-CPU counters by (direction, reason).
 //!
-//! Every outcome is counted per CPU by (direction, reason). Nothing is turned into "allow" on
-//! an error path: each error maps to an explicit drop reason.
+//! Redirect (egress): mark `0x0200 | port << 16`, then `bpf_sk_assign` to the proxy's socket
+//! (the established one for this tuple, else the listener on the proxy port); the node's
+//! policy-routing rule for that mark delivers the packet locally. No socket ⇒ drop 178. Never
+//! bypass. Redirect (ingress, at `to_endpoint` where `bpf_sk_assign` is not available): the
+//! packet is marked and hairpinned with `bpf_redirect(.., BPF_F_INGRESS)` to the same veth's
+//! ingress, where `from_endpoint` recognises the mark and assigns the socket. Pods cannot
+//! forge that mark: crossing from the pod's namespace scrubs it.
 //!
 //! Depends only on `aya-ebpf` and the ABI crate `membrane-common`.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
+    },
+    helpers::{
+        bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use membrane_common::{
-    CtEntry, CtKeyV4, Direction, EndpointInfo, METRICS_SLOTS, MetricsValue, PolicyKeyV4,
-    PolicyValue, ct_flags, ct_timeout, endpoint_flags, metrics_index, policy_action, proto, reason,
+    CtEntry, CtKeyV4, Direction, EndpointInfo, FlowEvent, IpcacheKeyV4, IpcacheValue,
+    METRICS_EVENTS_LOST, METRICS_SLOTS, MetricsValue, PolicyEntry, PolicyKey, ct_flags, ct_timeout,
+    endpoint_flags, event_kind, identity, mark, match_type, metrics_index, policy_flags, proto,
+    reason, verdict,
 };
 
 // Map names must equal `membrane_common::names::*`; a datapath test checks the built object.
-// Sizes are defaults; the loader may override max_entries.
+// Sizes are defaults; the loader overrides max_entries from its configuration.
+
+#[map(name = "mb_abi")]
+static ABI: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "mb_endpoints")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(1024, 0);
 
-#[map(name = "mb_policy_v4")]
-static POLICY_V4: LpmTrie<PolicyKeyV4, PolicyValue> = LpmTrie::pinned(16384, 0);
+#[map(name = "mb_ipcache_v4")]
+static IPCACHE_V4: LpmTrie<IpcacheKeyV4, IpcacheValue> = LpmTrie::pinned(512_000, 0);
+
+#[map(name = "mb_policy")]
+static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::pinned(16384, 0);
 
 #[map(name = "mb_ct_v4")]
 static CT_V4: LruHashMap<CtKeyV4, CtEntry> = LruHashMap::pinned(65536, 0);
 
 #[map(name = "mb_metrics")]
 static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::pinned(METRICS_SLOTS, 0);
+
+#[map(name = "mb_events")]
+static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -57,6 +82,11 @@ const TCP_ACK: u8 = 0x10;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const NS_PER_SEC: u64 = 1_000_000_000;
+const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
+/// 127.0.0.1 in network order: where the proxy's listeners are looked up (they bind
+/// 0.0.0.0 or 127.0.0.1 with IP_TRANSPARENT).
+const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 #[classifier]
 pub fn from_endpoint(ctx: TcContext) -> i32 {
@@ -68,30 +98,47 @@ pub fn to_endpoint(ctx: TcContext) -> i32 {
     handle(&ctx, Direction::Ingress)
 }
 
+/// What to do with the packet once policy passed it.
+enum Action {
+    /// Continue on the normal path.
+    Pass,
+    /// `bpf_redirect` already set up the redirect: return its verdict.
+    Redirect(i32),
+}
+
 #[inline(always)]
 fn handle(ctx: &TcContext, direction: Direction) -> i32 {
-    let verdict = match try_policy(ctx, direction) {
-        Ok(()) => reason::FORWARDED,
-        Err(drop_reason) => drop_reason,
-    };
-    count(direction, verdict, ctx.len());
-    if verdict == reason::FORWARDED {
-        TC_ACT_OK
-    } else {
-        TC_ACT_SHOT
+    match try_policy(ctx, direction) {
+        Ok(Action::Pass) => {
+            count(direction, reason::FORWARDED, ctx.len());
+            TC_ACT_OK
+        }
+        Ok(Action::Redirect(verdict)) => {
+            count(direction, reason::FORWARDED, ctx.len());
+            verdict
+        }
+        Err(drop_reason) => {
+            count(direction, drop_reason, ctx.len());
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn bump(slot: u32, len: u32) {
+    if let Some(value) = METRICS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot pointer from the map; no other CPU writes this copy and the
+        // program is not preempted while it runs.
+        unsafe {
+            (*value).packets += 1;
+            (*value).bytes += u64::from(len);
+        }
     }
 }
 
 #[inline(always)]
 fn count(direction: Direction, verdict: u8, len: u32) {
-    if let Some(slot) = METRICS.get_ptr_mut(metrics_index(direction, verdict)) {
-        // SAFETY: per-CPU slot pointer from the map; no other CPU writes this copy and the
-        // program is not preempted while it runs.
-        unsafe {
-            (*slot).packets += 1;
-            (*slot).bytes += u64::from(len);
-        }
-    }
+    bump(metrics_index(direction, verdict), len);
 }
 
 /// The parsed fields policy and conntrack need.
@@ -107,14 +154,92 @@ struct Flow {
     tcp_flags: u8,
 }
 
+/// Everything an event needs besides the flow.
+struct Verdict {
+    kind: u8,
+    verdict: u8,
+    reason: u8,
+    match_type: u8,
+    cookie: u32,
+    proxy_port_be: u16,
+}
+
+/// Where a verdict is taken: the packet, its endpoint and the peer's identity.
+struct Site<'a> {
+    ctx: &'a TcContext,
+    ep: EndpointInfo,
+    direction: Direction,
+    flow: &'a Flow,
+    peer: u32,
+}
+
 #[inline(always)]
-fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
+fn emit(site: &Site<'_>, v: &Verdict) {
+    let Site {
+        ctx,
+        ep,
+        direction,
+        flow,
+        peer,
+    } = *site;
+    let (src_identity, dst_identity) = match direction {
+        Direction::Egress => (ep.identity, peer),
+        Direction::Ingress => (peer, ep.identity),
+    };
+    let event = FlowEvent {
+        // SAFETY: helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        kind: v.kind,
+        verdict: v.verdict,
+        reason: v.reason,
+        direction: direction as u8,
+        match_type: v.match_type,
+        protocol: flow.protocol,
+        tcp_flags: flow.tcp_flags,
+        _pad0: 0,
+        endpoint_id: ep.endpoint_id,
+        src_identity,
+        dst_identity,
+        saddr_be: flow.saddr_be,
+        daddr_be: flow.daddr_be,
+        sport_be: flow.sport_be,
+        dport_be: flow.policy_port_be,
+        proxy_port_be: v.proxy_port_be,
+        _pad1: 0,
+        rule_cookie: v.cookie,
+        // SAFETY: `skb` is the context pointer the kernel passed to this program.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        len: ctx.len(),
+    };
+    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+        bump(METRICS_EVENTS_LOST, 0);
+    }
+}
+
+#[inline(always)]
+fn drop_with(site: &Site<'_>, drop_reason: u8, matched: u8, cookie: u32) -> Result<Action, u8> {
+    emit(
+        site,
+        &Verdict {
+            kind: event_kind::DROP,
+            verdict: verdict::DROPPED,
+            reason: drop_reason,
+            match_type: matched,
+            cookie,
+            proxy_port_be: 0,
+        },
+    );
+    Err(drop_reason)
+}
+
+#[inline(always)]
+fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied out immediately; a concurrent update can at worst give a
-    // mix of old and new flags, both of which are valid configurations.
-    let endpoint = match unsafe { ENDPOINTS.get(ifindex) } {
-        Some(ep) => *ep,
+    let (ifindex, skb_mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    let endpoint = match ENDPOINTS.get_ptr(ifindex) {
+        // SAFETY: copied out at once; a concurrent update can at worst mix old and new
+        // fields of one endpoint, each a valid configuration.
+        Some(ep) => unsafe { *ep },
         None => return Err(reason::NO_ENDPOINT),
     };
     let enforce_bit = match direction {
@@ -127,18 +252,59 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
     match eth_proto {
         ETH_P_IP => {}
         // Neighbour resolution must work for any policy; ARP carries no L3/L4 policy subject.
-        ETH_P_ARP => return Ok(()),
+        ETH_P_ARP => return Ok(Action::Pass),
         _ if enforce => return Err(reason::UNSUPPORTED_L3),
-        _ => return Ok(()),
+        _ => return Ok(Action::Pass),
     }
 
     let flow = match parse_ipv4(ctx) {
         Ok(flow) => flow,
         Err(r) if enforce => return Err(r),
         // Not enforcing: the packet is not ours to judge even if we cannot parse it.
-        Err(_) => return Ok(()),
+        Err(_) => return Ok(Action::Pass),
     };
 
+    let magic = skb_mark & mark::MAGIC_MASK;
+    // A packet hairpinned by `to_endpoint` for an ingress redirect: its policy verdict is
+    // already taken; hand it to the proxy socket named in the mark.
+    if direction == Direction::Egress && magic == mark::MAGIC_TO_PROXY {
+        let port = (skb_mark >> 16) as u16;
+        return match assign_proxy_socket(ctx, &flow, port.to_be()) {
+            Ok(()) => Ok(Action::Pass),
+            Err(r) => {
+                let site = Site {
+                    ctx,
+                    ep: endpoint,
+                    direction: Direction::Ingress,
+                    flow: &flow,
+                    peer: identity::WORLD,
+                };
+                drop_with(&site, r, match_type::NONE, 0)
+            }
+        };
+    }
+    let from_proxy = direction == Direction::Ingress
+        && (magic == mark::MAGIC_PROXY_EGRESS || magic == mark::MAGIC_PROXY_INGRESS);
+
+    let peer_addr = match direction {
+        Direction::Egress => flow.daddr_be,
+        Direction::Ingress => flow.saddr_be,
+    };
+    let peer = if from_proxy {
+        // The proxy speaks for the original source; the mark carries its identity.
+        mark::decode_identity(skb_mark)
+    } else {
+        lookup_identity(peer_addr)
+    };
+    let site = Site {
+        ctx,
+        ep: endpoint,
+        direction,
+        flow: &flow,
+        peer,
+    };
+
+    // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let forward_key = CtKeyV4 {
         saddr_be: flow.saddr_be,
@@ -157,63 +323,271 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<(), u8> {
         dport_be: flow.sport_be,
         endpoint_id: endpoint.endpoint_id,
         protocol: flow.protocol,
-        direction: match direction {
-            Direction::Ingress => Direction::Egress as u8,
-            Direction::Egress => Direction::Ingress as u8,
-        },
+        direction: direction.reverse() as u8,
         _pad: 0,
     };
 
     // Replies of a live connection skip policy.
     if let Some(entry) = CT_V4.get_ptr_mut(reply_key) {
-        // SAFETY: pointer into the map value; concurrent updates of counters may race, which
+        // SAFETY: pointer into the map value; concurrent counter updates may race, which
         // only makes statistics approximate.
         let entry = unsafe { &mut *entry };
         if !expired(entry, now, flow.protocol) {
             entry.last_seen_ns = now;
             entry.packets_rev += 1;
             entry.flags |= ct_flags::SEEN_REPLY | closing_bits(&flow);
-            return Ok(());
+            return Ok(Action::Pass);
         }
     }
 
-    let rule_cookie = if enforce {
-        let remote = match direction {
-            Direction::Ingress => flow.saddr_be,
-            Direction::Egress => flow.daddr_be,
-        };
-        match lookup_policy(endpoint.endpoint_id, direction, &flow, remote) {
-            Some(value) if value.action == policy_action::ALLOW => value.rule_cookie,
-            _ => return Err(reason::POLICY_DENIED),
-        }
-    } else {
-        0
-    };
-
-    if let Some(entry) = CT_V4.get_ptr_mut(forward_key) {
+    let existing = match CT_V4.get_ptr_mut(forward_key) {
         // SAFETY: as above.
-        let entry = unsafe { &mut *entry };
-        let reopened = flow.protocol == proto::TCP
-            && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-            && entry.flags & ct_flags::CLOSING != 0;
-        if !expired(entry, now, flow.protocol) && !reopened {
+        Some(entry) => {
+            let entry = unsafe { &mut *entry };
+            let reopened = flow.protocol == proto::TCP
+                && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+                && entry.flags & ct_flags::CLOSING != 0;
+            if expired(entry, now, flow.protocol) || reopened {
+                None
+            } else {
+                Some(entry)
+            }
+        }
+        None => None,
+    };
+    let is_new = existing.is_none();
+
+    // Policy. The ingress proxy already enforced this endpoint's ingress policy at L7.
+    let mut cookie = 0;
+    let mut matched = match_type::NONE;
+    let mut proxy_port_be = 0u16;
+    let enforced = enforce && !(from_proxy && magic == mark::MAGIC_PROXY_INGRESS);
+    if enforced {
+        match lookup_policy(endpoint.endpoint_id, peer, direction, &flow) {
+            Some((entry, exact)) => {
+                matched = classify_match(exact, entry.l4_prefix_len);
+                cookie = entry.cookie;
+                if entry.flags & policy_flags::DENY != 0 {
+                    return drop_with(&site, reason::POLICY_DENY, matched, cookie);
+                }
+                // Packets the proxy sends are never sent back to it.
+                if !from_proxy {
+                    proxy_port_be = entry.proxy_port_be;
+                }
+            }
+            None => {
+                return drop_with(&site, reason::POLICY_DENIED, matched, 0);
+            }
+        }
+    }
+
+    let src_identity = match direction {
+        Direction::Egress => endpoint.identity,
+        Direction::Ingress => peer,
+    };
+    match existing {
+        Some(entry) => {
             entry.last_seen_ns = now;
             entry.packets_fwd += 1;
             entry.flags |= closing_bits(&flow);
-            return Ok(());
+        }
+        None => {
+            let entry = CtEntry {
+                created_ns: now,
+                last_seen_ns: now,
+                packets_fwd: 1,
+                packets_rev: 0,
+                flags: closing_bits(&flow)
+                    | if proxy_port_be != 0 {
+                        ct_flags::PROXY_REDIRECT
+                    } else {
+                        0
+                    },
+                rule_cookie: cookie,
+                src_identity,
+                proxy_port_be,
+                _pad: 0,
+            };
+            if CT_V4.insert(forward_key, entry, 0).is_err() {
+                return drop_with(&site, reason::CT_CREATE_FAILED, matched, cookie);
+            }
         }
     }
-    let entry = CtEntry {
-        created_ns: now,
-        last_seen_ns: now,
-        packets_fwd: 1,
-        packets_rev: 0,
-        flags: closing_bits(&flow),
-        rule_cookie,
+
+    if proxy_port_be != 0 {
+        if flow.protocol != proto::TCP && flow.protocol != proto::UDP {
+            return drop_with(&site, reason::PROXY_UNSUPPORTED_PROTO, matched, cookie);
+        }
+        let action = match direction {
+            Direction::Egress => {
+                assign_proxy_socket(ctx, &flow, proxy_port_be).map(|()| Action::Pass)
+            }
+            Direction::Ingress => {
+                // No bpf_sk_assign on the tc egress hook: hairpin to this veth's ingress,
+                // where from_endpoint assigns the socket named by the mark.
+                ctx.skb
+                    .set_mark(mark::to_proxy(u16::from_be(proxy_port_be)));
+                // SAFETY: helper without memory arguments.
+                let rc = unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) };
+                Ok(Action::Redirect(rc as i32))
+            }
+        };
+        return match action {
+            Ok(action) => {
+                if is_new {
+                    emit(
+                        &site,
+                        &Verdict {
+                            kind: event_kind::POLICY_VERDICT,
+                            verdict: verdict::REDIRECTED,
+                            reason: 0,
+                            match_type: matched,
+                            cookie,
+                            proxy_port_be,
+                        },
+                    );
+                }
+                Ok(action)
+            }
+            Err(r) => drop_with(&site, r, matched, cookie),
+        };
+    }
+
+    if is_new {
+        emit(
+            &site,
+            &Verdict {
+                kind: if enforced {
+                    event_kind::POLICY_VERDICT
+                } else {
+                    event_kind::TRACE
+                },
+                verdict: verdict::FORWARDED,
+                reason: 0,
+                match_type: matched,
+                cookie,
+                proxy_port_be: 0,
+            },
+        );
+    }
+    Ok(Action::Pass)
+}
+
+/// Identity of a remote address: most specific ipcache prefix, else world.
+#[inline(always)]
+fn lookup_identity(addr_be: u32) -> u32 {
+    let key = Key::new(32, IpcacheKeyV4 { ip4_be: addr_be });
+    match IPCACHE_V4.get(&key) {
+        Some(value) => value.identity,
+        None => identity::WORLD,
+    }
+}
+
+#[inline(always)]
+fn classify_match(exact_identity: bool, l4_prefix_len: u8) -> u8 {
+    match (exact_identity, l4_prefix_len) {
+        (true, 0) => match_type::L3_ONLY,
+        (true, 8) => match_type::L3_PROTO,
+        (true, _) => match_type::L3_L4,
+        (false, 0) => match_type::ALL,
+        (false, 8) => match_type::PROTO_ONLY,
+        (false, _) => match_type::L4_ONLY,
+    }
+}
+
+/// The winning policy entry and whether it matched the exact remote identity.
+#[inline(always)]
+fn lookup_policy(
+    endpoint_id: u32,
+    remote: u32,
+    direction: Direction,
+    flow: &Flow,
+) -> Option<(PolicyEntry, bool)> {
+    let key = |remote_identity| {
+        Key::new(
+            PolicyKey::FULL_BITS,
+            PolicyKey {
+                endpoint_id,
+                remote_identity,
+                direction: direction as u8,
+                protocol: flow.protocol,
+                dport_be: flow.policy_port_be,
+            },
+        )
     };
-    CT_V4
-        .insert(forward_key, entry, 0)
-        .map_err(|_| reason::CT_CREATE_FAILED)
+    let exact = POLICY.get(key(remote)).copied();
+    let any = if remote == identity::ANY {
+        None
+    } else {
+        POLICY.get(key(identity::ANY)).copied()
+    };
+    match (exact, any) {
+        (Some(e), Some(a)) => {
+            let any_wins = a.precedence > e.precedence
+                || (a.precedence == e.precedence && a.l4_prefix_len > e.l4_prefix_len);
+            Some(if any_wins { (a, false) } else { (e, true) })
+        }
+        (Some(e), None) => Some((e, true)),
+        (None, Some(a)) => Some((a, false)),
+        (None, None) => None,
+    }
+}
+
+/// Assigns the packet to the proxy's socket: the established socket of this tuple (an
+/// accepted transparent connection), else the proxy's listener on `proxy_port_be`.
+#[inline(always)]
+fn assign_proxy_socket(ctx: &TcContext, flow: &Flow, proxy_port_be: u16) -> Result<(), u8> {
+    let tuple_size = core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2;
+    // SAFETY: zeroed is a valid bpf_sock_tuple; the ipv4 member is written before use.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = flow.saddr_be;
+    tuple.__bindgen_anon_1.ipv4.daddr = flow.daddr_be;
+    tuple.__bindgen_anon_1.ipv4.sport = flow.sport_be;
+    tuple.__bindgen_anon_1.ipv4.dport = flow.dport_be;
+    let skb = ctx.skb.skb.cast();
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let is_tcp = flow.protocol == proto::TCP;
+    let lookup = |tuple: &mut bpf_sock_tuple| -> *mut bpf_sock {
+        // SAFETY: `skb` is the program's context, `tuple` is a valid IPv4 tuple of
+        // `tuple_size` bytes; the returned socket is released below.
+        unsafe {
+            if is_tcp {
+                bpf_skc_lookup_tcp(skb, tuple, tuple_size as u32, netns, 0)
+            } else {
+                bpf_sk_lookup_udp(skb, tuple, tuple_size as u32, netns, 0)
+            }
+        }
+    };
+
+    let mut sk = lookup(&mut tuple);
+    if !sk.is_null() {
+        // SAFETY: non-null socket returned by the lookup helper.
+        let state = unsafe { (*sk).state };
+        if is_tcp && (state == TCP_LISTEN || state == TCP_TIME_WAIT) {
+            // SAFETY: releasing the reference the lookup took.
+            unsafe { bpf_sk_release(sk.cast()) };
+            sk = core::ptr::null_mut();
+        }
+    }
+    if sk.is_null() {
+        tuple.__bindgen_anon_1.ipv4.daddr = LOCALHOST_BE;
+        tuple.__bindgen_anon_1.ipv4.dport = proxy_port_be;
+        sk = lookup(&mut tuple);
+    }
+    if sk.is_null() {
+        return Err(reason::PROXY_LOOKUP_FAILED);
+    }
+    ctx.skb
+        .set_mark(mark::to_proxy(u16::from_be(proxy_port_be)));
+    // SAFETY: `skb` is the context and `sk` a referenced socket from the lookup.
+    let rc = unsafe { bpf_sk_assign(skb, sk.cast(), 0) };
+    // SAFETY: releasing the lookup's reference; sk_assign took its own.
+    unsafe { bpf_sk_release(sk.cast()) };
+    if rc != 0 {
+        Err(reason::PROXY_SET_FAILED)
+    } else {
+        Ok(())
+    }
 }
 
 #[inline(always)]
@@ -235,38 +609,6 @@ fn expired(entry: &CtEntry, now: u64, protocol: u8) -> bool {
         ct_timeout::NON_TCP_SECS
     };
     now.saturating_sub(entry.last_seen_ns) > lifetime_secs * NS_PER_SEC
-}
-
-/// Exact port, then any port of the protocol, then any protocol; each on the longest
-/// matching remote prefix.
-#[inline(always)]
-fn lookup_policy(
-    endpoint_id: u32,
-    direction: Direction,
-    flow: &Flow,
-    remote_ip4_be: u32,
-) -> Option<PolicyValue> {
-    let candidates = [
-        (flow.protocol, flow.policy_port_be),
-        (flow.protocol, 0),
-        (proto::ANY, 0),
-    ];
-    for (protocol, dport_be) in candidates {
-        let key = Key::new(
-            PolicyKeyV4::FULL_BITS,
-            PolicyKeyV4 {
-                endpoint_id,
-                direction: direction as u8,
-                protocol,
-                dport_be,
-                remote_ip4_be,
-            },
-        );
-        if let Some(value) = POLICY_V4.get(&key) {
-            return Some(*value);
-        }
-    }
-    None
 }
 
 #[inline(always)]

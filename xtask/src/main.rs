@@ -27,9 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
-    // Endpoint plumbing (`ip netns`, veth) and the lab's real client.
+    // Endpoint plumbing (`ip netns`, veth) and the lab's and tests' real clients.
     "iproute2",
     "curl",
+    "iputils-ping",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

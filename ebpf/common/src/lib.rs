@@ -11,21 +11,40 @@
 //!
 //! This crate is `no_std` and must not depend on anything but `aya` (behind the `user`
 //! feature, for `aya::Pod`).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+/// Version of the layout of every pinned map. Bump it with any change to a type in this
+/// crate: a build refuses pinned maps of another version instead of misreading them.
+pub const ABI_VERSION: u32 = 1;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
 
+    /// One-entry array holding [`crate::ABI_VERSION`] of the pinned maps.
+    pub const MAP_ABI: &str = "mb_abi";
     /// Endpoints by host-side interface index: [`crate::EndpointInfo`].
     pub const MAP_ENDPOINTS: &str = "mb_endpoints";
-    /// L3/L4 allow-list per endpoint: LPM trie of [`crate::PolicyKeyV4`] → [`crate::PolicyValue`].
-    pub const MAP_POLICY_V4: &str = "mb_policy_v4";
+    /// IPv4 address/prefix → security identity: LPM trie of [`crate::IpcacheKeyV4`] →
+    /// [`crate::IpcacheValue`].
+    pub const MAP_IPCACHE_V4: &str = "mb_ipcache_v4";
+    /// Per-endpoint policy: LPM trie of [`crate::PolicyKey`] → [`crate::PolicyEntry`].
+    pub const MAP_POLICY: &str = "mb_policy";
     /// Connection tracking: LRU hash of [`crate::CtKeyV4`] → [`crate::CtEntry`].
     pub const MAP_CT_V4: &str = "mb_ct_v4";
     /// Per-CPU packet/byte counters by direction and verdict: [`crate::MetricsValue`].
     pub const MAP_METRICS: &str = "mb_metrics";
+    /// Flow events ([`crate::FlowEvent`]) for userspace.
+    pub const MAP_EVENTS: &str = "mb_events";
     /// Every map the object must contain, and nothing else.
-    pub const ALL_MAPS: [&str; 4] = [MAP_ENDPOINTS, MAP_POLICY_V4, MAP_CT_V4, MAP_METRICS];
+    pub const ALL_MAPS: [&str; 7] = [
+        MAP_ABI,
+        MAP_ENDPOINTS,
+        MAP_IPCACHE_V4,
+        MAP_POLICY,
+        MAP_CT_V4,
+        MAP_METRICS,
+        MAP_EVENTS,
+    ];
 
     /// tc program for packets leaving an endpoint (host-side veth, tc ingress hook).
     pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
@@ -60,12 +79,30 @@ impl Direction {
             Self::Egress => "egress",
         }
     }
+
+    pub const fn reverse(self) -> Self {
+        match self {
+            Self::Ingress => Self::Egress,
+            Self::Egress => Self::Ingress,
+        }
+    }
+}
+
+/// Security identities with a fixed meaning (Cilium's numbers).
+pub mod identity {
+    /// In a policy key: any remote identity (an L4-only entry).
+    pub const ANY: u32 = 0;
+    /// The local node (and host-network processes).
+    pub const HOST: u32 = 1;
+    /// Everything outside the cluster without a more specific identity; the ipcache's
+    /// fallback for addresses it does not know.
+    pub const WORLD: u32 = 2;
 }
 
 /// Drop reasons, numbered as Cilium's datapath (`bpf/lib/common.h`, `pkg/monitor/api/drop.go`)
 /// so Hubble's names apply. Index 0 in the metrics map means "forwarded".
 pub mod reason {
-    /// Not a drop: the packet was forwarded.
+    /// Not a drop: the packet was forwarded (or redirected to the proxy).
     pub const FORWARDED: u8 = 0;
     /// No allow entry matched (`Policy denied`).
     pub const POLICY_DENIED: u8 = 133;
@@ -79,8 +116,17 @@ pub mod reason {
     pub const NO_ENDPOINT: u8 = 152;
     /// Conntrack entry could not be created (`CT: Map insertion failed`).
     pub const CT_CREATE_FAILED: u8 = 155;
-    /// IPv4 fragment: not supported, see ARCHITECTURE.md (`Fragmented packet`... `not supported`).
+    /// IPv4 fragment while enforcing (`Fragmentation not supported`).
     pub const FRAG_NOT_SUPPORTED: u8 = 157;
+    /// Redirect to the proxy, but no proxy socket (`Proxy lookup failed`).
+    pub const PROXY_LOOKUP_FAILED: u8 = 178;
+    /// Redirect to the proxy, but assigning its socket failed (`Proxy assignment failed`).
+    pub const PROXY_SET_FAILED: u8 = 179;
+    /// Redirect to the proxy for a protocol it does not serve (`Proxy redirection not
+    /// supported for protocol`).
+    pub const PROXY_UNSUPPORTED_PROTO: u8 = 180;
+    /// An explicit deny entry matched (`Policy denied by denylist`).
+    pub const POLICY_DENY: u8 = 181;
 
     /// Human-readable description, Cilium's wording.
     pub const fn describe(reason: u8) -> &'static str {
@@ -93,6 +139,10 @@ pub mod reason {
             NO_ENDPOINT => "No matching local container found",
             CT_CREATE_FAILED => "CT: Map insertion failed",
             FRAG_NOT_SUPPORTED => "Fragmentation not supported",
+            PROXY_LOOKUP_FAILED => "Proxy lookup failed",
+            PROXY_SET_FAILED => "Proxy assignment failed",
+            PROXY_UNSUPPORTED_PROTO => "Proxy redirection not supported for protocol",
+            POLICY_DENY => "Policy denied by denylist",
             _ => "Unknown drop reason",
         }
     }
@@ -105,6 +155,33 @@ pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;
+}
+
+/// skb marks shared with the proxy (Cilium's values, `bpf/lib/common.h`).
+pub mod mark {
+    /// Bits holding the magic.
+    pub const MAGIC_MASK: u32 = 0x0F00;
+    /// To the proxy; the upper 16 bits carry the proxy port (host order).
+    pub const MAGIC_TO_PROXY: u32 = 0x0200;
+    /// From the ingress proxy; carries the source identity ([`encode_identity`]).
+    pub const MAGIC_PROXY_INGRESS: u32 = 0x0A00;
+    /// From the egress proxy; carries the source identity ([`encode_identity`]).
+    pub const MAGIC_PROXY_EGRESS: u32 = 0x0B00;
+
+    /// `MAGIC_TO_PROXY | port << 16`.
+    pub const fn to_proxy(port: u16) -> u32 {
+        MAGIC_TO_PROXY | ((port as u32) << 16)
+    }
+
+    /// The identity's low 16 bits go to the upper half of the mark, bits 16..24 to the low
+    /// byte (Cilium's layout, so the magic nibble stays free).
+    pub const fn encode_identity(magic: u32, identity: u32) -> u32 {
+        magic | ((identity & 0xFFFF) << 16) | ((identity >> 16) & 0xFF)
+    }
+
+    pub const fn decode_identity(mark: u32) -> u32 {
+        ((mark >> 16) & 0xFFFF) | ((mark & 0xFF) << 16)
+    }
 }
 
 /// Bits of [`EndpointInfo::flags`].
@@ -121,54 +198,85 @@ pub mod endpoint_flags {
 pub struct EndpointInfo {
     /// Agent-assigned endpoint id; scopes policy and conntrack entries.
     pub endpoint_id: u32,
+    /// The endpoint's security identity.
+    pub identity: u32,
     /// [`endpoint_flags`] bits.
     pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
 
-/// Key data of [`names::MAP_POLICY_V4`] (an LPM trie; the `prefix_len` header is added by the
-/// map wrapper). Field order matters: the trie matches a prefix of these bytes, so all exact
-/// fields come first and the remote IPv4 address last.
-///
-/// `protocol == 0` means any protocol (then `dport_be` must be 0); `dport_be == 0` means any
-/// port of that protocol. For ICMP the port field carries the ICMP type (Cilium's convention).
+/// Key data of [`names::MAP_IPCACHE_V4`] (LPM trie; the prefix covers the address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PolicyKeyV4 {
+pub struct IpcacheKeyV4 {
+    pub ip4_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheKeyV4>() == 4);
+
+/// Value of [`names::MAP_IPCACHE_V4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+
+/// Key data of [`names::MAP_POLICY`] (an LPM trie). Field order matters: the trie matches a
+/// prefix of these bytes, so the always-exact fields come first ([`PolicyKey::STATIC_BITS`]),
+/// then the protocol (8 bits) and the destination port in network order (0..16 bits), which
+/// makes a port range a set of power-of-two aligned prefixes.
+///
+/// `remote_identity == 0` is the "any peer" entry. For ICMP the port field carries the ICMP
+/// type (Cilium's convention).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyKey {
     pub endpoint_id: u32,
+    pub remote_identity: u32,
     /// [`Direction`] as u8.
     pub direction: u8,
     pub protocol: u8,
     pub dport_be: u16,
-    pub remote_ip4_be: u32,
 }
-const _: () = assert!(core::mem::size_of::<PolicyKeyV4>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 
-impl PolicyKeyV4 {
-    /// Bits of the key before the remote address: always matched exactly.
-    pub const EXACT_BITS: u32 = 64;
-    /// Full prefix length of a key matching one remote address.
-    pub const FULL_BITS: u32 = Self::EXACT_BITS + 32;
-}
-
-/// Bits of [`PolicyValue::action`].
-pub mod policy_action {
-    /// Allow the packet (and create a conntrack entry).
-    pub const ALLOW: u8 = 1;
+impl PolicyKey {
+    /// Bits always matched exactly: endpoint id, remote identity, direction.
+    pub const STATIC_BITS: u32 = 72;
+    /// Prefix length of an entry for one protocol and one port.
+    pub const FULL_BITS: u32 = Self::STATIC_BITS + 24;
 }
 
-/// Value of [`names::MAP_POLICY_V4`].
+/// Bits of [`PolicyEntry::flags`].
+pub mod policy_flags {
+    /// The entry denies (drop 181).
+    pub const DENY: u8 = 1 << 0;
+}
+
+/// Value of [`names::MAP_POLICY`].
+///
+/// When both the exact-identity lookup and the any-identity lookup match, the higher
+/// `precedence` wins; on a tie the longer `l4_prefix_len`; then the exact-identity entry.
+/// The policy model encodes Cilium's precedence (deny 255 in the low byte, proxy redirect
+/// 2..254, plain allow 1), so at equal priority deny beats redirect beats allow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PolicyValue {
-    /// [`policy_action`] value.
-    pub action: u8,
-    pub _pad0: u8,
-    pub _pad1: u16,
-    /// Names the rule that produced the entry (for flow records and `bpf policy get`).
-    pub rule_cookie: u32,
+pub struct PolicyEntry {
+    pub precedence: u32,
+    /// Names the rule that produced the entry (flow events, `bpf policy get`).
+    pub cookie: u32,
+    /// Non-zero: redirect to the proxy listening on this port (network order).
+    pub proxy_port_be: u16,
+    /// [`policy_flags`] bits.
+    pub flags: u8,
+    /// Prefix bits of the key beyond [`PolicyKey::STATIC_BITS`] (0 = any protocol, 8 =
+    /// protocol only, 8 + n = a port prefix of n bits); the kernel's LPM lookup does not
+    /// return the matched length, so the entry carries it.
+    pub l4_prefix_len: u8,
 }
-const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 12);
 
 /// Key of [`names::MAP_CT_V4`]: the tuple of the packet that opened the connection, in the
 /// direction it was first seen at this endpoint. A reply is found by reversing its tuple.
@@ -195,6 +303,8 @@ pub mod ct_flags {
     pub const CLOSING: u32 = 1 << 0;
     /// The responder answered at least once.
     pub const SEEN_REPLY: u32 = 1 << 1;
+    /// The connection's forward packets go to the proxy.
+    pub const PROXY_REDIRECT: u32 = 1 << 2;
 }
 
 /// Conntrack lifetimes in seconds (Cilium's defaults: TCP 6 h, non-TCP 60 s, closing 10 s).
@@ -216,10 +326,15 @@ pub struct CtEntry {
     pub packets_rev: u64,
     /// [`ct_flags`] bits.
     pub flags: u32,
-    /// Rule cookie of the policy entry that allowed the connection (0: enforcement was off).
+    /// Cookie of the policy entry that allowed the connection (0: enforcement was off).
     pub rule_cookie: u32,
+    /// Identity of the connection's source at creation (the proxy reads it).
+    pub src_identity: u32,
+    /// Proxy port of a redirected connection (network order), else 0.
+    pub proxy_port_be: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
 
 /// Value of [`names::MAP_METRICS`] (per CPU), indexed by [`metrics_index`].
 #[repr(C)]
@@ -230,22 +345,112 @@ pub struct MetricsValue {
 }
 const _: () = assert!(core::mem::size_of::<MetricsValue>() == 16);
 
-/// Number of slots in [`names::MAP_METRICS`]: one per (direction, reason).
-pub const METRICS_SLOTS: u32 = 512;
+/// Slots in [`names::MAP_METRICS`]: one per (direction, reason), plus [`METRICS_EVENTS_LOST`].
+pub const METRICS_SLOTS: u32 = 513;
+/// Slot counting flow events the ring buffer had no room for.
+pub const METRICS_EVENTS_LOST: u32 = 512;
 
 /// Slot of a (direction, reason) pair in [`names::MAP_METRICS`].
 pub const fn metrics_index(direction: Direction, reason: u8) -> u32 {
     ((direction as u32) << 8) | reason as u32
 }
 
+/// [`FlowEvent::kind`] values: Cilium's monitor message types.
+pub mod event_kind {
+    pub const DROP: u8 = 1;
+    pub const TRACE: u8 = 4;
+    pub const POLICY_VERDICT: u8 = 5;
+}
+
+/// [`FlowEvent::verdict`] values: Hubble's `Verdict` numbers.
+pub mod verdict {
+    pub const FORWARDED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+    pub const REDIRECTED: u8 = 5;
+}
+
+/// [`FlowEvent::match_type`] values: Cilium's policy match types.
+pub mod match_type {
+    pub const NONE: u8 = 0;
+    pub const L3_ONLY: u8 = 1;
+    pub const L3_L4: u8 = 2;
+    pub const L4_ONLY: u8 = 3;
+    pub const ALL: u8 = 4;
+    pub const L3_PROTO: u8 = 5;
+    pub const PROTO_ONLY: u8 = 6;
+}
+
+/// One record in [`names::MAP_EVENTS`]: a drop, a policy verdict on a new connection, or a
+/// trace of a new connection where no policy applied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// [`event_kind`].
+    pub kind: u8,
+    /// [`verdict`].
+    pub verdict: u8,
+    /// Drop reason, 0 if not dropped.
+    pub reason: u8,
+    /// [`Direction`] as u8, from the endpoint's point of view.
+    pub direction: u8,
+    /// [`match_type`].
+    pub match_type: u8,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    pub _pad0: u8,
+    pub endpoint_id: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proxy_port_be: u16,
+    pub _pad1: u16,
+    pub rule_cookie: u32,
+    pub ifindex: u32,
+    /// Packet length in bytes.
+    pub len: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all impls): the types are `#[repr(C)]`, made only of integers, with explicit
     // padding fields, so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::EndpointInfo {}
-    unsafe impl aya::Pod for super::PolicyKeyV4 {}
-    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::IpcacheKeyV4 {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyEntry {}
     unsafe impl aya::Pod for super::CtKeyV4 {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::MetricsValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_survives_the_mark_encoding() {
+        // Cluster-scope identities are 24 bits wide; that is all a mark can carry.
+        for id in [0, 1, 2, 256, 0xFFFF, 0x1_0000, 0xFF_FFFF] {
+            let m = mark::encode_identity(mark::MAGIC_PROXY_EGRESS, id);
+            assert_eq!(
+                m & mark::MAGIC_MASK,
+                mark::MAGIC_PROXY_EGRESS,
+                "magic intact for {id:#x}"
+            );
+            assert_eq!(mark::decode_identity(m), id);
+        }
+    }
+
+    #[test]
+    fn to_proxy_mark_carries_the_port() {
+        assert_eq!(mark::to_proxy(15001), 0x3A99_0200);
+    }
 }
