@@ -1,43 +1,50 @@
-//! The minimal lab: a node in a box (DESIGN §7, first step).
+//! The lab: a node in a box (DESIGN §7), first cut.
 //!
-//! `membrane lab demo` builds a node network namespace (no uplink) with two pods, `frontend`
-//! and `backend`, gives them security identities from their labels, loads the datapath with
-//! its maps pinned under a lab-specific bpffs path, attaches the tc programs to both
-//! host-side veths, and applies one CiliumNetworkPolicy — backend accepts only frontend, only
-//! on 8080/TCP — through the policy engine (parse, resolve, write the entries). It then shows
-//! the policy working with real traffic: `curl` from frontend to backend:8080 (answered) and
-//! to backend:9090 (dropped in the kernel), followed by the flow events the datapath emitted,
-//! its counters and its conntrack table. It tears everything down at the end, also
-//! after Ctrl-C or a failed step; `membrane lab down` removes what an killed run left.
+//! `membrane lab up` builds a node network namespace (no uplink) with two pods, `frontend`
+//! and `backend`; gives them security identities from their labels; loads the datapath with
+//! its maps and links pinned under `/sys/fs/bpf/membrane/lab` (so enforcement outlives this
+//! process); applies one CiliumNetworkPolicy — backend accepts only frontend, only on
+//! 8080/TCP — through the policy engine (parse, resolve, write the entries); and starts HTTP
+//! servers on backend's :8080 (app) and :9090 (admin) as background processes. It records the
+//! endpoints in `/run/membrane/lab/endpoints.json` so `membrane bpf ...` can name them.
 //!
-//! Everything lives in namespaces named `membrane-lab*`; nothing touches the root namespace.
+//! `membrane lab demo` brings the lab up if needed and shows the policy working with real
+//! traffic: `curl` from frontend to backend:8080 (answered) and to backend:9090 (dropped in
+//! the kernel), the flow events the datapath emitted for them, and its counters.
+//! `membrane lab exec POD -- CMD...` runs a command inside a pod; `membrane lab down` stops the
+//! servers and removes every namespace, pin and state file (idempotent). A failed or
+//! interrupted `up` cleans up after itself.
+//!
+//! Everything lives in namespaces named `membrane-lab*` (or `$MEMBRANE_LAB_NAME*`); nothing
+//! touches the root namespace.
 
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use membrane_common::reason;
 use membrane_datapath::{
-    Datapath, EndpointEntry, EventKind, EventVerdict, FlowEventView, Ipv4Prefix, MapSizes, Netns,
+    Datapath, EndpointEntry, EventKind, EventReader, EventVerdict, FlowEventView, Ipv4Prefix,
+    MapSizes, MetricsMap, Netns, PolicyMap,
     bpffs::{DEFAULT_BPFFS, PinDir},
     maps::protocol_name,
     plumbing::Node,
 };
 use membrane_policy::{
-    EndpointInfo, Identity, IdentityAllocator as _, IdentitySet, Labels, LocalAllocator,
-    Repository, ResolveOptions, parse_documents, resolve_endpoint,
+    EndpointInfo, IdentityAllocator as _, IdentitySet, Labels, LocalAllocator, Repository,
+    ResolveOptions, parse_documents, resolve_endpoint,
 };
 
-use crate::datapath_sync;
+use crate::{
+    bpf_cmd::{RegisteredEndpoint, STATE_ROOT, read_registry, registry_path},
+    datapath_sync,
+};
 
 /// The lab's one policy, as a Cilium user writes it.
 pub const LAB_POLICY: &str = r#"apiVersion: cilium.io/v2
@@ -59,17 +66,26 @@ spec:
               protocol: TCP
 "#;
 
-/// Node namespace of the lab.
-pub const LAB_NODE: &str = "membrane-lab";
-/// Run name of the lab's pinned maps (`/sys/fs/bpf/membrane/lab`).
-pub const LAB_PIN_RUN: &str = "lab";
+/// Default name of the lab: its node namespace, and the run name of its pins
+/// (`/sys/fs/bpf/membrane/NAME`) and state (`/run/membrane/NAME`); pods are `NAME-POD`.
+pub const DEFAULT_LAB_NAME: &str = "membrane-lab";
+/// Environment variable that names the lab instead (tests run labs of their own).
+pub const LAB_NAME_ENV: &str = "MEMBRANE_LAB_NAME";
+
+/// The lab's name: `$MEMBRANE_LAB_NAME` or [`DEFAULT_LAB_NAME`].
+pub fn lab_name() -> String {
+    std::env::var(LAB_NAME_ENV)
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| DEFAULT_LAB_NAME.to_owned())
+}
 
 const FRONTEND_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 20);
 const APP_PORT: u16 = 8080;
 const ADMIN_PORT: u16 = 9090;
-/// Bound on how long the lab's HTTP servers live.
-const SERVER_LIFETIME: Duration = Duration::from_secs(120);
+/// Bound on how long a lab HTTP server lives (`membrane lab down` stops it long before).
+const SERVER_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -81,10 +97,10 @@ pub enum LabError {
     },
     #[error("{step}: {detail}")]
     Step { step: String, detail: String },
-    #[error("interrupted")]
-    Interrupted,
     #[error("policy: {0}")]
     Policy(String),
+    #[error("interrupted")]
+    Interrupted,
     #[error("the lab ran, but {0}")]
     Unexpected(String),
 }
@@ -95,6 +111,13 @@ fn at(step: &str) -> impl FnOnce(membrane_datapath::DatapathError) -> LabError +
     move |source| LabError::Datapath {
         step: step.to_owned(),
         source: Box::new(source),
+    }
+}
+
+fn step_err(step: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+    move |e| LabError::Step {
+        step: step.to_owned(),
+        detail: e.to_string(),
     }
 }
 
@@ -124,15 +147,24 @@ const PODS: [Pod; 2] = [
 ];
 
 fn pod_netns(pod: &str) -> String {
-    format!("{LAB_NODE}-{pod}")
+    format!("{}-{pod}", lab_name())
 }
 
 fn host_ifname(pod: &str) -> String {
     format!("lxc-{pod}").chars().take(15).collect()
 }
 
-fn pin_path() -> PathBuf {
-    Path::new(DEFAULT_BPFFS).join("membrane").join(LAB_PIN_RUN)
+/// Where the lab's maps and links are pinned.
+pub fn pin_path() -> PathBuf {
+    Path::new(DEFAULT_BPFFS).join("membrane").join(lab_name())
+}
+
+fn state_dir() -> PathBuf {
+    Path::new(STATE_ROOT).join(lab_name())
+}
+
+fn pids_path() -> PathBuf {
+    state_dir().join("pids")
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -149,9 +181,30 @@ fn check_interrupt() -> Result<()> {
     }
 }
 
-/// Removes every lab namespace and the lab's pinned maps. Idempotent; returns what it removed.
+fn ok(line: &str) {
+    println!("  \u{2713} {line}");
+}
+
+/// Whether the lab is up (its node namespace and endpoint registry exist).
+pub fn is_up() -> bool {
+    Netns::exists(&lab_name()) && registry_path(&pin_path()).exists()
+}
+
+/// Stops the lab's servers and removes every lab namespace, pin and state file. Idempotent;
+/// returns what it removed.
 pub fn down() -> Result<Vec<String>> {
     let mut removed = Vec::new();
+    if let Ok(pids) = std::fs::read_to_string(pids_path()) {
+        for pid in pids
+            .lines()
+            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+        {
+            // SAFETY: kill has no memory arguments; a stale pid at worst gets ESRCH.
+            if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+                removed.push(format!("server process {pid}"));
+            }
+        }
+    }
     for pod in &PODS {
         let name = pod_netns(pod.name);
         if Netns::exists(&name) {
@@ -161,144 +214,59 @@ pub fn down() -> Result<Vec<String>> {
             removed.push(format!("netns {name}"));
         }
     }
-    if Netns::exists(LAB_NODE) {
-        Netns::open(LAB_NODE)
+    let node = lab_name();
+    if Netns::exists(&node) {
+        Netns::open(&node)
             .and_then(Netns::delete)
             .map_err(at("delete node namespace"))?;
-        removed.push(format!("netns {LAB_NODE}"));
+        removed.push(format!("netns {node}"));
     }
     if pin_path().exists() {
-        PinDir::under(Path::new(DEFAULT_BPFFS), LAB_PIN_RUN)
+        PinDir::under(Path::new(DEFAULT_BPFFS), &node)
             .and_then(PinDir::remove)
-            .map_err(at("remove pinned maps"))?;
+            .map_err(at("remove pinned maps and links"))?;
         removed.push(format!("pins {}", pin_path().display()));
     }
     // The shared parent stays if another run pins there; remove it only when empty.
     if let Some(parent) = pin_path().parent() {
         let _ = std::fs::remove_dir(parent);
     }
+    if state_dir().exists() {
+        std::fs::remove_dir_all(state_dir()).map_err(step_err("remove lab state"))?;
+        removed.push(format!("state {}", state_dir().display()));
+        let _ = std::fs::remove_dir(STATE_ROOT);
+    }
     Ok(removed)
 }
 
-/// A tiny HTTP/1.1 responder inside a namespace, bounded in lifetime.
-struct HttpServer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl HttpServer {
-    fn start(ns: &Netns, port: u16, body: &'static str) -> Result<Self> {
-        let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .map_err(at("start HTTP server"))?
-            .map_err(|e| LabError::Step {
-                step: format!("bind :{port} in {}", ns.name()),
-                detail: e.to_string(),
-            })?;
-        listener.set_nonblocking(true).map_err(|e| LabError::Step {
-            step: "listener".into(),
-            detail: e.to_string(),
-        })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + SERVER_LIFETIME;
-            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let Ok((mut conn, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = conn.set_nonblocking(false);
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 2048];
-                let _ = conn.read(&mut buf);
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(response.as_bytes());
-            }
-        });
-        Ok(Self {
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// What curl saw.
-enum Outcome {
-    Answered { status: String, body: String },
-    NoAnswer(String),
-}
-
-fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<Outcome> {
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "curl",
-            "-sS",
-            "--max-time",
-            &timeout_secs.to_string(),
-        ])
-        .args(["-w", "\n%{http_code}", url])
-        .output()
-        .map_err(|e| LabError::Step {
-            step: "run curl".into(),
-            detail: format!("{e} (is curl installed?)"),
-        })?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if output.status.success() {
-        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
-        Ok(Outcome::Answered {
-            status: status.trim().to_owned(),
-            body: body.trim().to_owned(),
-        })
-    } else {
-        Ok(Outcome::NoAnswer(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
-}
-
-fn ok(line: &str) {
-    println!("  \u{2713} {line}");
-}
-
-/// Runs the demo; always tears down.
-pub fn demo() -> Result<()> {
+/// Builds the lab unless it is up. A failed or interrupted build is torn down.
+pub fn up() -> Result<()> {
     // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    if is_up() {
+        println!("membrane lab is up (membrane lab down to remove it)");
+        return Ok(());
+    }
     let stale = down()?;
     if !stale.is_empty() {
         println!("removed what an earlier lab run left: {}", stale.join(", "));
     }
-    println!("membrane lab: a node in a box");
-    let result = run_demo();
-    println!("\ncleaning up");
-    let removed = down()?;
-    for r in &removed {
-        println!("  removed {r}");
+    println!("membrane lab: building a node in a box");
+    match build() {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            eprintln!("lab up failed ({e}); cleaning up");
+            let _ = down();
+            Err(e)
+        }
     }
-    result
 }
 
-fn run_demo() -> Result<()> {
-    let node = Node::create(LAB_NODE).map_err(at("create node namespace"))?;
+fn build() -> Result<()> {
+    let node_name = lab_name();
+    let node = Node::create(&node_name).map_err(at("create node namespace"))?;
     ok(&format!(
-        "node namespace {LAB_NODE} (forwarding on, no uplink)"
+        "node namespace {node_name} (forwarding on, no uplink)"
     ));
     let mut links = Vec::new();
     for pod in &PODS {
@@ -339,11 +307,10 @@ fn run_demo() -> Result<()> {
     let options = ResolveOptions::new(0, 0);
 
     let pins =
-        PinDir::under(Path::new(DEFAULT_BPFFS), LAB_PIN_RUN).map_err(at("create pin directory"))?;
+        PinDir::under(Path::new(DEFAULT_BPFFS), &node_name).map_err(at("create pin directory"))?;
     let mut datapath =
         Datapath::load(pins.path(), MapSizes::default()).map_err(at("load datapath"))?;
-    let mut events = datapath.take_events();
-    let mut resolved = Vec::new();
+    let mut registry = Vec::new();
     for ((pod, link), (id, labels)) in PODS.iter().zip(&links).zip(&pod_identities) {
         let endpoint = EndpointInfo::new(u64::from(pod.endpoint_id), labels.clone());
         let policy = resolve_endpoint(&repo, &endpoint, &identities, &options);
@@ -366,10 +333,20 @@ fn run_demo() -> Result<()> {
         datapath
             .attach_endpoint(node.netns(), &link.host_ifname)
             .map_err(at("attach programs"))?;
-        resolved.push(policy);
+        registry.push(RegisteredEndpoint {
+            name: pod.name.to_owned(),
+            namespace: "default".to_owned(),
+            endpoint_id: pod.endpoint_id,
+            identity: id.0,
+            ipv4: pod.ip,
+            host_ifname: link.host_ifname.clone(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        });
     }
+    // Leaving the process keeps maps and links pinned: enforcement goes on without us.
+    drop(datapath);
     ok(&format!(
-        "datapath loaded, maps and links pinned at {}, tc programs attached (tcx) to {}",
+        "datapath loaded; maps and links pinned at {}; tc programs attached (tcx) to {}",
         pins.path().display(),
         links
             .iter()
@@ -377,58 +354,232 @@ fn run_demo() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    ok(
+        "policy backend-allow-frontend applied (backend: ingress default-deny, frontend:8080/TCP allowed)",
+    );
 
-    let backend_ns = &links[1].netns;
-    let _app = HttpServer::start(backend_ns, APP_PORT, "hello from backend\n")?;
-    let _admin = HttpServer::start(backend_ns, ADMIN_PORT, "backend admin page\n")?;
+    std::fs::create_dir_all(state_dir()).map_err(step_err("create lab state directory"))?;
+    let json = serde_json::to_vec_pretty(&registry).map_err(|e| LabError::Step {
+        step: "write endpoint registry".into(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(registry_path(&pin_path()), json)
+        .map_err(step_err("write endpoint registry"))?;
+
+    let backend_ns = links[1].netns.name().to_owned();
+    let mut pids = Vec::new();
+    for (port, body) in [
+        (APP_PORT, "hello from backend"),
+        (ADMIN_PORT, "backend admin page"),
+    ] {
+        pids.push(spawn_server(&backend_ns, port, body)?);
+    }
+    std::fs::write(
+        pids_path(),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )
+    .map_err(step_err("record server pids"))?;
+    wait_listening(&links[1].netns, &[APP_PORT, ADMIN_PORT])?;
     ok(&format!(
         "backend serves HTTP on :{APP_PORT} (app) and :{ADMIN_PORT} (admin)"
     ));
-    check_interrupt()?;
+    check_interrupt()
+}
 
-    println!("\nidentities:");
-    for (pod, (id, labels)) in PODS.iter().zip(&pod_identities) {
-        let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-        println!("  {:<6} {:<9} {}", id.0, pod.name, labels.join(" "));
+/// Starts `membrane lab serve` inside `netns` as a background process of its own.
+fn spawn_server(netns: &str, port: u16, body: &str) -> Result<u32> {
+    let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(exe)
+        .args(["lab", "serve", "--port", &port.to_string(), "--body", body])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: Ctrl-C in the user's terminal does not stop the lab.
+        .process_group(0)
+        .spawn()
+        .map_err(step_err("start lab server"))?;
+    // `ip netns exec` execs the command, so this pid is the server's.
+    Ok(child.id())
+}
+
+fn wait_listening(ns: &Netns, ports: &[u16]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &port in ports {
+        loop {
+            let addr = SocketAddrV4::new(BACKEND_IP, port);
+            let up = ns
+                .run(move || {
+                    std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200))
+                        .is_ok()
+                })
+                .map_err(at("probe server"))?;
+            if up {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Step {
+                    step: format!("start lab server on :{port}"),
+                    detail: "not listening after 10 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// `membrane lab serve`: a small HTTP/1.1 responder for lab pods (run inside the pod's
+/// namespace by `lab up`). Answers every request with 200 and `body`.
+pub fn serve(port: u16, body: &str) -> Result<()> {
+    let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        .map_err(step_err("bind lab server"))?;
+    let deadline = Instant::now() + SERVER_LIFETIME;
+    let body = format!("{body}\n");
+    for conn in listener.incoming() {
+        if Instant::now() > deadline {
+            break;
+        }
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 4096];
+        let _ = conn.read(&mut buf);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(response.as_bytes());
+    }
+    Ok(())
+}
+
+/// `membrane lab exec POD -- CMD...`: runs CMD inside the pod's namespace and returns its
+/// exit code. POD is `name` (namespace `default`) or `namespace/name`.
+pub fn exec(pod: &str, command: &[String]) -> Result<i32> {
+    let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let known = read_registry(&pin_path());
+    if !known
+        .iter()
+        .any(|e| e.name == name && e.namespace == namespace)
+    {
+        let names: Vec<String> = known
+            .iter()
+            .map(|e| format!("{}/{}", e.namespace, e.name))
+            .collect();
+        return Err(LabError::Step {
+            step: format!("lab exec {pod}"),
+            detail: if names.is_empty() {
+                "the lab is not up (membrane lab up)".into()
+            } else {
+                format!("no pod {namespace}/{name}; pods: {}", names.join(", "))
+            },
+        });
+    }
+    let Some((program, args)) = command.split_first() else {
+        return Err(LabError::Step {
+            step: format!("lab exec {pod}"),
+            detail: "no command given (membrane lab exec POD -- CMD...)".into(),
+        });
+    };
+    let status = Command::new("ip")
+        .args(["netns", "exec", &pod_netns(name), program])
+        .args(args)
+        .status()
+        .map_err(step_err("run command in pod"))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+/// What curl saw.
+enum Outcome {
+    Answered { status: String, body: String },
+    NoAnswer(String),
+}
+
+fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<Outcome> {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            &timeout_secs.to_string(),
+        ])
+        .args(["-w", "\n%{http_code}", url])
+        .output()
+        .map_err(|e| LabError::Step {
+            step: "run curl".into(),
+            detail: format!("{e} (is curl installed?)"),
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+        Ok(Outcome::Answered {
+            status: status.trim().to_owned(),
+            body: body.trim().to_owned(),
+        })
+    } else {
+        Ok(Outcome::NoAnswer(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// Brings the lab up if needed, then shows an allowed and a dropped connection with the
+/// flow events and counters they produced. The lab stays up.
+pub fn demo() -> Result<()> {
+    up()?;
+    let pins = pin_path();
+    let registry = read_registry(&pins);
+    let mut events = EventReader::open_pinned(&pins).map_err(at("open flow events"))?;
+    // Start from now: earlier events belong to earlier commands.
+    let _ = events.drain();
+
+    println!("\nidentities (from pod labels):");
+    for e in &registry {
+        println!("  {:<6} {:<9} {}", e.identity, e.name, e.labels.join(" "));
     }
     println!("\npolicy:");
     for line in LAB_POLICY.lines() {
         println!("  | {line}");
     }
-    println!("\nresolved into the datapath's policy map:");
-    for (pod, policy) in PODS.iter().zip(&resolved) {
-        println!(
-            "  {} (endpoint {}): ingress {}, egress {}",
-            pod.name,
-            pod.endpoint_id,
-            if policy.enforce_ingress {
-                "default-deny"
-            } else {
-                "not enforced"
+    println!("\nbackend's entries in the policy map (membrane bpf policy get backend):");
+    let name_of = |id: u32| {
+        registry.iter().find(|e| e.identity == id).map_or_else(
+            || {
+                if id == 0 {
+                    "any".to_owned()
+                } else {
+                    id.to_string()
+                }
             },
-            if policy.enforce_egress {
-                "default-deny"
-            } else {
-                "not enforced"
-            }
-        );
-    }
-    for r in datapath.policy().list().map_err(at("list policy"))? {
+            |e| format!("{id} ({})", e.name),
+        )
+    };
+    let backend = registry
+        .iter()
+        .find(|e| e.name == "backend")
+        .map(|e| e.endpoint_id);
+    for r in PolicyMap::open_pinned(&pins)
+        .and_then(|m| m.list())
+        .map_err(at("read policy map"))?
+        .into_iter()
+        .filter(|r| Some(r.endpoint_id) == backend)
+    {
         println!(
-            "    endpoint {} {:<7} peer {:<16} {}/{}  {:?}  precedence {}  cookie {}",
-            r.endpoint_id,
+            "  {:<7} peer {:<16} {}/{}  {:?}",
             r.direction.as_str(),
-            identity_name(&identities, r.remote_identity),
+            name_of(r.remote_identity),
             r.ports,
             protocol_name(r.protocol),
-            r.verdict,
-            r.precedence,
-            r.cookie
+            r.verdict
         );
     }
 
     println!("\nconnections (curl from frontend):");
-    let frontend_ns = links[0].netns.name().to_owned();
+    let frontend_ns = pod_netns("frontend");
     let allowed = curl(&frontend_ns, &format!("http://{BACKEND_IP}:{APP_PORT}/"), 5)?;
     check_interrupt()?;
     let denied = curl(
@@ -456,75 +607,40 @@ fn run_demo() -> Result<()> {
         }
     }
 
-    if let Some(reader) = events.as_mut() {
-        println!("\nflows (the datapath's events):");
-        let names: Vec<(Ipv4Addr, &str)> = PODS.iter().map(|p| (p.ip, p.name)).collect();
-        for e in reader.drain() {
-            println!("  {}", describe_event(&e, &names));
-        }
+    println!("\nflows (the datapath's events for those connections):");
+    let names: Vec<(Ipv4Addr, &str)> = registry.iter().map(|e| (e.ipv4, e.name.as_str())).collect();
+    for e in events.drain() {
+        println!("  {}", describe_event(&e, &names));
     }
 
     println!("\ndatapath counters (membrane bpf metrics):");
-    println!(
-        "  {:<9} {:<42} {:>8} {:>8}",
-        "direction", "verdict", "packets", "bytes"
-    );
-    for s in datapath.metrics().snapshot().map_err(at("read metrics"))? {
+    let metrics = MetricsMap::open_pinned(&pins).map_err(at("read metrics"))?;
+    for s in metrics.snapshot().map_err(at("read metrics"))? {
         let verdict = if s.reason == reason::FORWARDED {
             "forwarded".to_owned()
         } else {
             format!("dropped: {} ({})", reason::describe(s.reason), s.reason)
         };
         println!(
-            "  {:<9} {:<42} {:>8} {:>8}",
+            "  {:<8} {:<40} {:>8} packets",
             s.direction.as_str(),
             verdict,
-            s.packets,
-            s.bytes
+            s.packets
         );
     }
-    println!("\nconntrack (membrane bpf ct list):");
-    for e in datapath.conntrack().list().map_err(at("read conntrack"))? {
-        println!(
-            "  endpoint {} {:<7} {} {}:{} -> {}:{}  fwd {} rev {}{}",
-            e.endpoint_id,
-            e.direction.as_str(),
-            protocol_name(e.protocol),
-            e.src,
-            e.sport,
-            e.dst,
-            e.dport,
-            e.packets_fwd,
-            e.packets_rev,
-            if e.closing { "  closing" } else { "" }
-        );
-    }
-    datapath.detach_all().map_err(at("detach programs"))?;
-    drop(datapath);
+
+    println!(
+        "\nthe lab stays up; try:\n  \
+         membrane lab exec frontend -- curl -s {BACKEND_IP}:{APP_PORT}\n  \
+         membrane bpf ct list        membrane bpf ipcache list        membrane bpf endpoint list\n  \
+         membrane lab down"
+    );
     if unexpected.is_empty() {
         Ok(())
     } else {
         Err(LabError::Unexpected(unexpected.join("; ")))
     }
 }
-
-/// `ID (app=NAME)` for a known identity, `any` for 0.
-fn identity_name(identities: &IdentitySet, id: u32) -> String {
-    if id == 0 {
-        return "any".into();
-    }
-    let app = identities.get(Identity(id)).and_then(|labels| {
-        labels
-            .iter()
-            .find(|l| l.key == "app")
-            .map(|l| l.value.clone())
-    });
-    match app {
-        Some(app) => format!("{id} (app={app})"),
-        None => id.to_string(),
-    }
-}
-
 /// One event in the shape of Hubble's compact output.
 fn describe_event(e: &FlowEventView, names: &[(Ipv4Addr, &str)]) -> String {
     let name = |ip: Ipv4Addr, port: u16| {

@@ -9,5 +9,6 @@
 //!
 //! It may depend on every library crate of the workspace; none of them may depend on it.
 
+pub mod bpf_cmd;
 pub mod datapath_sync;
 pub mod lab;

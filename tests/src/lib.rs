@@ -155,6 +155,20 @@ pub fn sweep_stale() -> Vec<String> {
             }
         }
     }
+    // Labs that tests brought up under `mbt-<pid>-...` names: pins and state.
+    for dir in ["/sys/fs/bpf/membrane", "/run/membrane"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = owner_pid(&name)
+                    && !pid_alive(pid)
+                    && std::fs::remove_dir_all(entry.path()).is_ok()
+                {
+                    removed.push(format!("lab state {}", entry.path().display()));
+                }
+            }
+        }
+    }
     removed
 }
 

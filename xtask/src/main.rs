@@ -63,7 +63,7 @@ fn print_help() {
          commands:\n  \
          bootstrap      install the toolchain pieces the build needs (idempotent)\n  \
          test           bootstrap, fmt check, clippy, the whole test suite, leftover check\n  \
-         lab [ARGS...]  bootstrap, build, run `membrane lab demo ARGS...`"
+         lab [ARGS...]  bootstrap, build, run `membrane lab demo ARGS...` (the lab stays up)"
     );
 }
 
@@ -281,6 +281,16 @@ fn test_leftovers() -> Vec<String> {
     if let Ok(entries) = std::fs::read_dir(TEST_BPFFS_DIR) {
         for e in entries.flatten() {
             out.push(format!("bpffs mount {}", e.path().display()));
+        }
+    }
+    // Labs that tests bring up under their own names.
+    for dir in ["/sys/fs/bpf/membrane", "/run/membrane"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(TEST_PREFIX) {
+                    out.push(format!("lab state {}", e.path().display()));
+                }
+            }
         }
     }
     out
