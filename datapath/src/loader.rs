@@ -323,6 +323,33 @@ impl Datapath {
         self.test_run_with_mark(program, packet, 0)
     }
 
+    /// Runs `program` `repeat` times on `packet` and returns the kernel-measured average
+    /// duration of one run (for benchmarks).
+    pub fn test_run_repeat(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let classifier = classifier(&mut self.ebpf, program)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat: repeat.max(1),
+            ..TestRunOptions::new()
+        };
+        let result = classifier
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                program,
+                op: "BPF_PROG_TEST_RUN".into(),
+                source,
+            })?;
+        Ok(result.duration)
+    }
+
     /// [`Datapath::test_run`] with the skb mark preset (as the proxy's sockets set it).
     pub fn test_run_with_mark(
         &mut self,

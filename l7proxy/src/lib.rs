@@ -4,6 +4,29 @@
 //! (so it carries no wasmtime types). It also has a standalone reverse-proxy mode.
 //!
 //! Must not depend on `membrane-datapath` (the proxy and the datapath meet in
-//! `membrane-agent`) nor on `wasmtime` (filters plug in through the filter-chain trait).
+//! `membrane-agent`), nor on `aya`, nor on `wasmtime` (filters plug in through the
+//! filter-chain trait).
 //!
-//! Status: empty. The proxy is built by the L7 proxy issue; nothing here is wired yet.
+//! Modules, in request order:
+//! - [`transparent`]: `IP_TRANSPARENT` listeners and the original destination (library only;
+//!   nothing serves transparent connections yet).
+//! - [`strict`]: HTTP/1 framing checks on the raw client bytes (request smuggling → 400).
+//! - [`policy`]: the compiled HTTP policy (Cilium `rules.http` semantics).
+//! - `proxy` (private): per-request handling shared by all listener modes: policy, 403,
+//!   hop-by-hop headers, pooled upstream, upstream failure replies, upgrade tunnels.
+//! - [`access`]: access records on a bounded channel that never blocks traffic.
+//! - [`standalone`]: the reverse-proxy mode (`membrane proxy --listen --upstream --policy`).
+//! - [`policy_file`]: the standalone mode's YAML policy file.
+//!
+//! Not yet: the DNS proxy, the filter-chain trait, serving transparent listeners with
+//! per-endpoint policy, `SO_MARK` on upstream sockets, TLS.
+
+pub mod access;
+pub mod policy;
+pub mod policy_file;
+mod proxy;
+pub mod standalone;
+pub mod strict;
+pub mod transparent;
+
+pub use proxy::ACCESS_DENIED_BODY;

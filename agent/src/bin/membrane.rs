@@ -19,11 +19,31 @@ struct Cli {
 enum Command {
     /// Inspect the datapath's pinned maps (policy, conntrack, ipcache, endpoints, metrics).
     Bpf(membrane_agent::bpf_cmd::BpfArgs),
+    /// Run the L7 proxy in standalone reverse-proxy mode (no eBPF needed): every request to
+    /// LISTEN is checked against the HTTP rules of --policy (CiliumNetworkPolicy
+    /// `rules.http` syntax, or a whole CNP) and forwarded to UPSTREAM, or answered
+    /// `403 Access denied`. Without --policy every request is allowed. One access record
+    /// per request is printed to stdout.
+    Proxy(ProxyArgs),
     /// The node in a box: network namespaces with pods, the datapath, real traffic.
     Lab {
         #[command(subcommand)]
         command: LabCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Upstream to forward allowed requests to, e.g. 127.0.0.1:9000.
+    #[arg(long)]
+    upstream: std::net::SocketAddr,
+    /// YAML file with HTTP rules (a list in `rules.http` syntax, or CiliumNetworkPolicy
+    /// documents whose `toPorts[].rules.http` are collected).
+    #[arg(long)]
+    policy: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +81,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bpf(args) => membrane_agent::bpf_cmd::run(args)?,
+        Command::Proxy(args) => run_proxy(args)?,
         Command::Lab { command } => match command {
             LabCommand::Up => membrane_agent::lab::up()?,
             LabCommand::Demo => membrane_agent::lab::demo()?,
@@ -81,4 +102,29 @@ fn main() -> anyhow::Result<ExitCode> {
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    use membrane_l7proxy::{access, policy_file, standalone};
+    let mut config = standalone::StandaloneConfig::new(args.listen, args.upstream);
+    if let Some(path) = &args.policy {
+        config.policy = Some(policy_file::load_policy_file(path)?);
+    }
+    let (log, mut records) = access::AccessLog::channel(access::DEFAULT_CHANNEL_CAPACITY);
+    config.access_log = log;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        tokio::spawn(async move {
+            while let Some(record) = records.recv().await {
+                println!("{record}");
+            }
+        });
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        standalone::run(config, shutdown).await
+    })?;
+    Ok(())
 }

@@ -1,0 +1,198 @@
+//! Access records: what the proxy did with each request, for flows (Hubble L7 events) and logs.
+//!
+//! Owns the record type and the sink. The sink is a bounded `tokio::sync::mpsc` channel fed
+//! with `try_send`: traffic never waits for a slow consumer; a record that does not fit is
+//! dropped and counted (the agent reports the count as lost events, like Hubble's ring).
+//!
+//! Records follow Cilium's access log (cilium-semantics.md §1.9, §4.5): an allowed request
+//! gives a `Request` record when it is forwarded and a `Response` record when the upstream's
+//! response headers (or the proxy's own error reply) are sent; a denied request gives a
+//! `Denied` record and a `Response` record with status 403; a request rejected as malformed
+//! before the policy ran gives a single `Denied` record with status 400 and no rule.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http::Version;
+use tokio::sync::mpsc;
+
+use crate::policy::{HeaderLog, RuleRef};
+
+/// Default capacity of the record channel made by [`AccessLog::channel`] users that do not
+/// care: a few seconds of records at a busy node's request rate, a few MiB at most.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 4096;
+
+/// Cilium's `EntryType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    Request,
+    Response,
+    Denied,
+}
+
+impl fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Request => "request",
+            Self::Response => "response",
+            Self::Denied => "denied",
+        })
+    }
+}
+
+/// One access record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRecord {
+    pub kind: RecordKind,
+    /// When the record was made.
+    pub timestamp: SystemTime,
+    pub version: Version,
+    /// Request method; empty when a malformed request had none the proxy could read.
+    pub method: String,
+    /// `scheme://authority/path?query` as Hubble shows it (authority may be empty).
+    pub url: String,
+    /// Response status for `Response` records, 403/400 for `Denied` records.
+    pub status: Option<u16>,
+    /// Time from the request head to the response head (`Response` records only).
+    pub latency: Option<Duration>,
+    /// The client (downstream peer).
+    pub source: SocketAddr,
+    /// Where the request goes: the upstream in standalone mode, the original destination in
+    /// transparent mode.
+    pub destination: SocketAddr,
+    /// The policy decision; `None` when the request was rejected before the policy ran.
+    pub rule: Option<RuleRef>,
+    /// Header mismatches recorded by LOG/ADD/DELETE/REPLACE actions.
+    pub header_log: Vec<HeaderLog>,
+    /// Why the proxy answered by itself: an upstream failure or a malformed request.
+    pub error: Option<String>,
+}
+
+impl fmt::Display for AccessRecord {
+    /// One line in the spirit of Hubble's L7 summary:
+    /// `10.0.0.1:5000 -> 10.0.0.2:80 response HTTP/1.1 200 3ms (GET http://h/p) rule 0`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} {} {:?}",
+            self.source, self.destination, self.kind, self.version
+        )?;
+        if let Some(status) = self.status {
+            write!(f, " {status}")?;
+        }
+        if let Some(latency) = self.latency {
+            write!(f, " {}ms", latency.as_millis())?;
+        }
+        write!(f, " ({} {})", self.method, self.url)?;
+        if let Some(rule) = self.rule {
+            write!(f, " {rule}")?;
+        }
+        if let Some(error) = &self.error {
+            write!(f, ": {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The sending side of the record channel; cheap to clone, shared by every connection.
+#[derive(Debug, Clone, Default)]
+pub struct AccessLog {
+    sender: Option<mpsc::Sender<AccessRecord>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// A sink with room for `capacity` records, and its receiver.
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<AccessRecord>) {
+        let (sender, receiver) = mpsc::channel(capacity.max(1));
+        (
+            Self {
+                sender: Some(sender),
+                dropped: Arc::default(),
+            },
+            receiver,
+        )
+    }
+
+    /// A sink that records nothing (and builds no records).
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Whether records are wanted; callers skip building them otherwise.
+    pub fn is_enabled(&self) -> bool {
+        self.sender.is_some()
+    }
+
+    /// Offers a record without waiting: a full channel (or a gone receiver) drops it and
+    /// counts the drop.
+    pub fn record(&self, record: AccessRecord) {
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        if sender.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records dropped because the channel was full or closed.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kind: RecordKind) -> AccessRecord {
+        AccessRecord {
+            kind,
+            timestamp: SystemTime::UNIX_EPOCH,
+            version: Version::HTTP_11,
+            method: "GET".into(),
+            url: "http://h/p".into(),
+            status: Some(200),
+            latency: Some(Duration::from_millis(3)),
+            source: "10.0.0.1:5000".parse().expect("addr"),
+            destination: "10.0.0.2:80".parse().expect("addr"),
+            rule: Some(RuleRef::Rule(0)),
+            header_log: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn overflow_is_counted_and_never_blocks() {
+        let (log, mut receiver) = AccessLog::channel(2);
+        for _ in 0..5 {
+            log.record(record(RecordKind::Request));
+        }
+        assert_eq!(log.dropped(), 3);
+        assert!(receiver.try_recv().is_ok());
+        assert!(receiver.try_recv().is_ok());
+        assert!(receiver.try_recv().is_err());
+        drop(receiver);
+        log.record(record(RecordKind::Response));
+        assert_eq!(log.dropped(), 4, "a closed receiver counts as a drop");
+    }
+
+    #[test]
+    fn disabled_sink_is_silent() {
+        let log = AccessLog::disabled();
+        assert!(!log.is_enabled());
+        log.record(record(RecordKind::Denied));
+        assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn display_is_one_line_summary() {
+        assert_eq!(
+            record(RecordKind::Response).to_string(),
+            "10.0.0.1:5000 -> 10.0.0.2:80 response HTTP/1.1 200 3ms (GET http://h/p) rule 0"
+        );
+    }
+}
