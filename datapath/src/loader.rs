@@ -29,7 +29,10 @@ use membrane_common::{ABI_VERSION, names};
 use crate::{
     error::{DatapathError, Result},
     events::EventReader,
-    maps::{AbiMap, CtMap, EndpointsMap, IpcacheMap, MetricsMap, PolicyMap, open_pinned},
+    maps::{
+        AbiMap, CtMap, EndpointsMap, IpcacheMap, MetricsMap, PolicyMap, RevisionCounter,
+        open_pinned,
+    },
     netns::Netns,
     object::EBPF_OBJECT,
 };
@@ -120,9 +123,12 @@ impl Datapath {
         };
         let mut abi = AbiMap::new(take(names::MAP_ABI)?)?;
         abi.set(ABI_VERSION)?;
-        let endpoints = EndpointsMap::new(take(names::MAP_ENDPOINTS)?)?;
-        let ipcache = IpcacheMap::new(take(names::MAP_IPCACHE_V4)?)?;
-        let policy = PolicyMap::new(take(names::MAP_POLICY)?)?;
+        let revision = RevisionCounter::new(take(names::MAP_REVISION)?)?;
+        // A fresh map holds 0; start at 1 so no cached verdict matches an unset revision.
+        revision.bump()?;
+        let endpoints = EndpointsMap::new(take(names::MAP_ENDPOINTS)?, revision.clone())?;
+        let ipcache = IpcacheMap::new(take(names::MAP_IPCACHE_V4)?, revision.clone())?;
+        let policy = PolicyMap::new(take(names::MAP_POLICY)?, revision)?;
         let conntrack = CtMap::new(take(names::MAP_CT_V4)?)?;
         let metrics = MetricsMap::new(take(names::MAP_METRICS)?)?;
         let events = Some(EventReader::new(take(names::MAP_EVENTS)?)?);

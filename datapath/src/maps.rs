@@ -2,7 +2,13 @@
 //! object, or opened from its pin by another process such as the CLI) and speaks in the
 //! crate's types: addresses as `Ipv4Addr`, ports in host order, directions as [`Direction`].
 
-use std::{fmt, net::Ipv4Addr, path::Path, str::FromStr};
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    path::Path,
+    str::FromStr,
+    sync::{Arc, Mutex},
+};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use membrane_common::{
@@ -115,8 +121,39 @@ pub fn protocol_name(protocol: u8) -> String {
     }
 }
 
+/// The revision of policy, ipcache and endpoint state (`mb_revision`). Every mutation through
+/// the typed handles bumps it *after* the change, so a connection whose cached verdict was
+/// computed before the change looks policy up again on its next packet.
+#[derive(Clone)]
+pub struct RevisionCounter(Arc<Mutex<Array<MapData, u32>>>);
+
+impl RevisionCounter {
+    pub(crate) fn new(map: Map) -> Result<Self> {
+        let map = Array::try_from(map).map_err(map_err(names::MAP_REVISION, "open"))?;
+        Ok(Self(Arc::new(Mutex::new(map))))
+    }
+
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        Self::new(open_pinned(pin_dir, names::MAP_REVISION)?)
+    }
+
+    pub fn get(&self) -> Result<u32> {
+        let map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.get(&0, 0).map_err(map_err(names::MAP_REVISION, "lookup"))
+    }
+
+    /// Moves to the next revision (never 0, which a fresh map holds).
+    pub fn bump(&self) -> Result<u32> {
+        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = map.get(&0, 0).map_err(map_err(names::MAP_REVISION, "lookup"))?;
+        let next = current.wrapping_add(1).max(1);
+        map.set(0, next, 0).map_err(map_err(names::MAP_REVISION, "update"))?;
+        Ok(next)
+    }
+}
+
 /// The endpoints map: host-side ifindex → endpoint id, identity and enforcement flags.
-pub struct EndpointsMap(HashMap<MapData, u32, EndpointInfo>);
+pub struct EndpointsMap(HashMap<MapData, u32, EndpointInfo>, RevisionCounter);
 
 /// One row of [`EndpointsMap::list`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,13 +166,13 @@ pub struct EndpointEntry {
 }
 
 impl EndpointsMap {
-    pub(crate) fn new(map: Map) -> Result<Self> {
+    pub(crate) fn new(map: Map, revision: RevisionCounter) -> Result<Self> {
         let map = HashMap::try_from(map).map_err(map_err(names::MAP_ENDPOINTS, "open"))?;
-        Ok(Self(map))
+        Ok(Self(map, revision))
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_ENDPOINTS)?)
+        Self::new(open_pinned(pin_dir, names::MAP_ENDPOINTS)?, RevisionCounter::open_pinned(pin_dir)?)
     }
 
     pub fn upsert(&mut self, entry: EndpointEntry) -> Result<()> {
@@ -154,13 +191,15 @@ impl EndpointsMap {
         };
         self.0
             .insert(entry.ifindex, value, 0)
-            .map_err(map_err(names::MAP_ENDPOINTS, "insert"))
+            .map_err(map_err(names::MAP_ENDPOINTS, "insert"))?;
+        self.1.bump().map(drop)
     }
 
     pub fn remove(&mut self, ifindex: u32) -> Result<()> {
         self.0
             .remove(&ifindex)
-            .map_err(map_err(names::MAP_ENDPOINTS, "remove"))
+            .map_err(map_err(names::MAP_ENDPOINTS, "remove"))?;
+        self.1.bump().map(drop)
     }
 
     pub fn list(&self) -> Result<Vec<EndpointEntry>> {
@@ -182,7 +221,7 @@ impl EndpointsMap {
 
 /// The ipcache: IPv4 address or prefix → security identity (longest prefix wins; addresses
 /// it does not cover are `world` to the datapath).
-pub struct IpcacheMap(LpmTrie<MapData, IpcacheKeyV4, IpcacheValue>);
+pub struct IpcacheMap(LpmTrie<MapData, IpcacheKeyV4, IpcacheValue>, RevisionCounter);
 
 fn ipcache_key(prefix: Ipv4Prefix) -> Key<IpcacheKeyV4> {
     Key::new(
@@ -194,25 +233,27 @@ fn ipcache_key(prefix: Ipv4Prefix) -> Key<IpcacheKeyV4> {
 }
 
 impl IpcacheMap {
-    pub(crate) fn new(map: Map) -> Result<Self> {
+    pub(crate) fn new(map: Map, revision: RevisionCounter) -> Result<Self> {
         let map = LpmTrie::try_from(map).map_err(map_err(names::MAP_IPCACHE_V4, "open"))?;
-        Ok(Self(map))
+        Ok(Self(map, revision))
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_IPCACHE_V4)?)
+        Self::new(open_pinned(pin_dir, names::MAP_IPCACHE_V4)?, RevisionCounter::open_pinned(pin_dir)?)
     }
 
     pub fn upsert(&mut self, prefix: Ipv4Prefix, identity: u32) -> Result<()> {
         self.0
             .insert(&ipcache_key(prefix), IpcacheValue { identity, _pad: 0 }, 0)
-            .map_err(map_err(names::MAP_IPCACHE_V4, "insert"))
+            .map_err(map_err(names::MAP_IPCACHE_V4, "insert"))?;
+        self.1.bump().map(drop)
     }
 
     pub fn remove(&mut self, prefix: Ipv4Prefix) -> Result<()> {
         self.0
             .remove(&ipcache_key(prefix))
-            .map_err(map_err(names::MAP_IPCACHE_V4, "remove"))
+            .map_err(map_err(names::MAP_IPCACHE_V4, "remove"))?;
+        self.1.bump().map(drop)
     }
 
     pub fn list(&self) -> Result<Vec<(Ipv4Prefix, u32)>> {
@@ -432,16 +473,16 @@ impl fmt::Display for PolicyRule {
 }
 
 /// The per-endpoint policy map (one LPM trie for all endpoints).
-pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>);
+pub struct PolicyMap(LpmTrie<MapData, PolicyKey, PolicyEntry>, RevisionCounter);
 
 impl PolicyMap {
-    pub(crate) fn new(map: Map) -> Result<Self> {
+    pub(crate) fn new(map: Map, revision: RevisionCounter) -> Result<Self> {
         let map = LpmTrie::try_from(map).map_err(map_err(names::MAP_POLICY, "open"))?;
-        Ok(Self(map))
+        Ok(Self(map, revision))
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_POLICY)?)
+        Self::new(open_pinned(pin_dir, names::MAP_POLICY)?, RevisionCounter::open_pinned(pin_dir)?)
     }
 
     /// Inserts or replaces the entry for the rule's key.
@@ -461,7 +502,8 @@ impl PolicyMap {
         };
         self.0
             .insert(&key, value, 0)
-            .map_err(map_err(names::MAP_POLICY, "insert"))
+            .map_err(map_err(names::MAP_POLICY, "insert"))?;
+        self.1.bump().map(drop)
     }
 
     /// Removes the entry for the rule's key (verdict, precedence and cookie are ignored).
@@ -469,7 +511,8 @@ impl PolicyMap {
         let key = rule.key()?;
         self.0
             .remove(&key)
-            .map_err(map_err(names::MAP_POLICY, "remove"))
+            .map_err(map_err(names::MAP_POLICY, "remove"))?;
+        self.1.bump().map(drop)
     }
 
     pub fn list(&self) -> Result<Vec<PolicyRule>> {

@@ -63,8 +63,9 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
     let datapath = Datapath::load(pins.path(), MapSizes::default()).expect("load");
     // LPM trie keys carry a u32 prefix length before the data. The ring buffer has no key
     // or value; its records are FlowEvents, decoded in the TEST_RUN tests.
-    let expected: [(&str, usize, usize); 6] = [
+    let expected: [(&str, usize, usize); 7] = [
         (names::MAP_ABI, size_of::<u32>(), size_of::<u32>()),
+        (names::MAP_REVISION, size_of::<u32>(), size_of::<u32>()),
         (
             names::MAP_ENDPOINTS,
             size_of::<u32>(),

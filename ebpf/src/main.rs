@@ -33,8 +33,8 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
     },
     helpers::{
-        bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skc_lookup_tcp,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -52,6 +52,9 @@ use membrane_common::{
 
 #[map(name = "mb_abi")]
 static ABI: Array<u32> = Array::pinned(1, 0);
+
+#[map(name = "mb_revision")]
+static REVISION: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "mb_endpoints")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(1024, 0);
@@ -248,7 +251,7 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     };
     let enforce = endpoint.flags & enforce_bit != 0;
 
-    let eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| reason::INVALID_PACKET)?);
+    let eth_proto = u16::from_be(read::<u16>(ctx, 12).map_err(|_| reason::INVALID_PACKET)?);
     match eth_proto {
         ETH_P_IP => {}
         // Neighbour resolution must work for any policy; ARP carries no L3/L4 policy subject.
@@ -304,8 +307,10 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         peer,
     };
 
+    // Conntrack ages in seconds: the coarse clock (jiffies resolution) is cheaper per packet.
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let revision = REVISION.get(0).copied().unwrap_or(0);
     let forward_key = CtKeyV4 {
         saddr_be: flow.saddr_be,
         daddr_be: flow.daddr_be,
@@ -363,21 +368,36 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     let mut proxy_port_be = 0u16;
     let enforced = enforce && !(from_proxy && magic == mark::MAGIC_PROXY_INGRESS);
     if enforced {
-        match lookup_policy(endpoint.endpoint_id, peer, direction, &flow) {
-            Some((entry, exact)) => {
-                matched = classify_match(exact, entry.l4_prefix_len);
-                cookie = entry.cookie;
-                if entry.flags & policy_flags::DENY != 0 {
-                    return drop_with(&site, reason::POLICY_DENY, matched, cookie);
-                }
-                // Packets the proxy sends are never sent back to it.
+        // An established connection whose verdict was computed at the current revision of
+        // policy, ipcache and endpoints keeps it: any change to those bumps the revision and
+        // sends the next packet through the lookups again (deletions take effect at once).
+        let cached = match &existing {
+            Some(entry) if entry.policy_rev == revision => Some((entry.rule_cookie, entry.proxy_port_be)),
+            _ => None,
+        };
+        match cached {
+            Some((c, p)) => {
+                cookie = c;
                 if !from_proxy {
-                    proxy_port_be = entry.proxy_port_be;
+                    proxy_port_be = p;
                 }
             }
-            None => {
-                return drop_with(&site, reason::POLICY_DENIED, matched, 0);
-            }
+            None => match lookup_policy(endpoint.endpoint_id, peer, direction, &flow) {
+                Some((entry, exact)) => {
+                    matched = classify_match(exact, entry.l4_prefix_len);
+                    cookie = entry.cookie;
+                    if entry.flags & policy_flags::DENY != 0 {
+                        return drop_with(&site, reason::POLICY_DENY, matched, cookie);
+                    }
+                    // Packets the proxy sends are never sent back to it.
+                    if !from_proxy {
+                        proxy_port_be = entry.proxy_port_be;
+                    }
+                }
+                None => {
+                    return drop_with(&site, reason::POLICY_DENIED, matched, 0);
+                }
+            },
         }
     }
 
@@ -390,6 +410,14 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
             entry.last_seen_ns = now;
             entry.packets_fwd += 1;
             entry.flags |= closing_bits(&flow);
+            entry.policy_rev = revision;
+            entry.rule_cookie = cookie;
+            entry.proxy_port_be = proxy_port_be;
+            if proxy_port_be != 0 {
+                entry.flags |= ct_flags::PROXY_REDIRECT;
+            } else {
+                entry.flags &= !ct_flags::PROXY_REDIRECT;
+            }
         }
         None => {
             let entry = CtEntry {
@@ -407,6 +435,8 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
                 src_identity,
                 proxy_port_be,
                 _pad: 0,
+                policy_rev: revision,
+                _pad2: 0,
             };
             if CT_V4.insert(forward_key, entry, 0).is_err() {
                 return drop_with(&site, reason::CT_CREATE_FAILED, matched, cookie);
@@ -611,9 +641,37 @@ fn expired(entry: &CtEntry, now: u64, protocol: u8) -> bool {
     now.saturating_sub(entry.last_seen_ns) > lifetime_secs * NS_PER_SEC
 }
 
+/// One byte at `offset`. Reads two bytes when they are there: for a one-byte bounds check
+/// LLVM emits `pkt < pkt_end`, from which the verifier grants no range for a packet pointer
+/// with a variable offset.
+#[inline(always)]
+fn read_u8(ctx: &TcContext, offset: usize) -> Result<u8, i64> {
+    match read::<[u8; 2]>(ctx, offset) {
+        Ok(pair) => Ok(pair[0]),
+        Err(_) => ctx.load(offset),
+    }
+}
+
+/// Reads a `T` (at least two bytes, see [`read_u8`]) at `offset`: straight from the linear
+/// packet data when it is there (no helper call), else through `bpf_skb_load_bytes`
+/// (non-linear skbs).
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, i64> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // Offsets here are at most ETH_HLEN + 60 + 14, which keeps the verifier's range small.
+    if offset < 128 && start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bounds check above keeps the read inside the packet; unaligned
+        // because IP headers sit at odd offsets from the start of the frame.
+        Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    } else {
+        ctx.load(offset)
+    }
+}
+
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
-    let version_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| reason::INVALID_PACKET)?;
+    let version_ihl: u8 = read_u8(ctx, ETH_HLEN).map_err(|_| reason::INVALID_PACKET)?;
     if version_ihl >> 4 != 4 {
         return Err(reason::INVALID_PACKET);
     }
@@ -621,11 +679,11 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
     if ihl < 20 {
         return Err(reason::INVALID_PACKET);
     }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| reason::INVALID_PACKET)?;
+    let frag: u16 = read(ctx, ETH_HLEN + 6).map_err(|_| reason::INVALID_PACKET)?;
     if u16::from_be(frag) & IP_MF_AND_OFFSET != 0 {
         return Err(reason::FRAG_NOT_SUPPORTED);
     }
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| reason::INVALID_PACKET)?;
+    let protocol: u8 = read_u8(ctx, ETH_HLEN + 9).map_err(|_| reason::INVALID_PACKET)?;
     let saddr_be: u32 = ctx
         .load(ETH_HLEN + 12)
         .map_err(|_| reason::INVALID_PACKET)?;
@@ -645,18 +703,18 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
     };
     match protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
-            flow.sport_be = ctx.load(l4).map_err(|_| reason::CT_INVALID_HDR)?;
-            flow.dport_be = ctx.load(l4 + 2).map_err(|_| reason::CT_INVALID_HDR)?;
+            flow.sport_be = read(ctx, l4).map_err(|_| reason::CT_INVALID_HDR)?;
+            flow.dport_be = read(ctx, l4 + 2).map_err(|_| reason::CT_INVALID_HDR)?;
             flow.policy_port_be = flow.dport_be;
             if protocol == proto::TCP {
-                flow.tcp_flags = ctx.load(l4 + 13).map_err(|_| reason::CT_INVALID_HDR)?;
+                flow.tcp_flags = read_u8(ctx, l4 + 13).map_err(|_| reason::CT_INVALID_HDR)?;
             }
         }
         proto::ICMP => {
-            let icmp_type: u8 = ctx.load(l4).map_err(|_| reason::CT_INVALID_HDR)?;
+            let icmp_type: u8 = read_u8(ctx, l4).map_err(|_| reason::CT_INVALID_HDR)?;
             flow.policy_port_be = u16::from(icmp_type).to_be();
             if icmp_type == ICMP_ECHO_REQUEST || icmp_type == ICMP_ECHO_REPLY {
-                let id: u16 = ctx.load(l4 + 4).map_err(|_| reason::CT_INVALID_HDR)?;
+                let id: u16 = read(ctx, l4 + 4).map_err(|_| reason::CT_INVALID_HDR)?;
                 if icmp_type == ICMP_ECHO_REQUEST {
                     flow.sport_be = id;
                 } else {

@@ -15,13 +15,17 @@
 
 /// Version of the layout of every pinned map. Bump it with any change to a type in this
 /// crate: a build refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
 
     /// One-entry array holding [`crate::ABI_VERSION`] of the pinned maps.
     pub const MAP_ABI: &str = "mb_abi";
+    /// One-entry array: the revision of policy, ipcache and endpoint state. Userspace bumps
+    /// it after every change; conntrack caches a connection's verdict with the revision it
+    /// was computed at and looks policy up again when the revision moved.
+    pub const MAP_REVISION: &str = "mb_revision";
     /// Endpoints by host-side interface index: [`crate::EndpointInfo`].
     pub const MAP_ENDPOINTS: &str = "mb_endpoints";
     /// IPv4 address/prefix → security identity: LPM trie of [`crate::IpcacheKeyV4`] →
@@ -36,8 +40,9 @@ pub mod names {
     /// Flow events ([`crate::FlowEvent`]) for userspace.
     pub const MAP_EVENTS: &str = "mb_events";
     /// Every map the object must contain, and nothing else.
-    pub const ALL_MAPS: [&str; 7] = [
+    pub const ALL_MAPS: [&str; 8] = [
         MAP_ABI,
+        MAP_REVISION,
         MAP_ENDPOINTS,
         MAP_IPCACHE_V4,
         MAP_POLICY,
@@ -333,8 +338,13 @@ pub struct CtEntry {
     /// Proxy port of a redirected connection (network order), else 0.
     pub proxy_port_be: u16,
     pub _pad: u16,
+    /// [`names::MAP_REVISION`] value when the forward verdict (allow, or redirect to
+    /// `proxy_port_be`) was last computed; while it is current, forward packets skip the
+    /// policy lookups.
+    pub policy_rev: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 
 /// Value of [`names::MAP_METRICS`] (per CPU), indexed by [`metrics_index`].
 #[repr(C)]
