@@ -645,3 +645,45 @@ fn pinned_maps_of_another_abi_are_refused() {
         "{message}"
     );
 }
+
+#[test]
+fn established_connections_see_policy_and_identity_changes() {
+    let mut f = fixture(true, true);
+    let r = allow(Direction::Egress, PEER_IDENTITY, proto::TCP, 8080);
+    f.insert(r);
+    let ack = packet::tcp((POD, 40000), (PEER, 8080), packet::TCP_ACK);
+    assert_eq!(f.send(&syn((POD, 40000), (PEER, 8080))), TC_ACT_OK);
+    assert_eq!(f.send(&ack), TC_ACT_OK, "established, verdict cached");
+    // Deleting the entry revokes the established connection's forward packets too.
+    f.datapath.policy().remove(&r).expect("remove");
+    assert_eq!(
+        f.send(&ack),
+        TC_ACT_SHOT,
+        "the cached verdict is stale after a policy change"
+    );
+    // Re-allowed, then the peer's IP moves to another identity: the ipcache change
+    // invalidates the cached verdict as well.
+    f.insert(r);
+    assert_eq!(f.send(&ack), TC_ACT_OK);
+    f.datapath
+        .ipcache()
+        .upsert(Ipv4Prefix::host(PEER), 4242)
+        .expect("ipcache");
+    assert_eq!(
+        f.send(&ack),
+        TC_ACT_SHOT,
+        "the peer is no longer the allowed identity"
+    );
+    // Switching enforcement off (an endpoint change) lets it through again.
+    f.datapath
+        .endpoints()
+        .upsert(EndpointEntry {
+            ifindex: LO_IFINDEX,
+            endpoint_id: EP,
+            identity: EP_IDENTITY,
+            enforce_ingress: true,
+            enforce_egress: false,
+        })
+        .expect("endpoint");
+    assert_eq!(f.send(&ack), TC_ACT_OK);
+}
