@@ -1,12 +1,12 @@
 //! The lab: a node in a box (DESIGN §7), first cut.
 //!
 //! `membrane lab up` builds a node network namespace (no uplink) with two pods, `frontend`
-//! and `backend`; gives them security identities from their labels; loads the datapath with
-//! its maps and links pinned under `/sys/fs/bpf/membrane/lab` (so enforcement outlives this
-//! process); applies one CiliumNetworkPolicy — backend accepts only frontend, only on
-//! 8080/TCP — through the policy engine (parse, resolve, write the entries); and starts HTTP
-//! servers on backend's :8080 (app) and :9090 (admin) as background processes. It records the
-//! endpoints in `/run/membrane/lab/endpoints.json` so `membrane bpf ...` can name them.
+//! and `backend`; starts `membrane-agent` inside the node namespace (it loads the datapath
+//! with its maps and links pinned under `/sys/fs/bpf/membrane/<lab>`, so enforcement outlives
+//! the agent); registers the pods with the agent, which allocates identities from their labels
+//! and attaches the programs; applies one CiliumNetworkPolicy — backend accepts only
+//! frontend, only on 8080/TCP — through the agent's watched policy directory and API; and
+//! starts HTTP servers on backend's :8080 (app) and :9090 (admin) as background processes.
 //!
 //! `membrane lab demo` brings the lab up if needed and shows the policy working with real
 //! traffic: `curl` from frontend to backend:8080 (answered) and to backend:9090 (dropped in
@@ -30,20 +30,15 @@ use std::{
 
 use membrane_common::reason;
 use membrane_datapath::{
-    Datapath, EndpointEntry, EventKind, EventReader, EventVerdict, FlowEventView, Ipv4Prefix,
-    MapSizes, MetricsMap, Netns, PolicyMap,
+    MetricsMap, Netns, PolicyMap,
     bpffs::{DEFAULT_BPFFS, PinDir},
     maps::protocol_name,
     plumbing::Node,
 };
-use membrane_policy::{
-    EndpointInfo, IdentityAllocator as _, IdentitySet, Labels, LocalAllocator, Repository,
-    ResolveOptions, parse_documents, resolve_endpoint,
-};
 
 use crate::{
-    bpf_cmd::{RegisteredEndpoint, STATE_ROOT, read_registry, registry_path},
-    datapath_sync,
+    api::{self, EndpointSpec, Request},
+    bpf_cmd::{STATE_ROOT, read_registry, registry_path},
 };
 
 /// The lab's one policy, as a Cilium user writes it.
@@ -124,7 +119,6 @@ fn step_err(step: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
 struct Pod {
     name: &'static str,
     ip: Ipv4Addr,
-    endpoint_id: u32,
     labels: &'static [&'static str],
 }
 
@@ -132,7 +126,6 @@ const PODS: [Pod; 2] = [
     Pod {
         name: "frontend",
         ip: FRONTEND_IP,
-        endpoint_id: 1001,
         labels: &[
             "k8s:app=frontend",
             "k8s:io.kubernetes.pod.namespace=default",
@@ -141,7 +134,6 @@ const PODS: [Pod; 2] = [
     Pod {
         name: "backend",
         ip: BACKEND_IP,
-        endpoint_id: 1002,
         labels: &["k8s:app=backend", "k8s:io.kubernetes.pod.namespace=default"],
     },
 ];
@@ -195,13 +187,27 @@ pub fn is_up() -> bool {
 pub fn down() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     if let Ok(pids) = std::fs::read_to_string(pids_path()) {
-        for pid in pids
-            .lines()
-            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
-        {
+        let pids: Vec<libc::pid_t> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        for &pid in &pids {
             // SAFETY: kill has no memory arguments; a stale pid at worst gets ESRCH.
             if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-                removed.push(format!("server process {pid}"));
+                removed.push(format!("process {pid}"));
+            }
+        }
+        // Wait for them to exit (the agent finishes its current work first), then insist:
+        // a lingering agent must not outlive the lab it served.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for &pid in &pids {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
     }
@@ -284,106 +290,132 @@ fn build() -> Result<()> {
     }
     check_interrupt()?;
 
-    // Identities from labels, the policy through the engine.
-    let mut allocator = LocalAllocator::new();
-    let mut identities = IdentitySet::with_reserved();
-    let mut pod_identities = Vec::new();
-    for pod in &PODS {
-        let labels = Labels::parse(pod.labels.iter().copied())
-            .map_err(|e| LabError::Policy(e.to_string()))?;
-        let id = allocator
-            .allocate(&labels)
-            .map_err(|e| LabError::Policy(e.to_string()))?;
-        identities.insert(id, labels.clone());
-        pod_identities.push((id, labels));
-    }
-    let mut repo = Repository::new();
-    for policy in
-        parse_documents(LAB_POLICY, "lab policy").map_err(|e| LabError::Policy(e.to_string()))?
-    {
-        repo.add(policy)
-            .map_err(|e| LabError::Policy(e.to_string()))?;
-    }
-    let options = ResolveOptions::new(0, 0);
+    // The agent owns the datapath from here on; it runs inside the node namespace.
+    let policy_dir = state_dir().join("policies");
+    std::fs::create_dir_all(&policy_dir).map_err(step_err("create the policy directory"))?;
+    let mut pids = vec![spawn_agent(&node_name, &policy_dir)?];
+    record_pids(&pids)?;
+    let socket = agent_socket();
+    wait_for(&format!("agent API at {}", socket.display()), || {
+        socket.exists()
+    })?;
+    ok(&format!(
+        "membrane-agent running in {node_name} (API {}, log {})",
+        socket.display(),
+        state_dir().join("agent.log").display()
+    ));
 
-    let pins =
-        PinDir::under(Path::new(DEFAULT_BPFFS), &node_name).map_err(at("create pin directory"))?;
-    let mut datapath =
-        Datapath::load(pins.path(), MapSizes::default()).map_err(at("load datapath"))?;
-    let mut registry = Vec::new();
-    for ((pod, link), (id, labels)) in PODS.iter().zip(&links).zip(&pod_identities) {
-        let endpoint = EndpointInfo::new(u64::from(pod.endpoint_id), labels.clone());
-        let policy = resolve_endpoint(&repo, &endpoint, &identities, &options);
-        datapath
-            .endpoints()
-            .upsert(EndpointEntry {
-                ifindex: link.host_ifindex,
-                endpoint_id: pod.endpoint_id,
-                identity: id.0,
-                enforce_ingress: policy.enforce_ingress,
-                enforce_egress: policy.enforce_egress,
-            })
-            .map_err(at("register endpoint"))?;
-        datapath
-            .ipcache()
-            .upsert(Ipv4Prefix::host(pod.ip), id.0)
-            .map_err(at("ipcache"))?;
-        datapath_sync::install(datapath.policy(), &policy)
-            .map_err(|e| LabError::Policy(e.to_string()))?;
-        datapath
-            .attach_endpoint(node.netns(), &link.host_ifname)
-            .map_err(at("attach programs"))?;
-        registry.push(RegisteredEndpoint {
+    for (pod, link) in PODS.iter().zip(&links) {
+        let labels: Vec<String> = pod
+            .labels
+            .iter()
+            .filter_map(|l| l.strip_prefix("k8s:"))
+            .filter(|l| !l.starts_with("io.kubernetes.pod.namespace="))
+            .map(str::to_owned)
+            .collect();
+        let endpoint = EndpointSpec {
             name: pod.name.to_owned(),
             namespace: "default".to_owned(),
-            endpoint_id: pod.endpoint_id,
-            identity: id.0,
+            labels,
             ipv4: pod.ip,
             host_ifname: link.host_ifname.clone(),
-            labels: labels.iter().map(|l| l.to_string()).collect(),
-        });
+        };
+        api::call(&socket, &Request::EndpointAdd { endpoint }).map_err(|e| LabError::Step {
+            step: format!("register pod {}", pod.name),
+            detail: e.to_string(),
+        })?;
     }
-    // Leaving the process keeps maps and links pinned: enforcement goes on without us.
-    drop(datapath);
-    ok(&format!(
-        "datapath loaded; maps and links pinned at {}; tc programs attached (tcx) to {}",
-        pins.path().display(),
-        links
-            .iter()
-            .map(|l| l.host_ifname.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
     ok(
-        "policy backend-allow-frontend applied (backend: ingress default-deny, frontend:8080/TCP allowed)",
+        "endpoints registered: the agent allocated identities from their labels and attached the tc programs (tcx, pinned)",
     );
 
-    std::fs::create_dir_all(state_dir()).map_err(step_err("create lab state directory"))?;
-    let json = serde_json::to_vec_pretty(&registry).map_err(|e| LabError::Step {
-        step: "write endpoint registry".into(),
-        detail: e.to_string(),
-    })?;
-    std::fs::write(registry_path(&pin_path()), json)
-        .map_err(step_err("write endpoint registry"))?;
+    // The policy goes where the agent watches, and through the API so it is in force now.
+    let policy_file = policy_dir.join("backend-allow-frontend.yaml");
+    std::fs::write(&policy_file, LAB_POLICY).map_err(step_err("write the lab policy"))?;
+    api::call(
+        &socket,
+        &Request::PolicyApply {
+            text: LAB_POLICY.to_owned(),
+            source: policy_file.display().to_string(),
+        },
+    )
+    .map_err(|e| LabError::Policy(e.to_string()))?;
+    ok(&format!(
+        "policy backend-allow-frontend applied ({})",
+        policy_file.display()
+    ));
 
     let backend_ns = links[1].netns.name().to_owned();
-    let mut pids = Vec::new();
     for (port, body) in [
         (APP_PORT, "hello from backend"),
         (ADMIN_PORT, "backend admin page"),
     ] {
         pids.push(spawn_server(&backend_ns, port, body)?);
     }
-    std::fs::write(
-        pids_path(),
-        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
-    )
-    .map_err(step_err("record server pids"))?;
+    record_pids(&pids)?;
     wait_listening(&links[1].netns, &[APP_PORT, ADMIN_PORT])?;
     ok(&format!(
         "backend serves HTTP on :{APP_PORT} (app) and :{ADMIN_PORT} (admin)"
     ));
     check_interrupt()
+}
+
+fn record_pids(pids: &[u32]) -> Result<()> {
+    std::fs::write(
+        pids_path(),
+        pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
+    )
+    .map_err(step_err("record process ids"))
+}
+
+/// The lab agent's API socket.
+pub fn agent_socket() -> PathBuf {
+    state_dir().join(crate::api::SOCKET_NAME)
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ready() {
+        if Instant::now() > deadline {
+            return Err(LabError::Step {
+                step: what.to_owned(),
+                detail: "not ready after 15 s".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Starts `membrane-agent` for the node namespace, logging to the lab's state directory.
+fn spawn_agent(node: &str, policy_dir: &Path) -> Result<u32> {
+    let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
+    let agent = exe.with_file_name("membrane-agent");
+    if !agent.exists() {
+        return Err(LabError::Step {
+            step: "start membrane-agent".into(),
+            detail: format!(
+                "{} not found (build it: cargo build -p membrane-agent)",
+                agent.display()
+            ),
+        });
+    }
+    let log = std::fs::File::create(state_dir().join("agent.log"))
+        .map_err(step_err("create agent log"))?;
+    let log2 = log.try_clone().map_err(step_err("agent log"))?;
+    // Not under `ip netns exec`: that gives the process a private mount namespace with a
+    // fresh /sys, so its bpffs pins would vanish with it. The agent enters the node
+    // namespace per operation instead (Netns::run).
+    let child = Command::new(agent)
+        .args(["--name", &lab_name(), "--node-netns", node, "--policy-dir"])
+        .arg(policy_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(step_err("start membrane-agent"))?;
+    Ok(child.id())
 }
 
 /// Starts `membrane lab serve` inside `netns` as a background process of its own.
@@ -533,9 +565,14 @@ pub fn demo() -> Result<()> {
     up()?;
     let pins = pin_path();
     let registry = read_registry(&pins);
-    let mut events = EventReader::open_pinned(&pins).map_err(at("open flow events"))?;
-    // Start from now: earlier events belong to earlier commands.
-    let _ = events.drain();
+    let socket = agent_socket();
+    let seen = |socket: &Path| -> u64 {
+        api::call(socket, &Request::Status)
+            .ok()
+            .and_then(|s| s["flows"]["seen"].as_u64())
+            .unwrap_or(0)
+    };
+    let seen_before = seen(&socket);
 
     println!("\nidentities (from pod labels):");
     for e in &registry {
@@ -607,10 +644,23 @@ pub fn demo() -> Result<()> {
         }
     }
 
-    println!("\nflows (the datapath's events for those connections):");
+    println!("\nflows (the datapath's events for those connections, from the agent):");
     let names: Vec<(Ipv4Addr, &str)> = registry.iter().map(|e| (e.ipv4, e.name.as_str())).collect();
-    for e in events.drain() {
-        println!("  {}", describe_event(&e, &names));
+    // The agent reads the ring buffer every 200 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    let new = seen(&socket).saturating_sub(seen_before);
+    let flows = api::call(
+        &socket,
+        &Request::Flows {
+            last: usize::try_from(new).unwrap_or(usize::MAX),
+        },
+    )
+    .map_err(|e| LabError::Step {
+        step: "read flows from the agent".into(),
+        detail: e.to_string(),
+    })?;
+    for flow in flows.as_array().into_iter().flatten() {
+        println!("  {}", describe_flow(flow, &names));
     }
 
     println!("\ndatapath counters (membrane bpf metrics):");
@@ -641,35 +691,44 @@ pub fn demo() -> Result<()> {
         Err(LabError::Unexpected(unexpected.join("; ")))
     }
 }
-/// One event in the shape of Hubble's compact output.
-fn describe_event(e: &FlowEventView, names: &[(Ipv4Addr, &str)]) -> String {
-    let name = |ip: Ipv4Addr, port: u16| {
-        let who = names
-            .iter()
-            .find(|(a, _)| *a == ip)
-            .map_or_else(|| ip.to_string(), |(_, n)| (*n).to_owned());
+/// One flow (as the agent's API returns it) in the shape of Hubble's compact output.
+pub fn describe_flow(f: &serde_json::Value, names: &[(Ipv4Addr, &str)]) -> String {
+    let endpoint = |addr: &str| {
+        let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
+        let who = ip
+            .parse::<Ipv4Addr>()
+            .ok()
+            .and_then(|ip| {
+                names
+                    .iter()
+                    .find(|(a, _)| *a == ip)
+                    .map(|(_, n)| (*n).to_owned())
+            })
+            .unwrap_or_else(|| ip.to_owned());
         format!("{who}:{port}")
     };
-    let kind = match e.kind {
-        EventKind::Drop => "drop".to_owned(),
-        EventKind::Trace => "trace".to_owned(),
-        EventKind::PolicyVerdict => format!("policy-verdict:{}", match_type_name(e.match_type)),
+    let kind = match f["kind"].as_str().unwrap_or_default() {
+        "Drop" => "drop".to_owned(),
+        "Trace" => "trace".to_owned(),
+        _ => format!(
+            "policy-verdict:{}",
+            match_type_name(f["match_type"].as_u64().unwrap_or(0) as u8)
+        ),
     };
-    let verdict = match (e.verdict, e.drop_reason) {
-        (EventVerdict::Dropped, Some(r)) => format!("DROPPED ({})", reason::describe(r)),
-        (EventVerdict::Dropped, None) => "DROPPED".into(),
-        (EventVerdict::Forwarded, _) => "FORWARDED".into(),
-        (EventVerdict::Redirected, _) => "REDIRECTED".into(),
+    let verdict = match f["verdict"].as_str().unwrap_or_default() {
+        "Dropped" => format!("DROPPED ({})", f["drop_reason_desc"].as_str().unwrap_or("")),
+        "Redirected" => "REDIRECTED".to_owned(),
+        _ => "FORWARDED".to_owned(),
     };
     format!(
         "{} (ID:{}) -> {} (ID:{}) {} {} {} {}",
-        name(e.src, e.sport),
-        e.src_identity,
-        name(e.dst, e.dport),
-        e.dst_identity,
-        protocol_name(e.protocol),
+        endpoint(f["src"].as_str().unwrap_or_default()),
+        f["src_identity"],
+        endpoint(f["dst"].as_str().unwrap_or_default()),
+        f["dst_identity"],
+        f["protocol"].as_str().unwrap_or_default(),
         kind,
-        e.direction.as_str().to_uppercase(),
+        f["direction"].as_str().unwrap_or_default().to_uppercase(),
         verdict
     )
 }

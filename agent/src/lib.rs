@@ -9,6 +9,10 @@
 //!
 //! It may depend on every library crate of the workspace; none of them may depend on it.
 
+pub mod agent_cmd;
+pub mod api;
 pub mod bpf_cmd;
+pub mod daemon;
 pub mod datapath_sync;
 pub mod lab;
+pub mod policy_cmd;

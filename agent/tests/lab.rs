@@ -1,9 +1,13 @@
-//! The lab end to end through the real `membrane` binary: `lab demo` builds it and shows an
-//! allowed and a dropped connection, the `bpf` views read its pinned maps, `lab exec` runs
-//! a real client in a pod, and `lab down` leaves nothing behind. The lab gets a unique name
-//! (`MEMBRANE_LAB_NAME`), so it never touches a developer's own lab.
+//! The lab end to end through the real binaries: `membrane lab demo` builds it (pods, the
+//! agent, a policy) and shows an allowed and a dropped connection; the agent's CLI views and
+//! the `bpf` views work; a bad policy changes nothing; enforcement survives the agent being
+//! stopped and a restarted agent takes over; `lab down` leaves nothing behind. The lab gets a
+//! unique name (`MEMBRANE_LAB_NAME`), so it never touches a developer's own lab.
 
-use std::process::{Command, Output};
+use std::{
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
 
 use membrane_tests::{require_root, unique_name};
 
@@ -19,11 +23,35 @@ impl Lab {
             .output()
             .expect("run membrane")
     }
+
+    fn curl(&self, port: u16, max_time: &str) -> Output {
+        let url = format!("10.200.0.20:{port}");
+        self.membrane(&[
+            "lab",
+            "exec",
+            "frontend",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            max_time,
+            &url,
+        ])
+    }
+
+    fn agent_pid(&self) -> i32 {
+        let pids =
+            std::fs::read_to_string(format!("/run/membrane/{}/pids", self.name)).expect("pids");
+        pids.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("agent pid first")
+    }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Also on a failed assertion: stop servers, remove namespaces and pins.
+        // Also on a failed assertion: stop processes, remove namespaces and pins.
         let _ = self.membrane(&["lab", "down"]);
     }
 }
@@ -36,8 +64,12 @@ fn text(out: &Output) -> String {
     )
 }
 
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("json ({e}): {}", text(out)))
+}
+
 #[test]
-fn lab_demo_shows_allowed_and_dropped_and_down_cleans_up() {
+fn lab_with_agent_end_to_end() {
     require_root();
     let lab = Lab {
         name: unique_name("lab"),
@@ -60,80 +92,128 @@ fn lab_demo_shows_allowed_and_dropped_and_down_cleans_up() {
         "{out}"
     );
 
-    // Enforcement continues after the command exited: the pinned programs still run.
-    let allowed = lab.membrane(&[
-        "lab",
-        "exec",
-        "frontend",
-        "--",
-        "curl",
-        "-s",
-        "--max-time",
-        "5",
-        "10.200.0.20:8080",
-    ]);
-    assert_eq!(
-        String::from_utf8_lossy(&allowed.stdout),
-        "hello from backend\n",
-        "{}",
-        text(&allowed)
+    // Agent views.
+    let status = json(&lab.membrane(&["status", "-o", "json"]));
+    assert_eq!(status["endpoints"], 2, "{status}");
+    assert_eq!(status["policies"], 1, "{status}");
+    let endpoints = json(&lab.membrane(&["endpoint", "list", "-o", "json"]));
+    let backend_identity = endpoints
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["name"] == "backend")
+        .map(|e| e["identity"].clone())
+        .expect("backend registered");
+    let identities = text(&lab.membrane(&["identity", "list"]));
+    assert!(identities.contains("k8s:app=backend"), "{identities}");
+    assert!(
+        text(&lab.membrane(&["policy", "list"]))
+            .contains("CiliumNetworkPolicy default/backend-allow-frontend")
     );
-    let denied = lab.membrane(&[
-        "lab",
-        "exec",
-        "default/frontend",
-        "--",
-        "curl",
-        "-s",
-        "--max-time",
-        "1",
-        "10.200.0.20:9090",
-    ]);
+    let flows = text(&lab.membrane(&["observe", "--last", "50"]));
+    assert!(flows.contains("DROPPED (Policy denied)"), "{flows}");
+
+    // A broken policy is refused with the field named, and nothing already in force changes.
+    let dir = std::env::temp_dir().join(unique_name("policy"));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad, namespace: default}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts:\n    - ports: [{port: \"80\", protocol: UDP}]\n      rules: {http: [{method: GET}]}\n",
+    )
+    .expect("write");
+    let refused = lab.membrane(&["policy", "apply", "-f", bad.to_str().expect("utf8")]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("L7 rules can only apply to TCP"),
+        "{}",
+        text(&refused)
+    );
     assert_eq!(
-        denied.status.code(),
+        json(&lab.membrane(&["status", "-o", "json"]))["policies"],
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Enforcement continues with the agent stopped (pinned programs and maps).
+    let pid = lab.agent_pid();
+    // SAFETY: kill has no memory arguments.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !lab.membrane(&["status"]).status.success(),
+        "the agent is gone"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&lab.curl(8080, "5").stdout),
+        "hello from backend\n"
+    );
+    assert_eq!(
+        lab.curl(9090, "1").status.code(),
         Some(28),
-        "curl timed out (dropped): {}",
-        text(&denied)
-    );
-    let unknown = lab.membrane(&["lab", "exec", "nosuchpod", "--", "true"]);
-    assert!(!unknown.status.success());
-    assert!(
-        text(&unknown)
-            .contains("no pod default/nosuchpod; pods: default/frontend, default/backend"),
-        "{}",
-        text(&unknown)
+        "still dropped without the agent"
     );
 
-    let policy = lab.membrane(&["bpf", "policy", "get", "backend", "-o", "json"]);
-    let rows: serde_json::Value = serde_json::from_slice(&policy.stdout).expect("json");
-    let rows = rows.as_array().expect("array");
-    assert!(
-        rows.iter().any(|r| r["direction"] == "ingress"
-            && r["ports"] == "8080"
-            && r["protocol"] == "TCP"
-            && r["verdict"] == "allow"),
-        "{rows:?}"
+    // A new agent takes over the endpoints and identities from its registry.
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_membrane-agent"))
+        .args(["--name", &lab.name, "--node-netns", &lab.name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start agent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let out = lab.membrane(&["status", "-o", "json"]);
+        if out.status.success() {
+            break json(&out);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted agent never answered: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["endpoints"], 2, "{status}");
+    let endpoints = json(&lab.membrane(&["endpoint", "list", "-o", "json"]));
+    let restored = endpoints
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["name"] == "backend")
+        .map(|e| e["identity"].clone());
+    assert_eq!(
+        restored,
+        Some(backend_identity),
+        "same identity after the restart"
     );
-    let ct = text(&lab.membrane(&["bpf", "ct", "list"]));
-    assert!(ct.contains("10.200.0.20:8080"), "{ct}");
-    let metrics = lab.membrane(&["bpf", "metrics", "-o", "json"]);
-    let metrics: serde_json::Value = serde_json::from_slice(&metrics.stdout).expect("json");
-    assert!(
-        metrics["counters"]
-            .as_array()
-            .expect("counters")
-            .iter()
-            .any(|c| c["reason"] == 133 && c["packets"].as_u64() >= Some(1)),
-        "{metrics}"
+    // The policy applied over the API to the old agent is in force again.
+    assert_eq!(status["policies"], 1, "{status}");
+    assert_eq!(
+        String::from_utf8_lossy(&lab.curl(8080, "5").stdout),
+        "hello from backend\n"
     );
-
-    // `up` is idempotent.
-    let again = lab.membrane(&["lab", "up"]);
-    assert!(
-        again.status.success() && text(&again).contains("is up"),
-        "{}",
-        text(&again)
+    assert_eq!(
+        lab.curl(9090, "1").status.code(),
+        Some(28),
+        "still dropped under the new agent"
     );
+    // Deleting it opens backend up, and that survives nothing: it is gone for good.
+    let deleted = lab.membrane(&[
+        "policy",
+        "delete",
+        "CiliumNetworkPolicy/default/backend-allow-frontend",
+    ]);
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    assert_eq!(
+        String::from_utf8_lossy(&lab.curl(9090, "5").stdout),
+        "backend admin page\n"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
 
     let down = lab.membrane(&["lab", "down"]);
     assert!(down.status.success(), "{}", text(&down));

@@ -138,16 +138,26 @@ impl RevisionCounter {
     }
 
     pub fn get(&self) -> Result<u32> {
-        let map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.get(&0, 0).map_err(map_err(names::MAP_REVISION, "lookup"))
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.get(&0, 0)
+            .map_err(map_err(names::MAP_REVISION, "lookup"))
     }
 
     /// Moves to the next revision (never 0, which a fresh map holds).
     pub fn bump(&self) -> Result<u32> {
-        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let current = map.get(&0, 0).map_err(map_err(names::MAP_REVISION, "lookup"))?;
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = map
+            .get(&0, 0)
+            .map_err(map_err(names::MAP_REVISION, "lookup"))?;
         let next = current.wrapping_add(1).max(1);
-        map.set(0, next, 0).map_err(map_err(names::MAP_REVISION, "update"))?;
+        map.set(0, next, 0)
+            .map_err(map_err(names::MAP_REVISION, "update"))?;
         Ok(next)
     }
 }
@@ -172,7 +182,10 @@ impl EndpointsMap {
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_ENDPOINTS)?, RevisionCounter::open_pinned(pin_dir)?)
+        Self::new(
+            open_pinned(pin_dir, names::MAP_ENDPOINTS)?,
+            RevisionCounter::open_pinned(pin_dir)?,
+        )
     }
 
     pub fn upsert(&mut self, entry: EndpointEntry) -> Result<()> {
@@ -221,7 +234,10 @@ impl EndpointsMap {
 
 /// The ipcache: IPv4 address or prefix → security identity (longest prefix wins; addresses
 /// it does not cover are `world` to the datapath).
-pub struct IpcacheMap(LpmTrie<MapData, IpcacheKeyV4, IpcacheValue>, RevisionCounter);
+pub struct IpcacheMap(
+    LpmTrie<MapData, IpcacheKeyV4, IpcacheValue>,
+    RevisionCounter,
+);
 
 fn ipcache_key(prefix: Ipv4Prefix) -> Key<IpcacheKeyV4> {
     Key::new(
@@ -239,7 +255,10 @@ impl IpcacheMap {
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_IPCACHE_V4)?, RevisionCounter::open_pinned(pin_dir)?)
+        Self::new(
+            open_pinned(pin_dir, names::MAP_IPCACHE_V4)?,
+            RevisionCounter::open_pinned(pin_dir)?,
+        )
     }
 
     pub fn upsert(&mut self, prefix: Ipv4Prefix, identity: u32) -> Result<()> {
@@ -482,7 +501,10 @@ impl PolicyMap {
     }
 
     pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
-        Self::new(open_pinned(pin_dir, names::MAP_POLICY)?, RevisionCounter::open_pinned(pin_dir)?)
+        Self::new(
+            open_pinned(pin_dir, names::MAP_POLICY)?,
+            RevisionCounter::open_pinned(pin_dir)?,
+        )
     }
 
     /// Inserts or replaces the entry for the rule's key.

@@ -17,14 +17,47 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The agent's health summary: datapath, endpoints, identities, policies, flows, proxy.
+    Status(membrane_agent::agent_cmd::AgentTarget),
+    /// Endpoints registered with the agent.
+    Endpoint {
+        #[command(flatten)]
+        target: membrane_agent::agent_cmd::AgentTarget,
+        #[command(subcommand)]
+        command: membrane_agent::agent_cmd::ListCommand,
+    },
+    /// Security identities the agent allocated (and the reserved ones).
+    Identity {
+        #[command(flatten)]
+        target: membrane_agent::agent_cmd::AgentTarget,
+        #[command(subcommand)]
+        command: membrane_agent::agent_cmd::ListCommand,
+    },
+    /// Flow events the agent kept (datapath drops, policy verdicts, traces).
+    Observe {
+        #[command(flatten)]
+        target: membrane_agent::agent_cmd::AgentTarget,
+        /// How many of the most recent flows to print.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+    },
     /// Inspect the datapath's pinned maps (policy, conntrack, ipcache, endpoints, metrics).
     Bpf(membrane_agent::bpf_cmd::BpfArgs),
+    #[cfg(feature = "proxy")]
     /// Run the L7 proxy in standalone reverse-proxy mode (no eBPF needed): every request to
     /// LISTEN is checked against the HTTP rules of --policy (CiliumNetworkPolicy
     /// `rules.http` syntax, or a whole CNP) and forwarded to UPSTREAM, or answered
     /// `403 Access denied`. Without --policy every request is allowed. One access record
     /// per request is printed to stdout.
     Proxy(ProxyArgs),
+    /// Policies: validate, resolve and trace files offline; list, apply and delete the
+    /// agent's policies.
+    Policy {
+        #[command(flatten)]
+        agent: membrane_agent::agent_cmd::AgentSocket,
+        #[command(subcommand)]
+        command: PolicyCli,
+    },
     /// The node in a box: network namespaces with pods, the datapath, real traffic.
     Lab {
         #[command(subcommand)]
@@ -32,6 +65,16 @@ enum Command {
     },
 }
 
+/// `membrane policy ...`: the offline tools and the agent's repository, one command group.
+#[derive(Subcommand)]
+enum PolicyCli {
+    #[command(flatten)]
+    Offline(membrane_agent::policy_cmd::PolicyCommand),
+    #[command(flatten)]
+    Agent(membrane_agent::agent_cmd::PolicyAgentCommand),
+}
+
+#[cfg(feature = "proxy")]
 #[derive(clap::Args)]
 struct ProxyArgs {
     /// Address to listen on, e.g. 127.0.0.1:8080.
@@ -81,7 +124,16 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bpf(args) => membrane_agent::bpf_cmd::run(args)?,
+        #[cfg(feature = "proxy")]
         Command::Proxy(args) => run_proxy(args)?,
+        Command::Status(target) => membrane_agent::agent_cmd::status(&target)?,
+        Command::Endpoint { target, .. } => membrane_agent::agent_cmd::endpoints(&target)?,
+        Command::Identity { target, .. } => membrane_agent::agent_cmd::identities(&target)?,
+        Command::Observe { target, last } => membrane_agent::agent_cmd::observe(&target, last)?,
+        Command::Policy { agent, command } => match command {
+            PolicyCli::Offline(command) => return membrane_agent::policy_cmd::run(command),
+            PolicyCli::Agent(command) => membrane_agent::agent_cmd::policy(&agent, command)?,
+        },
         Command::Lab { command } => match command {
             LabCommand::Up => membrane_agent::lab::up()?,
             LabCommand::Demo => membrane_agent::lab::demo()?,
@@ -104,6 +156,7 @@ fn main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "proxy")]
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     use membrane_l7proxy::{access, policy_file, standalone};
     let mut config = standalone::StandaloneConfig::new(args.listen, args.upstream);

@@ -1,0 +1,919 @@
+//! `membrane-agent`: owns the datapath of one node and keeps it in line with the desired
+//! state — endpoints (registered over the local API), policies (a watched directory of YAML,
+//! like Cilium's static policy path, plus the local API), identities allocated from labels —
+//! and keeps the datapath's flow events in a bounded ring.
+//!
+//! Every change reconciles the kernel maps against the desired state: resolve each
+//! endpoint's policy with the policy engine, then write what is missing and remove what is
+//! stale (entries, ipcache prefixes, endpoints). Reconciling from the full desired state
+//! (rather than trusting remembered diffs) is also what makes a restart safe: the new agent
+//! reloads its registry, reuses the pinned maps and links (the datapath kept enforcing while
+//! it was away) and removes whatever changed in between.
+//!
+//! The agent manages one node network namespace, entering it per operation (`Netns::run`)
+//! rather than running inside it: the process stays in the host's mount namespace, where the
+//! bpffs holding its pins lives. It never detaches programs on exit: stopping the agent
+//! leaves enforcement running from the pinned maps and links.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use membrane_datapath::{
+    Datapath, EndpointEntry, FlowEventView, Ipv4Prefix, MapSizes, Netns, PolicyRule,
+    bpffs::{DEFAULT_BPFFS, PinDir},
+};
+use membrane_policy::{
+    EndpointInfo, EndpointPolicy, Identity, IdentityAllocator as _, IdentitySet, IpPrefix, Labels,
+    LocalAllocator, PolicyKind, PolicyRef, Repository, ResolveOptions, parse_documents,
+    resolve_endpoint,
+};
+use serde_json::json;
+
+use crate::{
+    api::{EndpointSpec, Request, Response, SOCKET_NAME},
+    bpf_cmd::{RegisteredEndpoint, STATE_ROOT},
+    datapath_sync,
+};
+
+/// Agent configuration (command-line flags of `membrane-agent`).
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Run name: pins under `/sys/fs/bpf/membrane/NAME`, state under `/run/membrane/NAME`.
+    pub name: String,
+    /// The node network namespace the agent runs in and attaches programs inside.
+    pub node_netns: String,
+    /// Directory of policy files (YAML/JSON) to watch; `None` = API only.
+    pub policy_dir: Option<PathBuf>,
+    /// Proxy ports used for L7 redirects.
+    pub http_proxy_port: u16,
+    pub dns_proxy_port: u16,
+    /// Flow events kept in memory (Hubble's default ring is 4095).
+    pub flow_capacity: usize,
+    pub map_sizes: MapSizes,
+}
+
+impl AgentConfig {
+    pub fn new(name: &str, node_netns: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            node_netns: node_netns.to_owned(),
+            policy_dir: None,
+            http_proxy_port: 15001,
+            dns_proxy_port: 15053,
+            flow_capacity: 4095,
+            map_sizes: MapSizes::default(),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(&self.name)
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.state_dir().join(SOCKET_NAME)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{what}: {source}")]
+    Datapath {
+        what: String,
+        #[source]
+        source: Box<membrane_datapath::DatapathError>,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn dp_err(what: impl Into<String>) -> impl FnOnce(membrane_datapath::DatapathError) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Datapath {
+        what,
+        source: Box::new(source),
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+struct Endpoint {
+    spec: EndpointSpec,
+    id: u32,
+    identity: Identity,
+    labels: Labels,
+}
+
+/// A policy file as last read successfully.
+struct PolicyFile {
+    modified: SystemTime,
+    len: u64,
+    refs: Vec<PolicyRef>,
+}
+
+struct State {
+    config: AgentConfig,
+    datapath: Datapath,
+    node: Netns,
+    repo: Repository,
+    files: BTreeMap<PathBuf, PolicyFile>,
+    /// Problems of the last policy-directory scan, by file.
+    file_errors: BTreeMap<PathBuf, String>,
+    allocator: LocalAllocator,
+    identities: IdentitySet,
+    endpoints: BTreeMap<(String, String), Endpoint>,
+    next_endpoint_id: u32,
+    resolved: BTreeMap<u32, EndpointPolicy>,
+    flows: VecDeque<FlowEventView>,
+    flows_seen: u64,
+    started: Instant,
+    reconciles: u64,
+    /// Policies applied over the API, kept on disk so a restarted agent enforces them too.
+    applied: Vec<AppliedPolicies>,
+}
+
+/// One `policy apply`: its text and which of its policies are still in force (later
+/// applies replace, deletes remove).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct AppliedPolicies {
+    source: String,
+    text: String,
+    live: Vec<String>,
+}
+
+/// Runs the agent until `stop` is set (SIGTERM/SIGINT in the binary).
+pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError> {
+    let state_dir = config.state_dir();
+    std::fs::create_dir_all(&state_dir)
+        .map_err(io_err(format!("create {}", state_dir.display())))?;
+    let node = Netns::open(&config.node_netns).map_err(dp_err("open the node namespace"))?;
+    let pins =
+        PinDir::under(Path::new(DEFAULT_BPFFS), &config.name).map_err(dp_err("pin directory"))?;
+    let mut datapath =
+        Datapath::load(pins.path(), config.map_sizes).map_err(dp_err("load the datapath"))?;
+    let events = datapath.take_events();
+
+    let mut state = State {
+        config: config.clone(),
+        datapath,
+        node,
+        repo: Repository::new(),
+        files: BTreeMap::new(),
+        file_errors: BTreeMap::new(),
+        allocator: LocalAllocator::new(),
+        identities: IdentitySet::with_reserved(),
+        endpoints: BTreeMap::new(),
+        next_endpoint_id: 1001,
+        resolved: BTreeMap::new(),
+        flows: VecDeque::new(),
+        flows_seen: 0,
+        started: Instant::now(),
+        reconciles: 0,
+        applied: Vec::new(),
+    };
+    state.restore_applied();
+    // A restart: take over the endpoints the previous agent registered, in identity order so
+    // the deterministic allocator hands out the same numbers again.
+    let mut saved_endpoints = load_registry(&state_dir);
+    saved_endpoints.sort_by_key(|e| e.identity);
+    for saved in saved_endpoints {
+        let spec = EndpointSpec {
+            name: saved.name.clone(),
+            namespace: saved.namespace.clone(),
+            labels: saved
+                .labels
+                .iter()
+                .filter_map(|l| l.strip_prefix("k8s:"))
+                .filter(|l| !l.starts_with("io.kubernetes.pod.namespace="))
+                .map(str::to_owned)
+                .collect(),
+            ipv4: saved.ipv4,
+            host_ifname: saved.host_ifname.clone(),
+        };
+        state.next_endpoint_id = state.next_endpoint_id.max(saved.endpoint_id + 1);
+        match state.add_endpoint(spec, Some(saved.endpoint_id)) {
+            Ok(_) => {
+                let restored = state
+                    .endpoints
+                    .get(&(saved.namespace.clone(), saved.name.clone()))
+                    .map(|e| e.identity.0);
+                if restored != Some(saved.identity) {
+                    tracing::warn!(endpoint = %saved.name, before = saved.identity, now = ?restored, "identity changed across the restart");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %saved.name, error = %e, "could not restore endpoint")
+            }
+        }
+    }
+    state.scan_policy_dir();
+    state.reconcile()?;
+
+    let state = Arc::new(Mutex::new(state));
+    let socket = config.socket_path();
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).map_err(io_err(format!("bind {}", socket.display())))?;
+    let socket_inode = std::fs::metadata(&socket)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
+    listener.set_nonblocking(true).map_err(io_err("listener"))?;
+    tracing::info!(socket = %socket.display(), node = %config.node_netns, "agent serving");
+
+    let mut threads = Vec::new();
+    if let Some(mut reader) = events {
+        let (state, stop) = (state.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let batch = reader.wait(Duration::from_millis(200)).unwrap_or_default();
+                if batch.is_empty() {
+                    continue;
+                }
+                let mut s = lock(&state);
+                for event in batch {
+                    s.flows_seen += 1;
+                    if s.flows.len() >= s.config.flow_capacity {
+                        s.flows.pop_front();
+                    }
+                    s.flows.push_back(event);
+                }
+            }
+        }));
+    }
+    if config.policy_dir.is_some() {
+        let (state, stop) = (state.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let mut s = lock(&state);
+                if s.scan_policy_dir()
+                    && let Err(e) = s.reconcile()
+                {
+                    tracing::error!(error = %e, "reconcile after a policy file change failed");
+                }
+            }
+        }));
+    }
+
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let state = state.clone();
+                std::thread::spawn(move || serve_client(conn, &state));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on the API socket failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    // Only our own socket: a successor may already have bound the path.
+    let current = std::fs::metadata(&socket)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
+    if current.is_some() && current == socket_inode {
+        let _ = std::fs::remove_file(&socket);
+    }
+    tracing::info!("agent stopped; the datapath keeps enforcing from its pinned maps and links");
+    Ok(())
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn serve_client(conn: UnixStream, state: &Mutex<State>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let reader = BufReader::new(conn);
+    // Bounded: a client gets at most this many requests per connection.
+    for line in reader.lines().take(1000) {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => lock(state).handle(request),
+            Err(e) => Response::err(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        if writer.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+fn load_registry(state_dir: &Path) -> Vec<RegisteredEndpoint> {
+    std::fs::read(state_dir.join("endpoints.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn kind_from_str(kind: &str) -> Option<PolicyKind> {
+    match kind {
+        "CiliumNetworkPolicy" | "cnp" => Some(PolicyKind::CiliumNetworkPolicy),
+        "CiliumClusterwideNetworkPolicy" | "ccnp" => {
+            Some(PolicyKind::CiliumClusterwideNetworkPolicy)
+        }
+        "NetworkPolicy" | "netpol" => Some(PolicyKind::NetworkPolicy),
+        _ => None,
+    }
+}
+
+impl State {
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::ok(self.status()),
+            Request::EndpointAdd { endpoint } => {
+                let name = format!("{}/{}", endpoint.namespace, endpoint.name);
+                match self
+                    .add_endpoint(endpoint, None)
+                    .and_then(|id| self.reconcile().map(|()| id))
+                {
+                    Ok(id) => Response::ok(json!({ "endpoint_id": id })),
+                    Err(e) => Response::err(format!("endpoint {name}: {e}")),
+                }
+            }
+            Request::EndpointDelete { namespace, name } => {
+                match self
+                    .delete_endpoint(&namespace, &name)
+                    .and_then(|()| self.reconcile())
+                {
+                    Ok(()) => Response::ok(json!(null)),
+                    Err(e) => Response::err(format!("endpoint {namespace}/{name}: {e}")),
+                }
+            }
+            Request::EndpointList => Response::ok(json!(self.registry())),
+            Request::IdentityList => {
+                let rows: Vec<_> = self
+                    .identities
+                    .iter()
+                    .map(|(id, labels)| {
+                        json!({ "identity": id.0, "labels": labels.iter().map(|l| l.to_string()).collect::<Vec<_>>() })
+                    })
+                    .collect();
+                Response::ok(json!(rows))
+            }
+            Request::PolicyList => {
+                let rows: Vec<_> = self
+                    .repo
+                    .iter()
+                    .map(
+                        |p| json!({ "policy": p.policy_ref().to_string(), "rules": p.rules.len() }),
+                    )
+                    .collect();
+                Response::ok(json!(rows))
+            }
+            Request::PolicyApply { text, source } => self.apply_text(&text, &source),
+            Request::PolicyDelete {
+                kind,
+                namespace,
+                name,
+            } => {
+                let Some(kind) = kind_from_str(&kind) else {
+                    return Response::err(format!(
+                        "unknown policy kind `{kind}` (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy)"
+                    ));
+                };
+                let key = PolicyRef {
+                    kind,
+                    namespace,
+                    name,
+                };
+                match self.repo.remove(&key) {
+                    Some(_) => match self
+                        .forget_applied(&key.to_string())
+                        .and_then(|()| self.reconcile())
+                    {
+                        Ok(()) => Response::ok(json!({ "deleted": key.to_string() })),
+                        Err(e) => Response::err(e.to_string()),
+                    },
+                    None => Response::err(format!("no policy {key}")),
+                }
+            }
+            Request::Flows { last } => {
+                let skip = self.flows.len().saturating_sub(last);
+                let rows: Vec<_> = self.flows.iter().skip(skip).map(flow_json).collect();
+                Response::ok(json!(rows))
+            }
+        }
+    }
+
+    fn status(&mut self) -> serde_json::Value {
+        let lost = self.datapath.metrics().events_lost().unwrap_or(0);
+        json!({
+            "node": self.config.node_netns,
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "datapath": {
+                "pin_dir": self.datapath.pin_dir().display().to_string(),
+                "abi_version": membrane_common::ABI_VERSION,
+                "attached_interfaces": self.datapath.attached_interfaces().count(),
+            },
+            "endpoints": self.endpoints.len(),
+            "identities": self.identities.len(),
+            "policies": self.repo.len(),
+            "policy_dir": self.config.policy_dir.as_ref().map(|d| d.display().to_string()),
+            "policy_errors": self.file_errors.iter().map(|(f, e)| format!("{}: {e}", f.display())).collect::<Vec<_>>(),
+            "reconciles": self.reconciles,
+            "flows": { "kept": self.flows.len(), "capacity": self.config.flow_capacity, "seen": self.flows_seen, "lost_in_kernel": lost },
+            "proxy": "not running (the L7 proxy is not supervised by the agent yet)",
+        })
+    }
+
+    fn apply_text(&mut self, text: &str, source: &str) -> Response {
+        let policies = match parse_documents(text, source) {
+            Ok(p) => p,
+            // Nothing of a bad input is applied: the repository is untouched.
+            Err(e) => return Response::err(e.to_string()),
+        };
+        let names: Vec<String> = policies
+            .iter()
+            .map(|p| p.policy_ref().to_string())
+            .collect();
+        for p in policies {
+            self.repo.replace(p);
+        }
+        for entry in &mut self.applied {
+            entry.live.retain(|r| !names.contains(r));
+        }
+        self.applied.retain(|e| !e.live.is_empty());
+        self.applied.push(AppliedPolicies {
+            source: source.to_owned(),
+            text: text.to_owned(),
+            live: names.clone(),
+        });
+        if let Err(e) = self.save_applied() {
+            return Response::err(format!("applied, but not saved for restarts: {e}"));
+        }
+        match self.reconcile() {
+            Ok(()) => Response::ok(json!({ "applied": names })),
+            Err(e) => Response::err(e.to_string()),
+        }
+    }
+
+    fn applied_path(&self) -> PathBuf {
+        self.config.state_dir().join("applied-policies.json")
+    }
+
+    fn save_applied(&self) -> Result<(), AgentError> {
+        let path = self.applied_path();
+        let bytes = serde_json::to_vec_pretty(&self.applied)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, bytes).map_err(io_err(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("write {}", path.display())))
+    }
+
+    /// Re-applies what earlier agents accepted over the API (only the policies still live).
+    fn restore_applied(&mut self) {
+        let Ok(bytes) = std::fs::read(self.applied_path()) else {
+            return;
+        };
+        let Ok(applied) = serde_json::from_slice::<Vec<AppliedPolicies>>(&bytes) else {
+            tracing::error!(file = %self.applied_path().display(), "unreadable; API-applied policies not restored");
+            return;
+        };
+        for entry in &applied {
+            match parse_documents(&entry.text, &entry.source) {
+                Ok(policies) => {
+                    for p in policies {
+                        if entry.live.contains(&p.policy_ref().to_string()) {
+                            self.repo.replace(p);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(source = %entry.source, error = %e, "saved policy no longer parses")
+                }
+            }
+        }
+        self.applied = applied;
+    }
+
+    fn forget_applied(&mut self, policy: &str) -> Result<(), AgentError> {
+        for entry in &mut self.applied {
+            entry.live.retain(|r| r != policy);
+        }
+        self.applied.retain(|e| !e.live.is_empty());
+        self.save_applied()
+    }
+
+    fn registry(&self) -> Vec<RegisteredEndpoint> {
+        self.endpoints
+            .values()
+            .map(|e| RegisteredEndpoint {
+                name: e.spec.name.clone(),
+                namespace: e.spec.namespace.clone(),
+                endpoint_id: e.id,
+                identity: e.identity.0,
+                ipv4: e.spec.ipv4,
+                host_ifname: e.spec.host_ifname.clone(),
+                labels: e.labels.iter().map(|l| l.to_string()).collect(),
+            })
+            .collect()
+    }
+
+    fn save_registry(&self) -> Result<(), AgentError> {
+        let path = self.config.state_dir().join("endpoints.json");
+        let bytes = serde_json::to_vec_pretty(&self.registry())
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, bytes).map_err(io_err(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("write {}", path.display())))
+    }
+
+    fn add_endpoint(&mut self, spec: EndpointSpec, id: Option<u32>) -> Result<u32, AgentError> {
+        if spec.name.is_empty() || spec.namespace.is_empty() {
+            return Err(AgentError::Invalid(
+                "name and namespace are required".into(),
+            ));
+        }
+        let key = (spec.namespace.clone(), spec.name.clone());
+        if let Some(existing) = self.endpoints.get(&key) {
+            if existing.spec == spec {
+                return Ok(existing.id);
+            }
+            return Err(AgentError::Invalid(format!(
+                "already registered with different settings (endpoint {}); delete it first",
+                existing.id
+            )));
+        }
+        if let Some(clash) = self
+            .endpoints
+            .values()
+            .find(|e| e.spec.ipv4 == spec.ipv4 || e.spec.host_ifname == spec.host_ifname)
+        {
+            return Err(AgentError::Invalid(format!(
+                "address {} or interface {} already belongs to {}/{}",
+                spec.ipv4, spec.host_ifname, clash.spec.namespace, clash.spec.name
+            )));
+        }
+        let mut texts: Vec<String> = Vec::new();
+        for l in &spec.labels {
+            if !l.contains('=') {
+                return Err(AgentError::Invalid(format!("label `{l}` is not key=value")));
+            }
+            texts.push(if l.contains(':') && !l.starts_with("app.kubernetes.io") {
+                l.clone()
+            } else {
+                format!("k8s:{l}")
+            });
+        }
+        texts.push(format!(
+            "k8s:io.kubernetes.pod.namespace={}",
+            spec.namespace
+        ));
+        let labels = Labels::parse(texts.iter().map(String::as_str))
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let labels = membrane_policy::filter_security_relevant(&labels);
+        let identity = match self.identities.lookup(&labels) {
+            Some(id) => id,
+            None => {
+                let id = self
+                    .allocator
+                    .allocate(&labels)
+                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
+                self.identities.insert(id, labels.clone());
+                id
+            }
+        };
+        let id = id.unwrap_or_else(|| {
+            let id = self.next_endpoint_id;
+            self.next_endpoint_id += 1;
+            id
+        });
+        self.datapath
+            .attach_endpoint(&self.node, &spec.host_ifname)
+            .map_err(dp_err(format!("attach programs to {}", spec.host_ifname)))?;
+        self.endpoints.insert(
+            key,
+            Endpoint {
+                spec,
+                id,
+                identity,
+                labels,
+            },
+        );
+        self.save_registry()?;
+        Ok(id)
+    }
+
+    fn delete_endpoint(&mut self, namespace: &str, name: &str) -> Result<(), AgentError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(endpoint) = self.endpoints.remove(&key) else {
+            return Err(AgentError::Invalid("no such endpoint".into()));
+        };
+        self.datapath
+            .detach_endpoint(&endpoint.spec.host_ifname)
+            .map_err(dp_err("detach programs"))?;
+        let _ = self.datapath.conntrack().flush_endpoint(endpoint.id);
+        self.resolved.remove(&endpoint.id);
+        self.save_registry()
+    }
+
+    /// Re-reads changed policy files. Returns whether the repository changed. A file that does
+    /// not parse keeps its previous policies in force and is reported in `status`.
+    fn scan_policy_dir(&mut self) -> bool {
+        let Some(dir) = self.config.policy_dir.clone() else {
+            return false;
+        };
+        let mut seen = BTreeSet::new();
+        let mut changed = false;
+        let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for path in entries {
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or_default();
+            if !matches!(ext, "yaml" | "yml" | "json") {
+                continue;
+            }
+            seen.insert(path.clone());
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            if let Some(known) = self.files.get(&path)
+                && known.modified == modified
+                && known.len == meta.len()
+            {
+                continue;
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.file_errors.insert(path.clone(), e.to_string());
+                    continue;
+                }
+            };
+            match parse_documents(&text, &path.display().to_string()) {
+                Ok(policies) => {
+                    if let Some(old) = self.files.remove(&path) {
+                        for r in old.refs {
+                            self.repo.remove(&r);
+                        }
+                    }
+                    let refs = policies.iter().map(|p| p.policy_ref()).collect();
+                    for p in policies {
+                        self.repo.replace(p);
+                    }
+                    self.files.insert(
+                        path.clone(),
+                        PolicyFile {
+                            modified,
+                            len: meta.len(),
+                            refs,
+                        },
+                    );
+                    self.file_errors.remove(&path);
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "policy file rejected; its previous version stays in force");
+                    self.file_errors.insert(path.clone(), e.to_string());
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(old) = self.files.remove(&path) {
+                for r in old.refs {
+                    self.repo.remove(&r);
+                }
+                changed = true;
+            }
+            self.file_errors.remove(&path);
+        }
+        changed
+    }
+
+    /// Makes the kernel maps match the desired state.
+    fn reconcile(&mut self) -> Result<(), AgentError> {
+        let options = ResolveOptions::new(self.config.http_proxy_port, self.config.dns_proxy_port);
+        // Resolve, allocating CIDR identities on the way (they only exist once a policy
+        // references the prefix).
+        let mut desired: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
+        let mut prefixes: BTreeMap<IpPrefix, Identity> = BTreeMap::new();
+        for endpoint in self.endpoints.values() {
+            let info = EndpointInfo::new(u64::from(endpoint.id), endpoint.labels.clone());
+            let mut policy = resolve_endpoint(&self.repo, &info, &self.identities, &options);
+            if !policy.missing_cidr_identities.is_empty() {
+                self.identities
+                    .ensure_cidr_identities(
+                        policy.missing_cidr_identities.iter().copied(),
+                        &mut self.allocator,
+                    )
+                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
+                policy = resolve_endpoint(&self.repo, &info, &self.identities, &options);
+            }
+            prefixes.extend(policy.cidr_prefixes.iter().map(|(p, id)| (*p, *id)));
+            desired.insert(endpoint.id, policy);
+        }
+
+        // Endpoints map.
+        let mut want_endpoints = BTreeMap::new();
+        for endpoint in self.endpoints.values() {
+            let ifindex = self.node_ifindex(&endpoint.spec.host_ifname)?;
+            let policy = &desired[&endpoint.id];
+            want_endpoints.insert(
+                ifindex,
+                EndpointEntry {
+                    ifindex,
+                    endpoint_id: endpoint.id,
+                    identity: endpoint.identity.0,
+                    enforce_ingress: policy.enforce_ingress,
+                    enforce_egress: policy.enforce_egress,
+                },
+            );
+        }
+        let have_endpoints = self
+            .datapath
+            .endpoints()
+            .list()
+            .map_err(dp_err("list endpoints"))?;
+        for e in &have_endpoints {
+            if !want_endpoints.contains_key(&e.ifindex) {
+                self.datapath
+                    .endpoints()
+                    .remove(e.ifindex)
+                    .map_err(dp_err("remove endpoint"))?;
+            }
+        }
+        for (ifindex, e) in &want_endpoints {
+            if !have_endpoints
+                .iter()
+                .any(|h| h.ifindex == *ifindex && h == e)
+            {
+                self.datapath
+                    .endpoints()
+                    .upsert(*e)
+                    .map_err(dp_err("write endpoint"))?;
+            }
+        }
+
+        // ipcache: endpoint addresses and the CIDR prefixes policies reference.
+        let mut want_ipcache: BTreeMap<Ipv4Prefix, u32> = BTreeMap::new();
+        for endpoint in self.endpoints.values() {
+            want_ipcache.insert(Ipv4Prefix::host(endpoint.spec.ipv4), endpoint.identity.0);
+        }
+        for (prefix, id) in &prefixes {
+            if let Some(v4) = datapath_sync::ipv4_prefix(prefix) {
+                want_ipcache.entry(v4).or_insert(id.0);
+            }
+        }
+        let have_ipcache = self
+            .datapath
+            .ipcache()
+            .list()
+            .map_err(dp_err("list ipcache"))?;
+        for (prefix, id) in &have_ipcache {
+            if want_ipcache.get(prefix) != Some(id) && !want_ipcache.contains_key(prefix) {
+                self.datapath
+                    .ipcache()
+                    .remove(*prefix)
+                    .map_err(dp_err("remove ipcache entry"))?;
+            }
+        }
+        for (prefix, id) in &want_ipcache {
+            if !have_ipcache.iter().any(|(p, i)| p == prefix && i == id) {
+                self.datapath
+                    .ipcache()
+                    .upsert(*prefix, *id)
+                    .map_err(dp_err("write ipcache entry"))?;
+            }
+        }
+
+        // Policy entries: write the desired ones first (no window without them), then remove
+        // the stale ones.
+        let mut want_rules: BTreeMap<
+            (
+                u32,
+                membrane_common::Direction,
+                u32,
+                u8,
+                membrane_datapath::PortMatch,
+            ),
+            PolicyRule,
+        > = BTreeMap::new();
+        for policy in desired.values() {
+            for (key, entry) in &policy.entries {
+                let rule = datapath_sync::to_datapath_rule(policy.endpoint_id, key, entry)
+                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
+                want_rules.insert(
+                    (
+                        rule.endpoint_id,
+                        rule.direction,
+                        rule.remote_identity,
+                        rule.protocol,
+                        rule.ports,
+                    ),
+                    rule,
+                );
+            }
+        }
+        let have_rules = self
+            .datapath
+            .policy()
+            .list()
+            .map_err(dp_err("list policy"))?;
+        for rule in want_rules.values() {
+            if !have_rules.contains(rule) {
+                self.datapath
+                    .policy()
+                    .insert(rule)
+                    .map_err(dp_err("write policy entry"))?;
+            }
+        }
+        for rule in &have_rules {
+            let key = (
+                rule.endpoint_id,
+                rule.direction,
+                rule.remote_identity,
+                rule.protocol,
+                rule.ports,
+            );
+            if !want_rules.contains_key(&key) {
+                self.datapath
+                    .policy()
+                    .remove(rule)
+                    .map_err(dp_err("remove policy entry"))?;
+            }
+        }
+        self.resolved = desired;
+        self.reconciles += 1;
+        Ok(())
+    }
+
+    fn node_ifindex(&self, ifname: &str) -> Result<u32, AgentError> {
+        let name = std::ffi::CString::new(ifname)
+            .map_err(|_| AgentError::Invalid(format!("interface `{ifname}`")))?;
+        // SAFETY: `name` is NUL-terminated and outlives the call.
+        let index = self
+            .node
+            .run(move || unsafe { libc::if_nametoindex(name.as_ptr()) })
+            .map_err(dp_err("ifindex"))?;
+        if index == 0 {
+            return Err(AgentError::Invalid(format!(
+                "no interface {ifname} in {}",
+                self.node.name()
+            )));
+        }
+        Ok(index)
+    }
+}
+
+fn flow_json(e: &FlowEventView) -> serde_json::Value {
+    json!({
+        "kind": format!("{:?}", e.kind),
+        "verdict": format!("{:?}", e.verdict),
+        "drop_reason": e.drop_reason,
+        "drop_reason_desc": e.drop_reason.map(membrane_common::reason::describe),
+        "direction": e.direction.as_str(),
+        "match_type": e.match_type,
+        "protocol": membrane_datapath::maps::protocol_name(e.protocol),
+        "src": format!("{}:{}", e.src, e.sport),
+        "dst": format!("{}:{}", e.dst, e.dport),
+        "src_identity": e.src_identity,
+        "dst_identity": e.dst_identity,
+        "endpoint_id": e.endpoint_id,
+        "proxy_port": e.proxy_port,
+        "rule_cookie": e.rule_cookie,
+    })
+}
