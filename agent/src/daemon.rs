@@ -30,6 +30,7 @@ use std::{
 use membrane_datapath::{
     Datapath, EndpointEntry, FlowEventView, Ipv4Prefix, MapSizes, Netns, PolicyRule,
     bpffs::{DEFAULT_BPFFS, PinDir},
+    plumbing::POD_GATEWAY,
 };
 use membrane_policy::{
     EndpointInfo, EndpointPolicy, Identity, IdentityAllocator as _, IdentitySet, IpPrefix, Labels,
@@ -43,6 +44,9 @@ use crate::{
     bpf_cmd::{RegisteredEndpoint, STATE_ROOT},
     datapath_sync,
 };
+
+/// Cluster name for the `cluster` entity (Cilium's default).
+pub const CLUSTER_NAME: &str = "default";
 
 /// Agent configuration (command-line flags of `membrane-agent`).
 #[derive(Clone, Debug)]
@@ -201,7 +205,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
                 .labels
                 .iter()
                 .filter_map(|l| l.strip_prefix("k8s:"))
-                .filter(|l| !l.starts_with("io.kubernetes.pod.namespace="))
+                .filter(|l| {
+                    !l.starts_with("io.kubernetes.pod.namespace=")
+                        && !l.starts_with("io.cilium.k8s.policy.cluster=")
+                })
                 .map(str::to_owned)
                 .collect(),
             ipv4: saved.ipv4,
@@ -593,6 +600,8 @@ impl State {
             "k8s:io.kubernetes.pod.namespace={}",
             spec.namespace
         ));
+        // The `cluster` entity selects pods by this label (Cilium adds it to every pod).
+        texts.push(format!("k8s:io.cilium.k8s.policy.cluster={CLUSTER_NAME}"));
         let labels = Labels::parse(texts.iter().map(String::as_str))
             .map_err(|e| AgentError::Invalid(e.to_string()))?;
         let labels = membrane_policy::filter_security_relevant(&labels);
@@ -726,7 +735,9 @@ impl State {
 
     /// Makes the kernel maps match the desired state.
     fn reconcile(&mut self) -> Result<(), AgentError> {
-        let options = ResolveOptions::new(self.config.http_proxy_port, self.config.dns_proxy_port);
+        let mut options =
+            ResolveOptions::new(self.config.http_proxy_port, self.config.dns_proxy_port);
+        options.cluster_name = CLUSTER_NAME.to_owned();
         // Resolve, allocating CIDR identities on the way (they only exist once a policy
         // references the prefix).
         let mut desired: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
@@ -790,6 +801,11 @@ impl State {
 
         // ipcache: endpoint addresses and the CIDR prefixes policies reference.
         let mut want_ipcache: BTreeMap<Ipv4Prefix, u32> = BTreeMap::new();
+        // The node's own address (the pods' gateway) is the host (`reserved:host`).
+        want_ipcache.insert(
+            Ipv4Prefix::host(POD_GATEWAY),
+            membrane_common::identity::HOST,
+        );
         for endpoint in self.endpoints.values() {
             want_ipcache.insert(Ipv4Prefix::host(endpoint.spec.ipv4), endpoint.identity.0);
         }

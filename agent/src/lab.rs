@@ -155,10 +155,6 @@ fn state_dir() -> PathBuf {
     Path::new(STATE_ROOT).join(lab_name())
 }
 
-fn pids_path() -> PathBuf {
-    state_dir().join("pids")
-}
-
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
@@ -182,11 +178,19 @@ pub fn is_up() -> bool {
     Netns::exists(&lab_name()) && registry_path(&pin_path()).exists()
 }
 
-/// Stops the lab's servers and removes every lab namespace, pin and state file. Idempotent;
-/// returns what it removed.
+/// Stops the lab's agent and servers and removes every lab namespace, pin and state file.
+/// Idempotent; returns what it removed.
 pub fn down() -> Result<Vec<String>> {
+    teardown(&lab_name())
+}
+
+/// Tears down the run `name`: stops the processes recorded in `/run/membrane/NAME/pids`,
+/// deletes the namespaces `NAME` and `NAME-*`, the pins under `/sys/fs/bpf/membrane/NAME` and
+/// the state in `/run/membrane/NAME`. Idempotent; returns what it removed.
+pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    if let Ok(pids) = std::fs::read_to_string(pids_path()) {
+    let state = Path::new(STATE_ROOT).join(name);
+    if let Ok(pids) = std::fs::read_to_string(state.join("pids")) {
         let pids: Vec<libc::pid_t> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
         for &pid in &pids {
             // SAFETY: kill has no memory arguments; a stale pid at worst gets ESRCH.
@@ -195,7 +199,7 @@ pub fn down() -> Result<Vec<String>> {
             }
         }
         // Wait for them to exit (the agent finishes its current work first), then insist:
-        // a lingering agent must not outlive the lab it served.
+        // a lingering agent must not outlive the run it served.
         let deadline = Instant::now() + Duration::from_secs(5);
         while pids
             .iter()
@@ -211,35 +215,36 @@ pub fn down() -> Result<Vec<String>> {
             }
         }
     }
-    for pod in &PODS {
-        let name = pod_netns(pod.name);
-        if Netns::exists(&name) {
-            Netns::open(&name)
-                .and_then(Netns::delete)
-                .map_err(at("delete pod namespace"))?;
-            removed.push(format!("netns {name}"));
-        }
+    let prefix = format!("{name}-");
+    let mut namespaces: Vec<String> = Netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    namespaces.sort();
+    if Netns::exists(name) {
+        // The node last: pods first, so no veth outlives its peer's namespace for long.
+        namespaces.push(name.to_owned());
     }
-    let node = lab_name();
-    if Netns::exists(&node) {
-        Netns::open(&node)
+    for ns in namespaces {
+        Netns::open(&ns)
             .and_then(Netns::delete)
-            .map_err(at("delete node namespace"))?;
-        removed.push(format!("netns {node}"));
+            .map_err(at("delete namespace"))?;
+        removed.push(format!("netns {ns}"));
     }
-    if pin_path().exists() {
-        PinDir::under(Path::new(DEFAULT_BPFFS), &node)
+    let pins = Path::new(DEFAULT_BPFFS).join("membrane").join(name);
+    if pins.exists() {
+        PinDir::under(Path::new(DEFAULT_BPFFS), name)
             .and_then(PinDir::remove)
             .map_err(at("remove pinned maps and links"))?;
-        removed.push(format!("pins {}", pin_path().display()));
+        removed.push(format!("pins {}", pins.display()));
     }
     // The shared parent stays if another run pins there; remove it only when empty.
-    if let Some(parent) = pin_path().parent() {
+    if let Some(parent) = pins.parent() {
         let _ = std::fs::remove_dir(parent);
     }
-    if state_dir().exists() {
-        std::fs::remove_dir_all(state_dir()).map_err(step_err("remove lab state"))?;
-        removed.push(format!("state {}", state_dir().display()));
+    if state.exists() {
+        std::fs::remove_dir_all(&state).map_err(step_err("remove run state"))?;
+        removed.push(format!("state {}", state.display()));
         let _ = std::fs::remove_dir(STATE_ROOT);
     }
     Ok(removed)
@@ -293,7 +298,7 @@ fn build() -> Result<()> {
     // The agent owns the datapath from here on; it runs inside the node namespace.
     let policy_dir = state_dir().join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(step_err("create the policy directory"))?;
-    let mut pids = vec![spawn_agent(&node_name, &policy_dir)?];
+    let mut pids = vec![spawn_agent(&node_name, &node_name, &policy_dir)?];
     record_pids(&pids)?;
     let socket = agent_socket();
     wait_for(&format!("agent API at {}", socket.display()), || {
@@ -353,7 +358,7 @@ fn build() -> Result<()> {
         pids.push(spawn_server(&backend_ns, port, body)?);
     }
     record_pids(&pids)?;
-    wait_listening(&links[1].netns, &[APP_PORT, ADMIN_PORT])?;
+    wait_listening(&links[1].netns, BACKEND_IP, &[APP_PORT, ADMIN_PORT])?;
     ok(&format!(
         "backend serves HTTP on :{APP_PORT} (app) and :{ADMIN_PORT} (admin)"
     ));
@@ -361,8 +366,13 @@ fn build() -> Result<()> {
 }
 
 fn record_pids(pids: &[u32]) -> Result<()> {
+    record_pids_in(&state_dir(), pids)
+}
+
+/// Records the processes a run started, so its teardown stops them.
+pub(crate) fn record_pids_in(state: &Path, pids: &[u32]) -> Result<()> {
     std::fs::write(
-        pids_path(),
+        state.join("pids"),
         pids.iter().map(|p| format!("{p}\n")).collect::<String>(),
     )
     .map_err(step_err("record process ids"))
@@ -373,7 +383,7 @@ pub fn agent_socket() -> PathBuf {
     state_dir().join(crate::api::SOCKET_NAME)
 }
 
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !ready() {
         if Instant::now() > deadline {
@@ -388,7 +398,7 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
 }
 
 /// Starts `membrane-agent` for the node namespace, logging to the lab's state directory.
-fn spawn_agent(node: &str, policy_dir: &Path) -> Result<u32> {
+pub(crate) fn spawn_agent(name: &str, node: &str, policy_dir: &Path) -> Result<u32> {
     let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
     let agent = exe.with_file_name("membrane-agent");
     if !agent.exists() {
@@ -400,14 +410,14 @@ fn spawn_agent(node: &str, policy_dir: &Path) -> Result<u32> {
             ),
         });
     }
-    let log = std::fs::File::create(state_dir().join("agent.log"))
+    let log = std::fs::File::create(Path::new(STATE_ROOT).join(name).join("agent.log"))
         .map_err(step_err("create agent log"))?;
     let log2 = log.try_clone().map_err(step_err("agent log"))?;
     // Not under `ip netns exec`: that gives the process a private mount namespace with a
     // fresh /sys, so its bpffs pins would vanish with it. The agent enters the node
     // namespace per operation instead (Netns::run).
     let child = Command::new(agent)
-        .args(["--name", &lab_name(), "--node-netns", node, "--policy-dir"])
+        .args(["--name", name, "--node-netns", node, "--policy-dir"])
         .arg(policy_dir)
         .stdin(Stdio::null())
         .stdout(log)
@@ -419,7 +429,7 @@ fn spawn_agent(node: &str, policy_dir: &Path) -> Result<u32> {
 }
 
 /// Starts `membrane lab serve` inside `netns` as a background process of its own.
-fn spawn_server(netns: &str, port: u16, body: &str) -> Result<u32> {
+pub(crate) fn spawn_server(netns: &str, port: u16, body: &str) -> Result<u32> {
     let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
     let child = Command::new("ip")
         .args(["netns", "exec", netns])
@@ -436,11 +446,11 @@ fn spawn_server(netns: &str, port: u16, body: &str) -> Result<u32> {
     Ok(child.id())
 }
 
-fn wait_listening(ns: &Netns, ports: &[u16]) -> Result<()> {
+pub(crate) fn wait_listening(ns: &Netns, ip: Ipv4Addr, ports: &[u16]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     for &port in ports {
         loop {
-            let addr = SocketAddrV4::new(BACKEND_IP, port);
+            let addr = SocketAddrV4::new(ip, port);
             let up = ns
                 .run(move || {
                     std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200))

@@ -12,6 +12,7 @@
 pub mod agent_cmd;
 pub mod api;
 pub mod bpf_cmd;
+pub mod connectivity;
 pub mod daemon;
 pub mod datapath_sync;
 pub mod lab;

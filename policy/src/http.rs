@@ -109,12 +109,34 @@ pub struct HeaderMatch {
     pub mismatch: MismatchAction,
 }
 
-/// Compiles `^(?:re)$`, naming `field` in the error.
+/// Compiles `^(?:re)$`, naming `field` in the error. The error is one line (validation
+/// errors end up in one-line reports and logs).
 pub(crate) fn compile_full_match(field: &str, re: &str) -> Result<Regex, String> {
     RegexBuilder::new(&format!("^(?:{re})$"))
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| format!("invalid {field} regex {re:?}: {e}"))
+        .map_err(|e| format!("invalid {field} regex {re:?}: {}", regex_error_line(&e)))
+}
+
+/// The regex crate's syntax errors are multi-line (pattern, caret, `error: …`); the caret
+/// points into the wrapped `^(?:…)$` form, so keep only the reason.
+fn regex_error_line(e: &regex::Error) -> String {
+    match e {
+        regex::Error::Syntax(s) => s
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| s.split_whitespace().collect::<Vec<_>>().join(" ")),
+        regex::Error::CompiledTooBig(limit) => {
+            format!("compiled regex exceeds the size limit of {limit} bytes")
+        }
+        other => other
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
 }
 
 impl HttpRule {
@@ -306,8 +328,10 @@ mod tests {
         }
         .compile()
         .unwrap_err();
-        assert!(e.starts_with("invalid path regex \"/a(\""), "{e}");
+        assert_eq!(e, "invalid path regex \"/a(\": unclosed group");
         let huge = format!("({})", "a{1000}".repeat(20));
-        assert!(compile_full_match("path", &huge).is_err());
+        let e = compile_full_match("path", &huge).unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("exceeds the size limit"), "{e}");
     }
 }

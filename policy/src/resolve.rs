@@ -2,8 +2,10 @@
 //! to (a) datapath policy-map entries and (b) L7 rule sets for the proxy.
 //!
 //! Owns the semantics of reference §1.6–1.8 and §2.3: per-direction default deny
-//! (`enableDefaultDeny`), deny beats allow regardless of specificity, an L4-only allow on a
-//! port that also has L7 rules is proxied with a wildcard L7 rule, port ranges become
+//! (`enableDefaultDeny`), deny beats allow regardless of specificity, a peer that is both
+//! L4-only allowed and L7-restricted on a port is proxied with a wildcard L7 rule (so all
+//! its requests pass) while peers that are only L4-allowed there are not proxied at all
+//! (Cilium's per-selector redirect, cilium/cilium#7471), port ranges become
 //! aligned port prefixes, ICMP types sit in the port field (protocol 1/58), CIDR peers
 //! resolve to `cidr:` identities by containment, toFQDNs peers to `fqdn:` label selectors.
 //!
@@ -980,7 +982,7 @@ impl<'a> Builder<'a> {
                 rules: Vec::new(),
             };
             for m in members {
-                let rules = match m.l7 {
+                let (rules, entry) = match m.l7 {
                     Some(r) if parser_of(&r) != parser => {
                         let origin = self.cookies.get(&m.cookie).cloned().unwrap_or_default();
                         self.warnings.push(format!(
@@ -989,18 +991,26 @@ impl<'a> Builder<'a> {
                         ));
                         continue;
                     }
-                    Some(r) => r,
-                    // The L7 wildcard of §1.8: an L4-only allow on a proxied port.
-                    None => match parser {
-                        L7Parser::Http => L7Rules::Http(Vec::new()),
-                        L7Parser::Dns => L7Rules::Dns(Vec::new()),
-                    },
+                    Some(r) => (r, PolicyEntry::redirect(proxy_port, m.cookie)),
+                    // The L7 wildcard of §1.8: an L4-only allow on a proxied port. Its own
+                    // entries are plain allows: identities it shares with an L7 member are
+                    // redirected by that member's higher-precedence entry and then pass the
+                    // proxy through this wildcard; identities only it selects never reach
+                    // the proxy (Cilium redirects per selector, cilium/cilium#7471), so e.g.
+                    // non-HTTP traffic of an L4-only peer keeps working.
+                    None => (
+                        match parser {
+                            L7Parser::Http => L7Rules::Http(Vec::new()),
+                            L7Parser::Dns => L7Rules::Dns(Vec::new()),
+                        },
+                        PolicyEntry::allow(m.cookie),
+                    ),
                 };
                 self.contributions.push(Contribution {
                     direction: dir,
                     peer: m.peer,
                     keys: keys.clone(),
-                    entry: PolicyEntry::redirect(proxy_port, m.cookie),
+                    entry,
                 });
                 if !t.rules.iter().any(|(p, r, _)| *p == m.peer && *r == rules) {
                     t.rules.push((m.peer, rules, m.cookie));

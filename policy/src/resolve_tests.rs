@@ -250,6 +250,56 @@ spec:
     assert_eq!(client.rules, L7Rules::Http(vec![]));
 }
 
+/// Cilium redirects per selector (cilium/cilium#7471): a peer that is only L4-allowed on a
+/// port where another peer has L7 rules is not proxied; a peer with both is proxied and
+/// passes through the L7 wildcard.
+#[test]
+fn l4_only_peer_on_l7_port_is_not_proxied() {
+    let p = resolve(
+        "
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: '8080', protocol: TCP}]
+      rules: {http: [{method: GET}]}
+  - fromEndpoints: [{matchLabels: {app: client, k8s:io.kubernetes.pod.namespace: other}}]
+    toPorts:
+    - ports: [{port: '8080', protocol: TCP}]
+  - fromEntities: [cluster]
+    toPorts:
+    - ports: [{port: '8080', protocol: TCP}]
+",
+        &server_ep(),
+    );
+    // client: L7 rules and (via `cluster`) an L4-only allow: proxied, wildcard passes all
+    let e = p.lookup(CLIENT, Direction::Ingress, TCP, 8080).unwrap();
+    assert_eq!((e.action, e.proxy_port), (Action::Redirect, HTTP_PORT));
+    let set = p.l7_for(Direction::Ingress, TCP, 8080).next().unwrap();
+    assert!(
+        set.rules
+            .iter()
+            .any(|r| r.remote.contains(CLIENT) && r.rules == L7Rules::Http(vec![]))
+    );
+    // other-namespace client and kube-dns: L4-only, plain allow, never proxied
+    for id in [OTHER_NS, KUBE_DNS] {
+        let e = p.lookup(id, Direction::Ingress, TCP, 8080).unwrap();
+        assert_eq!(
+            (e.action, e.proxy_port, e.precedence),
+            (Action::Allow, 0, PRECEDENCE_ALLOW),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        verdict(&p, Identity::WORLD, Direction::Ingress, TCP, 8080),
+        "drop"
+    );
+}
+
 #[test]
 fn port_range_becomes_prefixes() {
     let p = resolve(

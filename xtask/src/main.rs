@@ -31,6 +31,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "iputils-ping",
+    // `dig`, the real DNS client of the DNS proxy tests.
+    "dnsutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

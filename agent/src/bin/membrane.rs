@@ -41,6 +41,12 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         last: usize,
     },
+    /// Scenarios like `cilium connectivity test`, each checked with real traffic and with the
+    /// flows it produced, on a topology of their own (torn down afterwards).
+    Connectivity {
+        #[command(subcommand)]
+        command: ConnectivityCommand,
+    },
     /// Inspect the datapath's pinned maps (policy, conntrack, ipcache, endpoints, metrics).
     Bpf(membrane_agent::bpf_cmd::BpfArgs),
     #[cfg(feature = "proxy")]
@@ -62,6 +68,18 @@ enum Command {
     Lab {
         #[command(subcommand)]
         command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectivityCommand {
+    /// Run every scenario; prints one line per scenario and `N passed, N failed`; exits 1 on
+    /// any failure.
+    Test {
+        /// Leave the topology up afterwards (remove it with `membrane lab down` using
+        /// MEMBRANE_LAB_NAME=<name>-ct, or the next run).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -126,6 +144,14 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Bpf(args) => membrane_agent::bpf_cmd::run(args)?,
         #[cfg(feature = "proxy")]
         Command::Proxy(args) => run_proxy(args)?,
+        Command::Connectivity {
+            command: ConnectivityCommand::Test { keep },
+        } => {
+            let (_, failed) = membrane_agent::connectivity::run(keep)?;
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Status(target) => membrane_agent::agent_cmd::status(&target)?,
         Command::Endpoint { target, .. } => membrane_agent::agent_cmd::endpoints(&target)?,
         Command::Identity { target, .. } => membrane_agent::agent_cmd::identities(&target)?,

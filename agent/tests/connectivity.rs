@@ -1,0 +1,57 @@
+//! `membrane connectivity test` through the real binaries, on a topology named for this test
+//! run: every scenario passes, the closing line counts them, and nothing is left behind.
+
+use std::process::Command;
+
+use membrane_tests::{require_root, unique_name};
+
+#[test]
+fn connectivity_test_passes_every_scenario_and_cleans_up() {
+    require_root();
+    let lab = unique_name("ct");
+    let out = Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["connectivity", "test"])
+        .env("MEMBRANE_LAB_NAME", &lab)
+        .output()
+        .expect("run membrane connectivity test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "connectivity test failed:\n{stdout}\n{stderr}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let passed: usize = last
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        last.ends_with("passed, 0 failed") && passed >= 16,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches('\u{2705}').count(), passed, "{stdout}");
+
+    let name = format!("{lab}-ct");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !left.iter().any(|n| n.starts_with(&name)),
+        "namespaces left: {left:?}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/membrane")
+            .join(&name)
+            .exists(),
+        "pins left"
+    );
+    assert!(
+        !std::path::Path::new("/run/membrane").join(&name).exists(),
+        "state left"
+    );
+}
