@@ -1,7 +1,7 @@
 //! CLI commands that talk to a running agent over its local API: `membrane status`,
 //! `endpoint list`, `identity list`, `policy list|apply|delete`, `observe`.
 
-use std::path::PathBuf;
+use std::{io::Write as _, path::PathBuf};
 
 use clap::{Args, Subcommand};
 
@@ -227,30 +227,158 @@ pub fn policy(agent: &AgentSocket, command: PolicyAgentCommand) -> anyhow::Resul
     Ok(())
 }
 
-/// `membrane observe --last N`: the datapath flows the agent kept, oldest first.
-pub fn observe(target: &AgentTarget, last: usize) -> anyhow::Result<()> {
-    let flows = api::call(&target.socket(), &Request::Flows { last })?;
-    let names: Vec<(std::net::Ipv4Addr, String)> =
-        api::call(&target.socket(), &Request::EndpointList)
-            .ok()
-            .and_then(|rows| rows.as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|r| {
-                Some((
-                    r["ipv4"].as_str()?.parse().ok()?,
-                    r["name"].as_str()?.to_owned(),
-                ))
-            })
-            .collect();
-    let names: Vec<(std::net::Ipv4Addr, &str)> =
-        names.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
-    for f in flows.as_array().into_iter().flatten() {
-        if target.json() {
-            println!("{f}");
-        } else {
-            println!("{}", crate::lab::describe_flow(f, &names));
+/// `membrane observe [OPTIONS] [FILTER FLAGS...]`: flows from the agent's Hubble observer API,
+/// Hubble's flags and output formats. Filter flags keep their command-line order (it
+/// matters for `--not`), so they are parsed here rather than by clap.
+pub fn observe_hubble(args: &[String]) -> anyhow::Result<std::process::ExitCode> {
+    use membrane_observer::{
+        PrintOptions, filters_from_flags, printer,
+        proto::observer::{GetFlowsRequest, observer_client::ObserverClient},
+    };
+
+    let mut socket: Option<PathBuf> = None;
+    let mut number: Option<u64> = None;
+    let (mut follow, mut first, mut all) = (false, false, false);
+    let mut output = "compact".to_owned();
+    let mut filters: Vec<(String, String)> = Vec::new();
+    // Filter flags that take no value.
+    const BARE: &[&str] = &[
+        "--not",
+        "--ipv4",
+        "--ipv6",
+        "-4",
+        "-6",
+        "-A",
+        "--all-namespaces",
+    ];
+    let mut it = args.iter().peekable();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with('-') => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> anyhow::Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("{what} needs a value")),
+            }
+        };
+        match flag.as_str() {
+            "--socket" => socket = Some(PathBuf::from(value("--socket")?)),
+            "--last" => {
+                number = Some(
+                    value("--last")?
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--last: {e}"))?,
+                )
+            }
+            "--first" => {
+                first = true;
+                number = Some(
+                    value("--first")?
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--first: {e}"))?,
+                );
+            }
+            "--all" => all = true,
+            "-f" | "--follow" => follow = true,
+            "-o" | "--output" => output = value("--output")?,
+            f if BARE.contains(&f) => filters.push((f.to_owned(), String::new())),
+            f if f.starts_with('-') => {
+                let v = value(f)?;
+                filters.push((f.to_owned(), v));
+            }
+            other => anyhow::bail!(
+                "unexpected argument `{other}` (filters are flags, e.g. --pod default/frontend)"
+            ),
         }
     }
-    Ok(())
+    if !matches!(output.as_str(), "compact" | "dict" | "json" | "jsonpb") {
+        anyhow::bail!("--output `{output}`: expected compact, dict, json or jsonpb");
+    }
+    let observe_filters = filters_from_flags(filters.iter().map(|(f, v)| (f.as_str(), v.as_str())))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let number = if all {
+        u64::MAX
+    } else if follow && number.is_none() {
+        0
+    } else {
+        number.unwrap_or(20)
+    };
+    let path = socket.unwrap_or_else(|| {
+        crate::lab::agent_socket().with_file_name(crate::daemon::HUBBLE_SOCKET_NAME)
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let connect_path = path.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = connect_path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the Hubble API at {}: {e} (is the agent running?)",
+                    path.display()
+                )
+            })?;
+        let mut client = ObserverClient::new(channel);
+        let request = GetFlowsRequest {
+            number,
+            first,
+            follow,
+            whitelist: observe_filters.whitelist,
+            blacklist: observe_filters.blacklist,
+            ..GetFlowsRequest::default()
+        };
+        let mut stream = client
+            .get_flows(request)
+            .await
+            .map_err(|e| anyhow::anyhow!("GetFlows: {}", e.message()))?
+            .into_inner();
+        let opts = PrintOptions::default();
+        let mut out = std::io::stdout().lock();
+        while let Some(response) = tokio_stream::StreamExt::next(&mut stream).await {
+            let response = response.map_err(|e| anyhow::anyhow!("GetFlows: {}", e.message()))?;
+            let written = match output.as_str() {
+                "json" | "jsonpb" => writeln!(out, "{}", printer::json_line(&response)),
+                "dict" => {
+                    if let Some(
+                        membrane_observer::proto::observer::get_flows_response::ResponseTypes::Flow(
+                            flow,
+                        ),
+                    ) = &response.response_types
+                    {
+                        writeln!(out, "{}", printer::dict(flow, opts))
+                    } else {
+                        Ok(())
+                    }
+                }
+                _ => {
+                    if let Some(line) = printer::compact_response(&response, opts) {
+                        writeln!(out, "{line}")
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            // A closed pipe (`| head`) ends the output quietly.
+            if written.is_err() {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -32,6 +32,10 @@ use membrane_datapath::{
     bpffs::{DEFAULT_BPFFS, PinDir},
     plumbing::POD_GATEWAY,
 };
+use membrane_observer::{
+    DatapathEvent, DatapathEventKind, DatapathVerdict, EndpointMeta, FlowInput, FlowSource,
+    Observer, ObserverConfig, StaticEnricher,
+};
 use membrane_policy::{
     EndpointInfo, EndpointPolicy, Identity, IdentityAllocator as _, IdentitySet, IpPrefix, Labels,
     LocalAllocator, PolicyKind, PolicyRef, Repository, ResolveOptions, parse_documents,
@@ -44,6 +48,9 @@ use crate::{
     bpf_cmd::{RegisteredEndpoint, STATE_ROOT},
     datapath_sync,
 };
+
+/// File name of the Hubble observer socket in the agent's state directory.
+pub const HUBBLE_SOCKET_NAME: &str = "hubble.sock";
 
 /// Cluster name for the `cluster` entity (Cilium's default).
 pub const CLUSTER_NAME: &str = "default";
@@ -62,6 +69,10 @@ pub struct AgentConfig {
     pub dns_proxy_port: u16,
     /// Flow events kept in memory (Hubble's default ring is 4095).
     pub flow_capacity: usize,
+    /// Hubble observer API on TCP inside the node namespace (`None` = Unix socket only).
+    pub hubble_port: Option<u16>,
+    /// Prometheus `/metrics` on TCP inside the node namespace (`None` = off).
+    pub metrics_port: Option<u16>,
     pub map_sizes: MapSizes,
 }
 
@@ -74,6 +85,8 @@ impl AgentConfig {
             http_proxy_port: 15001,
             dns_proxy_port: 15053,
             flow_capacity: 4095,
+            hubble_port: Some(membrane_observer::DEFAULT_TCP_PORT),
+            metrics_port: Some(9965),
             map_sizes: MapSizes::default(),
         }
     }
@@ -84,6 +97,11 @@ impl AgentConfig {
 
     pub fn socket_path(&self) -> PathBuf {
         self.state_dir().join(SOCKET_NAME)
+    }
+
+    /// The Hubble observer API's Unix socket.
+    pub fn hubble_socket_path(&self) -> PathBuf {
+        self.state_dir().join(HUBBLE_SOCKET_NAME)
     }
 }
 
@@ -151,6 +169,10 @@ struct State {
     reconciles: u64,
     /// Policies applied over the API, kept on disk so a restarted agent enforces them too.
     applied: Vec<AppliedPolicies>,
+    /// What the flow pipeline knows about addresses and identities.
+    enricher: Arc<StaticEnricher>,
+    /// Rule cookie → policy, from the last reconcile.
+    cookies: BTreeMap<u32, String>,
 }
 
 /// One `policy apply`: its text and which of its policies are still in force (later
@@ -172,6 +194,24 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         PinDir::under(Path::new(DEFAULT_BPFFS), &config.name).map_err(dp_err("pin directory"))?;
     let mut datapath =
         Datapath::load(pins.path(), config.map_sizes).map_err(dp_err("load the datapath"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("membrane-agent-rt")
+        .enable_all()
+        .build()
+        .map_err(io_err("start the async runtime"))?;
+    let enricher = Arc::new(StaticEnricher::new(config.node_netns.clone()));
+    let observer = {
+        let _context = runtime.enter();
+        Observer::spawn(
+            ObserverConfig {
+                max_flows: config.flow_capacity.max(1),
+                ..ObserverConfig::default()
+            },
+            enricher.clone(),
+        )
+        .map_err(|e| AgentError::Invalid(format!("flow pipeline: {e}")))?
+    };
     let events = datapath.take_events();
 
     let mut state = State {
@@ -191,6 +231,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         started: Instant::now(),
         reconciles: 0,
         applied: Vec::new(),
+        enricher,
+        cookies: BTreeMap::new(),
     };
     state.restore_applied();
     // A restart: take over the endpoints the previous agent registered, in identity order so
@@ -244,23 +286,70 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
     listener.set_nonblocking(true).map_err(io_err("listener"))?;
     tracing::info!(socket = %socket.display(), node = %config.node_netns, "agent serving");
 
+    // Hubble's observer API: a Unix socket, and TCP inside the node namespace.
+    let (stop_serving, serving_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    {
+        let _context = runtime.enter();
+        let hubble_socket = config.hubble_socket_path();
+        let listener = membrane_observer::bind_unix(&hubble_socket)
+            .map_err(|e| AgentError::Invalid(format!("bind {}: {e}", hubble_socket.display())))?;
+        let (obs, done) = (observer.clone(), stopped(serving_stopped.clone()));
+        runtime.spawn(async move {
+            if let Err(e) = membrane_observer::serve_unix(&obs, listener, done).await {
+                tracing::error!(error = %e, "Hubble API on the Unix socket stopped");
+            }
+        });
+        if let Some(port) = config.hubble_port {
+            let bound = node_listener(&config.node_netns, port)?;
+            let listener =
+                tokio::net::TcpListener::from_std(bound).map_err(io_err("Hubble TCP listener"))?;
+            let (obs, done) = (observer.clone(), stopped(serving_stopped.clone()));
+            runtime.spawn(async move {
+                if let Err(e) = membrane_observer::serve_tcp(&obs, listener, done).await {
+                    tracing::error!(error = %e, "Hubble API on TCP stopped");
+                }
+            });
+        }
+    }
+    if let Some(port) = config.metrics_port {
+        let listener = node_listener(&config.node_netns, port)?;
+        let (obs, stop) = (observer.clone(), stop.clone());
+        std::thread::spawn(move || serve_metrics(listener, &obs, &stop));
+    }
+
     let mut threads = Vec::new();
     if let Some(mut reader) = events {
-        let (state, stop) = (state.clone(), stop.clone());
+        let (state, stop, sender, observer) = (
+            state.clone(),
+            stop.clone(),
+            observer.sender(),
+            observer.clone(),
+        );
         threads.push(std::thread::spawn(move || {
+            let (mut kernel_lost, mut undecodable) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 let batch = reader.wait(Duration::from_millis(200)).unwrap_or_default();
-                if batch.is_empty() {
-                    continue;
-                }
                 let mut s = lock(&state);
                 for event in batch {
                     s.flows_seen += 1;
+                    sender.send(FlowInput::Datapath(to_observer_event(&event, &s.cookies)));
                     if s.flows.len() >= s.config.flow_capacity {
                         s.flows.pop_front();
                     }
                     s.flows.push_back(event);
                 }
+                // Losses the kernel counted (ring full) and records the reader could not decode.
+                let now_lost = s.datapath.metrics().events_lost().unwrap_or(kernel_lost);
+                let now_undecodable = reader.undecodable();
+                let delta = now_lost.saturating_sub(kernel_lost)
+                    + now_undecodable.saturating_sub(undecodable);
+                if delta > 0 {
+                    observer.report_lost(FlowSource::Datapath, delta);
+                }
+                (kernel_lost, undecodable) = (now_lost, now_undecodable);
             }
         }));
     }
@@ -297,6 +386,9 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
     for t in threads {
         let _ = t.join();
     }
+    let _ = stop_serving.send(true);
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let _ = std::fs::remove_file(config.hubble_socket_path());
     // Only our own socket: a successor may already have bound the path.
     let current = std::fs::metadata(&socket)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
@@ -624,6 +716,15 @@ impl State {
         self.datapath
             .attach_endpoint(&self.node, &spec.host_ifname)
             .map_err(dp_err(format!("attach programs to {}", spec.host_ifname)))?;
+        self.enricher.insert_endpoint(
+            std::net::IpAddr::V4(spec.ipv4),
+            EndpointMeta {
+                id,
+                namespace: spec.namespace.clone(),
+                pod_name: spec.name.clone(),
+                labels: labels.iter().map(|l| l.to_string()).collect(),
+            },
+        );
         self.endpoints.insert(
             key,
             Endpoint {
@@ -892,6 +993,14 @@ impl State {
                     .map_err(dp_err("remove policy entry"))?;
             }
         }
+        self.cookies = desired
+            .values()
+            .flat_map(|p| p.cookies.iter().map(|(c, r)| (*c, r.clone())))
+            .collect();
+        for (id, labels) in self.identities.iter() {
+            self.enricher
+                .insert_identity(id.0, labels.iter().map(|l| l.to_string()).collect());
+        }
         self.resolved = desired;
         self.reconciles += 1;
         Ok(())
@@ -932,4 +1041,111 @@ fn flow_json(e: &FlowEventView) -> serde_json::Value {
         "proxy_port": e.proxy_port,
         "rule_cookie": e.rule_cookie,
     })
+}
+
+/// A TCP listener on `0.0.0.0:port` inside the node namespace (reachable from the node and
+/// its pods, never from the host's own namespace).
+fn node_listener(node: &str, port: u16) -> Result<std::net::TcpListener, AgentError> {
+    let ns = Netns::open(node).map_err(dp_err("open the node namespace"))?;
+    let listener = ns
+        .run(move || std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)))
+        .map_err(dp_err("enter the node namespace"))?
+        .map_err(io_err(format!("bind 0.0.0.0:{port} in {node}")))?;
+    listener.set_nonblocking(true).map_err(io_err("listener"))?;
+    Ok(listener)
+}
+
+/// Prometheus text on `GET /metrics`, one short-lived connection at a time.
+fn serve_metrics(listener: std::net::TcpListener, observer: &Observer, stop: &AtomicBool) {
+    use std::io::Read as _;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((mut conn, _)) = listener.accept() else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 2048];
+        let n = conn.read(&mut buf).unwrap_or(0);
+        let request = String::from_utf8_lossy(&buf[..n]);
+        let (status, body) = if request.starts_with("GET /metrics") {
+            ("200 OK", observer.render_metrics())
+        } else {
+            ("404 Not Found", "only /metrics is served here\n".to_owned())
+        };
+        let _ = conn.write_all(
+            format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+}
+
+/// The observer's form of a datapath event. The kernel stamps events with its monotonic
+/// clock; wall time is now minus their age.
+fn to_observer_event(e: &FlowEventView, cookies: &BTreeMap<u32, String>) -> DatapathEvent {
+    let age = membrane_datapath::maps::monotonic_ns().saturating_sub(e.timestamp_ns);
+    let time = SystemTime::now() - Duration::from_nanos(age);
+    let kind = match e.kind {
+        membrane_datapath::EventKind::Drop => DatapathEventKind::Drop,
+        membrane_datapath::EventKind::Trace => DatapathEventKind::Trace,
+        membrane_datapath::EventKind::PolicyVerdict => DatapathEventKind::PolicyVerdict,
+    };
+    let verdict = match e.verdict {
+        membrane_datapath::EventVerdict::Forwarded => DatapathVerdict::Forwarded,
+        membrane_datapath::EventVerdict::Dropped => DatapathVerdict::Dropped,
+        membrane_datapath::EventVerdict::Redirected => DatapathVerdict::Redirected,
+    };
+    let direction = match e.direction {
+        membrane_common::Direction::Ingress => membrane_observer::Direction::Ingress,
+        membrane_common::Direction::Egress => membrane_observer::Direction::Egress,
+    };
+    // Cookie origins read "CiliumNetworkPolicy ns/name specs[0] egress[1]" or
+    // "CiliumClusterwideNetworkPolicy name spec egress[0]".
+    let policy = cookies.get(&e.rule_cookie).map(|origin| {
+        let mut words = origin.split(' ');
+        let kind = words.next().unwrap_or_default().to_owned();
+        let target = words.next().unwrap_or_default();
+        let (namespace, name) = match target.split_once('/') {
+            Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+            None => (String::new(), target.to_owned()),
+        };
+        membrane_observer::PolicyRef {
+            name,
+            namespace,
+            kind,
+            labels: Vec::new(),
+            revision: 0,
+        }
+    });
+    DatapathEvent {
+        time,
+        kind,
+        verdict,
+        drop_reason: e.drop_reason,
+        direction,
+        match_type: e.match_type,
+        protocol: e.protocol,
+        tcp_flags: e.tcp_flags,
+        endpoint_id: e.endpoint_id,
+        src_identity: e.src_identity,
+        dst_identity: e.dst_identity,
+        src: std::net::IpAddr::V4(e.src),
+        sport: e.sport,
+        dst: std::net::IpAddr::V4(e.dst),
+        dport: e.dport,
+        icmp_code: 0,
+        proxy_port: e.proxy_port,
+        ifindex: e.ifindex,
+        // The programs report first packets (traces, verdicts); drops may be either.
+        is_reply: if kind == DatapathEventKind::Drop {
+            None
+        } else {
+            Some(false)
+        },
+        observation_point: None,
+        policy,
+    }
 }

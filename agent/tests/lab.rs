@@ -110,8 +110,29 @@ fn lab_with_agent_end_to_end() {
         text(&lab.membrane(&["policy", "list"]))
             .contains("CiliumNetworkPolicy default/backend-allow-frontend")
     );
+    // Flows over the Hubble observer API (Hubble's compact and JSON output).
     let flows = text(&lab.membrane(&["observe", "--last", "50"]));
-    assert!(flows.contains("DROPPED (Policy denied)"), "{flows}");
+    assert!(flows.contains("default/frontend"), "{flows}");
+    assert!(flows.contains("Policy denied DROPPED"), "{flows}");
+    let dropped = lab.membrane(&[
+        "observe",
+        "--verdict",
+        "DROPPED",
+        "--to-pod",
+        "default/backend",
+        "-o",
+        "json",
+    ]);
+    let line = String::from_utf8_lossy(&dropped.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let flow: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {}", text(&dropped)));
+    assert_eq!(flow["flow"]["verdict"], "DROPPED", "{flow}");
+    assert_eq!(flow["flow"]["drop_reason_desc"], "POLICY_DENIED", "{flow}");
+    assert_eq!(flow["flow"]["destination"]["pod_name"], "backend", "{flow}");
 
     // A broken policy is refused with the field named, and nothing already in force changes.
     let dir = std::env::temp_dir().join(unique_name("policy"));

@@ -46,11 +46,22 @@ impl Drop for ServerGuard {
     }
 }
 
-/// A TCP server in `ns` on `addr` that answers each connection's first message with
-/// `"echo:" + message` and closes it.
-pub fn tcp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
+/// Binds a TCP listener in `ns` (`prepare` may set socket options on it there) and serves
+/// each accepted connection with `handle` on the server thread, until the guard is dropped or
+/// the bounds ([`SERVER_LIFETIME`], [`SERVER_MAX_REQUESTS`]) are reached. `handle` returns
+/// whether the connection counts as served.
+fn tcp_server(
+    ns: &Netns,
+    addr: SocketAddrV4,
+    prepare: impl FnOnce(&TcpListener) -> std::io::Result<()> + Send,
+    handle: impl Fn(TcpStream, &AtomicBool) -> bool + Send + 'static,
+) -> ServerGuard {
     let listener = ns
-        .run(move || TcpListener::bind(addr))
+        .run(move || -> std::io::Result<TcpListener> {
+            let listener = TcpListener::bind(addr)?;
+            prepare(&listener)?;
+            Ok(listener)
+        })
         .and_then(|r| {
             r.map_err(|e| membrane_datapath::DatapathError::Invalid {
                 what: "bind",
@@ -71,14 +82,9 @@ pub fn tcp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
             && served2.load(Ordering::Relaxed) < SERVER_MAX_REQUESTS
         {
             match listener.accept() {
-                Ok((mut conn, _)) => {
+                Ok((conn, _)) => {
                     let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut buf = [0u8; 512];
-                    if let Ok(n) = conn.read(&mut buf) {
-                        let mut reply = b"echo:".to_vec();
-                        reply.extend_from_slice(&buf[..n]);
-                        let _ = conn.write_all(&reply);
+                    if handle(conn, &stop2) {
                         served2.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -92,6 +98,29 @@ pub fn tcp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
         handle: Some(handle),
         addr,
     }
+}
+
+/// A TCP server in `ns` on `addr` that answers each connection's first message with
+/// `"echo:" + message` and closes it.
+pub fn tcp_echo_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
+    tcp_server(
+        ns,
+        addr,
+        |_| Ok(()),
+        |mut conn, _| {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 512];
+            match conn.read(&mut buf) {
+                Ok(n) => {
+                    let mut reply = b"echo:".to_vec();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = conn.write_all(&reply);
+                    true
+                }
+                Err(_) => false,
+            }
+        },
+    )
 }
 
 /// A UDP server in `ns` on `addr` that answers each datagram with `"echo:" + datagram`.
@@ -206,65 +235,34 @@ pub fn udp_exchange(ns: &Netns, dst: SocketAddrV4, msg: &[u8], timeout: Duration
 /// connection's original destination.
 pub fn transparent_tcp_server(ns: &Netns, addr: SocketAddrV4) -> ServerGuard {
     use std::os::fd::AsRawFd as _;
-    let listener = ns
-        .run(move || -> std::io::Result<TcpListener> {
-            let listener = TcpListener::bind(addr)?;
-            let one: libc::c_int = 1;
-            // SAFETY: valid fd and a c_int option value of the size passed.
-            let rc = unsafe {
-                libc::setsockopt(
-                    listener.as_raw_fd(),
-                    libc::SOL_IP,
-                    libc::IP_TRANSPARENT,
-                    (&one as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(listener)
-        })
-        .and_then(|r| {
-            r.map_err(|e| membrane_datapath::DatapathError::Invalid {
-                what: "transparent bind",
-                detail: e.to_string(),
-            })
-        })
-        .unwrap_or_else(|e| panic!("transparent listener {addr} in {}: {e}", ns.name()));
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let (stop2, served2) = (stop.clone(), served.clone());
-    let handle = std::thread::spawn(move || {
-        let deadline = Instant::now() + SERVER_LIFETIME;
-        while !stop2.load(Ordering::Relaxed)
-            && Instant::now() < deadline
-            && served2.load(Ordering::Relaxed) < SERVER_MAX_REQUESTS
-        {
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                    let original = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    let mut buf = [0u8; 512];
-                    if conn.read(&mut buf).is_ok() {
-                        let _ = conn.write_all(format!("proxied to {original}").as_bytes());
-                        served2.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
+    let transparent = |listener: &TcpListener| {
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd and a c_int option value of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_TRANSPARENT,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
         }
-    });
-    ServerGuard {
-        stop,
-        served,
-        handle: Some(handle),
-        addr,
-    }
+    };
+    tcp_server(ns, addr, transparent, |mut conn, _| {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let original = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut buf = [0u8; 512];
+        if conn.read(&mut buf).is_err() {
+            return false;
+        }
+        let _ = conn.write_all(format!("proxied to {original}").as_bytes());
+        true
+    })
 }
 
 /// A TCP server in `ns` that streams `chunks` chunks of `chunk` bytes to each client, one
@@ -276,43 +274,19 @@ pub fn tcp_stream_server(
     chunk: usize,
     interval: Duration,
 ) -> ServerGuard {
-    let listener = ns
-        .run(move || TcpListener::bind(addr))
-        .and_then(|r| {
-            r.map_err(|e| membrane_datapath::DatapathError::Invalid {
-                what: "bind",
-                detail: e.to_string(),
-            })
-        })
-        .unwrap_or_else(|e| panic!("bind tcp {addr} in {}: {e}", ns.name()));
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let (stop2, served2) = (stop.clone(), served.clone());
-    let handle = std::thread::spawn(move || {
-        let deadline = Instant::now() + SERVER_LIFETIME;
-        while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let Ok((mut conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            let _ = conn.set_nonblocking(false);
+    tcp_server(
+        ns,
+        addr,
+        |_| Ok(()),
+        move |mut conn, stop| {
             let data = vec![0x5a; chunk];
             for _ in 0..chunks {
-                if stop2.load(Ordering::Relaxed) || conn.write_all(&data).is_err() {
+                if stop.load(Ordering::Relaxed) || conn.write_all(&data).is_err() {
                     break;
                 }
                 std::thread::sleep(interval);
             }
-            served2.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    ServerGuard {
-        stop,
-        served,
-        handle: Some(handle),
-        addr,
-    }
+            true
+        },
+    )
 }

@@ -33,13 +33,16 @@ enum Command {
         #[command(subcommand)]
         command: membrane_agent::agent_cmd::ListCommand,
     },
-    /// Flow events the agent kept (datapath drops, policy verdicts, traces).
+    /// Flows from the agent's Hubble observer API, with Hubble's flags: --last N, --first N,
+    /// --all, -f/--follow, -o compact|dict|json, and filters --namespace, --pod, --from-pod,
+    /// --to-pod, --from-ip, --to-ip, --label, --from-label, --to-label, --identity,
+    /// --verdict, -t/--type, --protocol, --port, --from-port, --to-port, --http-method,
+    /// --http-path, --http-status, --traffic-direction, --not ... (in order; --not negates the
+    /// next filter). --socket PATH selects the API socket (default: the lab agent's).
+    #[command(disable_help_flag = false)]
     Observe {
-        #[command(flatten)]
-        target: membrane_agent::agent_cmd::AgentTarget,
-        /// How many of the most recent flows to print.
-        #[arg(long, default_value_t = 20)]
-        last: usize,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Scenarios like `cilium connectivity test`, each checked with real traffic and with the
     /// flows it produced, on a topology of their own (torn down afterwards).
@@ -155,7 +158,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Status(target) => membrane_agent::agent_cmd::status(&target)?,
         Command::Endpoint { target, .. } => membrane_agent::agent_cmd::endpoints(&target)?,
         Command::Identity { target, .. } => membrane_agent::agent_cmd::identities(&target)?,
-        Command::Observe { target, last } => membrane_agent::agent_cmd::observe(&target, last)?,
+        Command::Observe { args } => return membrane_agent::agent_cmd::observe_hubble(&args),
         Command::Policy { agent, command } => match command {
             PolicyCli::Offline(command) => return membrane_agent::policy_cmd::run(command),
             PolicyCli::Agent(command) => membrane_agent::agent_cmd::policy(&agent, command)?,

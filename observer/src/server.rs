@@ -1,0 +1,597 @@
+//! The gRPC side: Hubble's `observer.Observer` service and `grpc.health.v1.Health`, served
+//! on a Unix socket or TCP.
+//!
+//! GetFlows follows Hubble's local server (`pkg/hubble/observer/local_observer.go`):
+//! - `first` starts at the oldest flow; `follow` without `number`/`since` starts at the
+//!   newest; otherwise the ring is walked back from the newest flow until `number`
+//!   matching flows (or the first one older than `since`) are found;
+//! - without `follow`, the stream ends after `number` flows (0 = no limit) or at the flow
+//!   that was newest when the request arrived; a flow after `until` ends it too;
+//! - lost-event notices in the ring are sent regardless of filters and time bounds, and a
+//!   reader that falls more than a ring behind gets a `HUBBLE_RING_BUFFER` notice;
+//! - `first` with `follow` is INVALID_ARGUMENT; filters membrane cannot evaluate are
+//!   UNIMPLEMENTED, malformed ones INVALID_ARGUMENT.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::fieldmask::FlowMask;
+use crate::filter::{FilterError, FlowFilters};
+use crate::pipeline::{Observer, Shared};
+use crate::proto::flow::{Flow, LostEvent, LostEventSource};
+use crate::proto::observer::observer_server::{self, ObserverServer};
+use crate::proto::observer::{
+    GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse, Namespace,
+    ServerStatusRequest, ServerStatusResponse, get_flows_response::ResponseTypes,
+};
+use crate::ring::{Entry, RingEvent};
+use crate::timefmt;
+
+/// Hubble's default TCP port for a node's observer.
+pub const DEFAULT_TCP_PORT: u16 = 4244;
+/// Where the agent serves the observer locally (Hubble: `/var/run/cilium/hubble.sock`).
+pub const DEFAULT_UNIX_SOCKET: &str = "/run/membrane/hubble.sock";
+/// The service name `hubble status` health-checks.
+pub const HEALTH_SERVICE_NAME: &str = "hubble.server.Observer";
+
+/// Entries copied out of the ring per lock; bounds how long a reader holds it.
+const READ_BATCH: usize = 256;
+/// Responses buffered per stream before the reader waits for the client.
+const STREAM_BUFFER: usize = 64;
+/// GetNamespaces reports namespaces with flows in this window, like Hubble.
+const NAMESPACE_WINDOW_NANOS: i128 = 3600 * 1_000_000_000;
+
+/// Errors from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot bind the observer socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("observer gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The `observer.Observer` implementation.
+#[derive(Clone)]
+pub struct ObserverService {
+    shared: Arc<Shared>,
+}
+
+impl ObserverService {
+    pub fn new(observer: &Observer) -> Self {
+        Self {
+            shared: Arc::clone(observer.shared()),
+        }
+    }
+
+    /// The tonic service to add to a router.
+    pub fn into_server(self) -> ObserverServer<Self> {
+        ObserverServer::new(self)
+    }
+}
+
+fn filter_status(e: FilterError) -> Status {
+    match e {
+        FilterError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        FilterError::Unsupported { .. } => Status::unimplemented(e.to_string()),
+    }
+}
+
+fn timestamp_nanos(
+    name: &str,
+    ts: Option<&prost_types::Timestamp>,
+) -> Result<Option<i128>, Status> {
+    ts.map(|ts| {
+        timefmt::nanos(ts).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "GetFlowsRequest.{name} is not a valid timestamp: {ts:?}"
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// A validated GetFlows request.
+struct Plan {
+    number: u64,
+    first: bool,
+    follow: bool,
+    since: Option<i128>,
+    until: Option<i128>,
+    filters: FlowFilters,
+    mask: FlowMask,
+}
+
+impl Plan {
+    fn new(req: &GetFlowsRequest) -> Result<Self, Status> {
+        if req.first && req.follow {
+            return Err(Status::invalid_argument(
+                "first cannot be specified with follow",
+            ));
+        }
+        let filters = FlowFilters::new(&req.whitelist, &req.blacklist).map_err(filter_status)?;
+        let paths = req
+            .field_mask
+            .as_ref()
+            .or_else(|| req.experimental.as_ref()?.field_mask.as_ref())
+            .map(|m| m.paths.as_slice())
+            .unwrap_or_default();
+        let mask = FlowMask::new(paths).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Self {
+            number: req.number,
+            first: req.first,
+            follow: req.follow,
+            since: timestamp_nanos("since", req.since.as_ref())?,
+            until: timestamp_nanos("until", req.until.as_ref())?,
+            filters,
+            mask,
+        })
+    }
+
+    fn flow_nanos(flow: &Flow) -> Option<i128> {
+        flow.time.as_ref().and_then(timefmt::nanos)
+    }
+
+    /// The sequence number to start reading at (Hubble's `newRingReader`).
+    fn start(&self, snapshot: &[Entry], next: u64) -> u64 {
+        let oldest = snapshot.first().map_or(next, |e| e.seq);
+        if self.first && self.since.is_none() {
+            return oldest;
+        }
+        if self.follow && self.number == 0 && self.since.is_none() {
+            return next;
+        }
+        let mut count = 0u64;
+        for entry in snapshot.iter().rev() {
+            let RingEvent::Flow(flow) = &entry.event else {
+                continue;
+            };
+            if !self.filters.matches(flow) {
+                continue;
+            }
+            count += 1;
+            if let Some(since) = self.since {
+                if Self::flow_nanos(flow).is_none_or(|t| t < since) {
+                    return entry.seq + 1;
+                }
+            } else if count == self.number {
+                return entry.seq;
+            }
+        }
+        oldest
+    }
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "short-lived, one per ring entry; the response is sent right away"
+)]
+enum Step {
+    Send(GetFlowsResponse),
+    Skip,
+    /// A flow after `until`: the stream ends.
+    Stop,
+}
+
+fn lost_response(
+    lost: LostEvent,
+    time: prost_types::Timestamp,
+    node_name: String,
+) -> GetFlowsResponse {
+    GetFlowsResponse {
+        response_types: Some(ResponseTypes::LostEvents(lost)),
+        node_name,
+        time: Some(time),
+    }
+}
+
+impl Plan {
+    fn step(&self, entry: &Entry, node_name: &str) -> Step {
+        match &entry.event {
+            RingEvent::Lost(lost, time) => {
+                Step::Send(lost_response(*lost, *time, node_name.to_owned()))
+            }
+            RingEvent::Flow(flow) => {
+                if self.since.is_some() || self.until.is_some() {
+                    let Some(t) = Self::flow_nanos(flow) else {
+                        return Step::Skip;
+                    };
+                    if self.until.is_some_and(|until| t > until) {
+                        return Step::Stop;
+                    }
+                    if self.since.is_some_and(|since| t < since) {
+                        return Step::Skip;
+                    }
+                }
+                if !self.filters.matches(flow) {
+                    return Step::Skip;
+                }
+                // Like Hubble, the response's time and node come from the (masked) flow.
+                let flow = self.mask.apply(flow);
+                Step::Send(GetFlowsResponse {
+                    time: flow.time,
+                    node_name: flow.node_name.clone(),
+                    response_types: Some(ResponseTypes::Flow(flow)),
+                })
+            }
+        }
+    }
+}
+
+/// Where a stream starts and (without follow) ends, fixed when the request is accepted so
+/// that a client that saw the response headers knows which flows it will get.
+struct Cursor {
+    start: u64,
+    end: Option<u64>,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Cursor {
+    fn new(shared: &Shared, plan: &Plan) -> Self {
+        let mut changes = shared.ring.subscribe();
+        changes.borrow_and_update();
+        let (snapshot, next) = shared.ring.snapshot();
+        Self {
+            start: plan.start(&snapshot, next),
+            // Without follow, the stream ends at what was newest when the request arrived.
+            end: (!plan.follow).then_some(next),
+            changes,
+        }
+    }
+}
+
+async fn stream_flows(
+    shared: Arc<Shared>,
+    plan: Plan,
+    position: Cursor,
+    tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
+) {
+    let Cursor {
+        start: mut cursor,
+        end,
+        mut changes,
+    } = position;
+    let node_name = shared.node_name();
+    let mut sent_flows = 0u64;
+    loop {
+        if end.is_some_and(|end| cursor >= end) {
+            return;
+        }
+        changes.borrow_and_update();
+        let read = shared.ring.read(cursor, READ_BATCH);
+        if read.overwritten > 0 {
+            let lost = LostEvent {
+                source: LostEventSource::HubbleRingBuffer as i32,
+                num_events_lost: read.overwritten,
+                cpu: None,
+            };
+            let now = timefmt::timestamp(SystemTime::now());
+            if tx
+                .send(Ok(lost_response(lost, now, node_name.clone())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let empty = read.entries.is_empty();
+        for entry in &read.entries {
+            if end.is_some_and(|end| entry.seq >= end) {
+                return;
+            }
+            let response = match plan.step(entry, &node_name) {
+                Step::Send(response) => response,
+                Step::Skip => continue,
+                Step::Stop => return,
+            };
+            let is_flow = matches!(response.response_types, Some(ResponseTypes::Flow(_)));
+            if tx.send(Ok(response)).await.is_err() {
+                return; // The client went away.
+            }
+            if is_flow {
+                sent_flows += 1;
+                if !plan.follow && plan.number > 0 && sent_flows >= plan.number {
+                    return;
+                }
+            }
+        }
+        cursor = read.next;
+        if empty {
+            if !plan.follow {
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return; // The pipeline is gone.
+                    }
+                }
+                () = tx.closed() => return,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl observer_server::Observer for ObserverService {
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<BoxStream<GetFlowsResponse>>, Status> {
+        let plan = Plan::new(request.get_ref())?;
+        let position = Cursor::new(&self.shared, &plan);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(stream_flows(Arc::clone(&self.shared), plan, position, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_namespaces(
+        &self,
+        _request: Request<GetNamespacesRequest>,
+    ) -> Result<Response<GetNamespacesResponse>, Status> {
+        let cutoff = timefmt::system_nanos(SystemTime::now()) - NAMESPACE_WINDOW_NANOS;
+        let (entries, _) = self.shared.ring.snapshot();
+        let mut namespaces = BTreeSet::new();
+        for entry in &entries {
+            let RingEvent::Flow(flow) = &entry.event else {
+                continue;
+            };
+            if Plan::flow_nanos(flow).is_none_or(|t| t < cutoff) {
+                continue;
+            }
+            for ep in [flow.source.as_ref(), flow.destination.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if !ep.namespace.is_empty() {
+                    namespaces.insert(ep.namespace.clone());
+                }
+            }
+        }
+        Ok(Response::new(GetNamespacesResponse {
+            namespaces: namespaces
+                .into_iter()
+                .map(|namespace| Namespace {
+                    cluster: String::new(),
+                    namespace,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn server_status(
+        &self,
+        _request: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        Ok(Response::new(self.shared.server_status()))
+    }
+}
+
+/// The gRPC health service, answering SERVING for `""` and `hubble.server.Observer`.
+pub async fn health_service()
+-> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(HEALTH_SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    service
+}
+
+async fn router(observer: &Observer) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .add_service(health_service().await)
+        .add_service(ObserverService::new(observer).into_server())
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt as _;
+            if !meta.file_type().is_socket() {
+                return Err(bind_err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    UnixListener::bind(path).map_err(bind_err)
+}
+
+/// Serves the observer and health services on a bound Unix socket until `shutdown`
+/// completes.
+pub async fn serve_unix(
+    observer: &Observer,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    router(observer)
+        .await
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves the observer and health services on a bound TCP listener (Hubble's port is
+/// [`DEFAULT_TCP_PORT`]) until `shutdown` completes.
+pub async fn serve_tcp(
+    observer: &Observer,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    router(observer)
+        .await
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+    use crate::convert::tests::{at, datapath, enricher};
+    use crate::input::{DatapathEventKind, DatapathVerdict, FlowInput};
+    use crate::pipeline::ObserverConfig;
+    use crate::proto::flow::layer4;
+    use crate::proto::observer::observer_server::Observer as _;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Flows with source ports 0..6, one second apart.
+    async fn observer(max_flows: usize) -> Observer {
+        let config = ObserverConfig {
+            max_flows,
+            ..ObserverConfig::default()
+        };
+        let observer = Observer::spawn(config, Arc::new(enricher())).expect("config");
+        let sender = observer.sender();
+        for n in 0..6u16 {
+            let mut ev = datapath(DatapathEventKind::Trace, DatapathVerdict::Forwarded);
+            ev.time = at(n.into());
+            ev.sport = n;
+            assert!(sender.send(FlowInput::Datapath(ev)));
+        }
+        tokio::time::timeout(WAIT, observer.flush())
+            .await
+            .expect("flush in time");
+        observer
+    }
+
+    async fn ports(observer: &Observer, req: GetFlowsRequest) -> Vec<Option<u32>> {
+        let service = ObserverService::new(observer);
+        let stream = service
+            .get_flows(Request::new(req))
+            .await
+            .expect("request accepted")
+            .into_inner();
+        let responses: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>())
+            .await
+            .expect("stream ends");
+        responses
+            .into_iter()
+            .map(|r| match r.expect("no error").response_types {
+                Some(ResponseTypes::Flow(f)) => match f.l4?.protocol? {
+                    layer4::Protocol::Tcp(t) => Some(t.source_port),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ts(secs: u64) -> Option<prost_types::Timestamp> {
+        Some(timefmt::timestamp(at(secs)))
+    }
+
+    #[tokio::test]
+    async fn time_bounds_and_counts() {
+        let o = observer(16).await;
+        let cases = [
+            (GetFlowsRequest::default(), vec![0, 1, 2, 3, 4, 5]),
+            (
+                GetFlowsRequest {
+                    since: ts(3),
+                    ..GetFlowsRequest::default()
+                },
+                vec![3, 4, 5],
+            ),
+            (
+                GetFlowsRequest {
+                    until: ts(1),
+                    ..GetFlowsRequest::default()
+                },
+                vec![0, 1],
+            ),
+            (
+                GetFlowsRequest {
+                    since: ts(2),
+                    until: ts(3),
+                    ..GetFlowsRequest::default()
+                },
+                vec![2, 3],
+            ),
+            (
+                GetFlowsRequest {
+                    since: ts(2),
+                    first: true,
+                    number: 2,
+                    ..GetFlowsRequest::default()
+                },
+                vec![2, 3],
+            ),
+            (
+                GetFlowsRequest {
+                    number: 3,
+                    ..GetFlowsRequest::default()
+                },
+                vec![3, 4, 5],
+            ),
+            (
+                GetFlowsRequest {
+                    number: 100,
+                    first: true,
+                    ..GetFlowsRequest::default()
+                },
+                vec![0, 1, 2, 3, 4, 5],
+            ),
+        ];
+        for (req, want) in cases {
+            let got = ports(&o, req.clone()).await;
+            let want: Vec<Option<u32>> = want.into_iter().map(Some).collect();
+            assert_eq!(got, want, "request {req:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_timestamps_are_invalid_arguments() {
+        let o = observer(4).await;
+        let err = ObserverService::new(&o)
+            .get_flows(Request::new(GetFlowsRequest {
+                since: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: -5,
+                }),
+                ..GetFlowsRequest::default()
+            }))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_small_ring_keeps_the_newest() {
+        let o = observer(2).await;
+        assert_eq!(
+            ports(&o, GetFlowsRequest::default()).await,
+            [Some(4), Some(5)]
+        );
+    }
+}
