@@ -1,0 +1,512 @@
+//! The filter-chain interface the proxy drives: [`FilterChain`] (an ordered list of filters)
+//! and [`ChainStream`] (one HTTP stream through it), with plain Rust types in and
+//! [`Action`]s out.
+//!
+//! Phase chart (Envoy order; request phases run filters first→last, response phases
+//! last→first):
+//!
+//! ```text
+//! start_stream ── proxy_on_context_create(ctx, root)        (each filter)
+//! on_request_headers ── proxy_on_request_headers             → Continue | Pause | LocalReply | Close
+//! on_request_body* ──── proxy_on_request_body (buffered size) → Continue(data) | Pause(buffered)
+//! on_response_headers ─ proxy_on_response_headers            (reverse order)
+//! on_response_body* ─── proxy_on_response_body              (reverse order)
+//! finish / drop ─────── proxy_on_done → proxy_on_log → proxy_on_delete   (always, once)
+//! ```
+//!
+//! Rules the chain enforces regardless of what the guest returns:
+//! - a local reply stops the phase (cpp-host's "stop after local reply"), then travels the
+//!   response path of the filters that saw the request (the replying one included), so they can
+//!   decorate it, and comes back as [`Action::LocalReply`];
+//! - `proxy_continue_stream` during a callback turns its Pause into Continue;
+//! - a failed instance applies the filter's [`FailurePolicy`] to this stream only;
+//! - done/log/delete run for every created context, also when the stream is dropped early
+//!   (client reset) or was answered locally.
+//!
+//! Callbacks are synchronous and bounded by the filter's callback deadline (default 10 ms);
+//! typical header filters take a few µs, so the proxy calls them inline on its runtime.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::config::FailurePolicy;
+use crate::filter::{Filter, Generation, VmSlot};
+use crate::shared::lock;
+use crate::state::{FilterStreamState, PendingLocalReply, StreamShared};
+use crate::types::{
+    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, LocalReply, Phase, StreamInfo,
+};
+use crate::vm::{Callback, VmFailure};
+
+/// An ordered list of filters. Cheap to clone; build a new one to change the order.
+#[derive(Clone, Default)]
+pub struct FilterChain {
+    filters: Arc<[Arc<Filter>]>,
+}
+
+impl FilterChain {
+    pub fn new(filters: Vec<Arc<Filter>>) -> Self {
+        Self {
+            filters: filters.into(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    pub fn filters(&self) -> &[Arc<Filter>] {
+        &self.filters
+    }
+
+    /// Starts a stream: assigns each filter's instance and creates the stream contexts.
+    /// Failures here surface as the first phase's action (per failure policy).
+    pub fn start_stream(&self, info: StreamInfo) -> ChainStream {
+        let mut stream = ChainStream {
+            shared: StreamShared {
+                info: Arc::new(info),
+                ..StreamShared::default()
+            },
+            filters: Vec::with_capacity(self.filters.len()),
+            decisions: Vec::new(),
+            finished: false,
+        };
+        for filter in self.filters.iter() {
+            let generation = filter.current();
+            let mut fs = FilterStream {
+                generation,
+                slot: None,
+                ctx: 0,
+                own: FilterStreamState::default(),
+                state: StreamState::Active,
+            };
+            match fs.generation.acquire() {
+                Ok(slot) => {
+                    let created = lock(&slot.vm).create_stream_context(&fs.generation.limits);
+                    match created {
+                        Ok(ctx) => {
+                            fs.ctx = ctx;
+                            fs.slot = Some(slot);
+                        }
+                        Err(f) => {
+                            fs.slot = Some(slot);
+                            fs.fail_instance(&f);
+                            stream.note_failure(&mut fs, Phase::StreamStart, &f);
+                        }
+                    }
+                }
+                Err(f) => stream.note_failure(&mut fs, Phase::StreamStart, &f),
+            }
+            stream.filters.push(fs);
+        }
+        stream
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    Active,
+    /// Failed open: the filter is skipped for the rest of the stream.
+    Bypassed,
+    /// Failed closed: the stream must be answered with this status.
+    Rejected(u16),
+}
+
+struct FilterStream {
+    generation: Arc<Generation>,
+    slot: Option<Arc<VmSlot>>,
+    ctx: u32,
+    own: FilterStreamState,
+    state: StreamState,
+}
+
+impl FilterStream {
+    fn name(&self) -> Arc<str> {
+        self.generation.settings.name.clone()
+    }
+
+    /// Marks the instance failed (other streams on it will fail on their next callback) and
+    /// lets the pool replace it.
+    fn fail_instance(&mut self, f: &VmFailure) {
+        if let Some(slot) = &self.slot {
+            slot.failed.store(true, Ordering::Relaxed);
+        }
+        self.generation.record_failure(f);
+    }
+}
+
+/// What one filter's callback asked for.
+enum Step {
+    Continue,
+    Pause,
+    LocalReply(PendingLocalReply),
+    Close,
+    /// The filter's instance failed and the policy rejects the stream with this status.
+    Reject(u16),
+}
+
+/// One HTTP stream through a [`FilterChain`]. Owns the stream's header maps between phases;
+/// read them back with [`ChainStream::request_headers`] / [`ChainStream::response_headers`].
+pub struct ChainStream {
+    shared: StreamShared,
+    filters: Vec<FilterStream>,
+    decisions: Vec<FilterDecision>,
+    finished: bool,
+}
+
+impl ChainStream {
+    /// Request headers as the filters left them (pseudo-headers included).
+    pub fn request_headers(&self) -> &Headers {
+        &self.shared.request_headers
+    }
+
+    /// Response headers as the filters left them (`:status` included).
+    pub fn response_headers(&self) -> &Headers {
+        &self.shared.response_headers
+    }
+
+    /// Decisions so far (local replies, header/body changes, failures), for the flow record.
+    pub fn decisions(&self) -> &[FilterDecision] {
+        &self.decisions
+    }
+
+    /// Runs `proxy_on_request_headers` through the chain. The chain keeps `headers`; on
+    /// `Continue` forward [`ChainStream::request_headers`].
+    pub fn on_request_headers(&mut self, headers: Headers, end_of_stream: bool) -> Action {
+        self.shared.request_headers = headers;
+        for i in 0..self.filters.len() {
+            let count = self.shared.request_headers.len() as u32;
+            let cb = Callback::RequestHeaders {
+                count,
+                end_of_stream,
+            };
+            match self.step(i, Phase::RequestHeaders, cb) {
+                Step::Continue => {}
+                Step::Pause => return Action::Pause,
+                Step::Close => return Action::Close,
+                Step::Reject(status) => return self.reject(i, status),
+                Step::LocalReply(r) => return self.local_reply(i, Phase::RequestHeaders, r),
+            }
+        }
+        Action::Continue
+    }
+
+    /// Runs `proxy_on_request_body` through the chain. `data` is the new chunk on input and
+    /// what to forward now on output: a filter that returns Pause keeps the bytes buffered
+    /// (and sees the whole buffer, cumulative size, on the next chunk); Continue releases them.
+    pub fn on_request_body(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> Action {
+        for i in 0..self.filters.len() {
+            match self.body_step(i, Phase::RequestBody, data, end_of_stream) {
+                Some(action) => return action,
+                None => continue,
+            }
+        }
+        Action::Continue
+    }
+
+    /// Runs `proxy_on_response_headers` (filters in reverse order).
+    pub fn on_response_headers(&mut self, headers: Headers, end_of_stream: bool) -> Action {
+        self.shared.response_headers = headers;
+        for i in (0..self.filters.len()).rev() {
+            let count = self.shared.response_headers.len() as u32;
+            let cb = Callback::ResponseHeaders {
+                count,
+                end_of_stream,
+            };
+            match self.step(i, Phase::ResponseHeaders, cb) {
+                Step::Continue => {}
+                Step::Pause => return Action::Pause,
+                Step::Close => return Action::Close,
+                Step::Reject(status) => return self.reject(i, status),
+                Step::LocalReply(r) => return self.local_reply(i, Phase::ResponseHeaders, r),
+            }
+        }
+        Action::Continue
+    }
+
+    /// Runs `proxy_on_response_body` (filters in reverse order); `data` as for requests.
+    pub fn on_response_body(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> Action {
+        for i in (0..self.filters.len()).rev() {
+            match self.body_step(i, Phase::ResponseBody, data, end_of_stream) {
+                Some(action) => return action,
+                None => continue,
+            }
+        }
+        Action::Continue
+    }
+
+    /// Ends the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` for every filter,
+    /// and returns the decisions for the flow record. Dropping the stream does the same.
+    pub fn finish(mut self) -> Vec<FilterDecision> {
+        self.finish_inner();
+        std::mem::take(&mut self.decisions)
+    }
+
+    fn finish_inner(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        for fs in &mut self.filters {
+            let Some(slot) = fs.slot.clone() else {
+                continue;
+            };
+            slot.streams.fetch_sub(1, Ordering::Relaxed);
+            if slot.failed.load(Ordering::Relaxed) {
+                continue;
+            }
+            let result = lock(&slot.vm).finish_stream(
+                fs.ctx,
+                &mut self.shared,
+                &mut fs.own,
+                &fs.generation.limits,
+            );
+            match result {
+                Ok(()) if fs.state == StreamState::Active => fs.generation.record_success(),
+                Ok(()) => {}
+                Err(f) => fs.fail_instance(&f),
+            }
+        }
+    }
+
+    fn note_failure(&mut self, fs: &mut FilterStream, phase: Phase, f: &VmFailure) {
+        let decision = apply_policy(fs, phase, f);
+        self.decisions.push(decision);
+    }
+
+    /// Runs one callback of filter `i` and interprets the outcome.
+    fn step(&mut self, i: usize, phase: Phase, cb: Callback) -> Step {
+        match self.filters[i].state {
+            StreamState::Bypassed => return Step::Continue,
+            StreamState::Rejected(status) => return Step::Reject(status),
+            StreamState::Active => {}
+        }
+        let fs = &mut self.filters[i];
+        let Some(slot) = fs.slot.clone() else {
+            return Step::Continue;
+        };
+        fs.own.continue_requested = false;
+        fs.own.headers_modified = false;
+        fs.own.body_modified = false;
+        let result = {
+            let mut vm = lock(&slot.vm);
+            if slot.failed.load(Ordering::Relaxed) {
+                vm.failed = true;
+            }
+            vm.run(
+                fs.ctx,
+                cb,
+                &mut self.shared,
+                &mut fs.own,
+                &fs.generation.limits,
+            )
+        };
+        let action = match result {
+            Ok(action) => action,
+            Err(f) => {
+                let fs = &mut self.filters[i];
+                fs.fail_instance(&f);
+                let decision = apply_policy(fs, phase, &f);
+                let state = fs.state;
+                self.decisions.push(decision);
+                return match state {
+                    StreamState::Rejected(status) => Step::Reject(status),
+                    _ => Step::Continue,
+                };
+            }
+        };
+        let fs = &mut self.filters[i];
+        let name = fs.name();
+        if fs.own.headers_modified
+            && matches!(phase, Phase::RequestHeaders | Phase::ResponseHeaders)
+        {
+            self.decisions.push(FilterDecision {
+                filter: name.clone(),
+                phase,
+                kind: DecisionKind::HeadersModified,
+            });
+        }
+        if fs.own.body_modified {
+            self.decisions.push(FilterDecision {
+                filter: name.clone(),
+                phase,
+                kind: DecisionKind::BodyModified,
+            });
+        }
+        if let Some(reply) = fs.own.local_reply.take() {
+            return Step::LocalReply(reply);
+        }
+        if fs.own.close_requested {
+            self.decisions.push(FilterDecision {
+                filter: name,
+                phase,
+                kind: DecisionKind::Closed,
+            });
+            return Step::Close;
+        }
+        if action == crate::abi::action::PAUSE as u32 && !fs.own.continue_requested {
+            return Step::Pause;
+        }
+        Step::Continue
+    }
+
+    /// One filter's body callback; `None` means "go on to the next filter with `data`".
+    fn body_step(
+        &mut self,
+        i: usize,
+        phase: Phase,
+        data: &mut Vec<u8>,
+        end_of_stream: bool,
+    ) -> Option<Action> {
+        if self.filters[i].state == StreamState::Bypassed {
+            return None;
+        }
+        let limit = self.filters[i].generation.limits.max_buffered_body;
+        let buffer = match phase {
+            Phase::RequestBody => &mut self.filters[i].own.request_body,
+            _ => &mut self.filters[i].own.response_body,
+        };
+        buffer.append(data);
+        if buffer.len() > limit {
+            buffer.clear();
+            let name = self.filters[i].name();
+            // Envoy's answer when a filter's buffer overflows.
+            return Some(self.local_reply(
+                i,
+                phase,
+                PendingLocalReply {
+                    status: 413,
+                    details: format!("wasm_buffer_limit_exceeded:{name}"),
+                    body: b"Payload Too Large".to_vec(),
+                    headers: Vec::new(),
+                    grpc_status: None,
+                },
+            ));
+        }
+        let size = buffer.len() as u32;
+        let cb = match phase {
+            Phase::RequestBody => Callback::RequestBody {
+                size,
+                end_of_stream,
+            },
+            _ => Callback::ResponseBody {
+                size,
+                end_of_stream,
+            },
+        };
+        let step = self.step(i, phase, cb);
+        let fs = &mut self.filters[i];
+        let buffer = match phase {
+            Phase::RequestBody => &mut fs.own.request_body,
+            _ => &mut fs.own.response_body,
+        };
+        match step {
+            Step::Continue => {
+                *data = std::mem::take(buffer);
+                None
+            }
+            Step::Pause => Some(Action::Pause),
+            Step::Close => Some(Action::Close),
+            Step::Reject(status) => Some(self.reject(i, status)),
+            Step::LocalReply(r) => Some(self.local_reply(i, phase, r)),
+        }
+    }
+
+    /// A failure policy's reply (Envoy: 503 with details `wasm_fail_stream`).
+    fn reject(&mut self, i: usize, status: u16) -> Action {
+        Action::LocalReply(LocalReply {
+            status,
+            headers: Headers::new(),
+            body: Vec::new(),
+            details: "wasm_fail_stream".into(),
+            grpc_status: None,
+            filter: self.filters[i].name(),
+        })
+    }
+
+    /// Sends filter `i`'s local reply through the response path of filters `i..=0` (reverse
+    /// order, as Envoy's encoder chain), ignoring further local replies, and returns it.
+    fn local_reply(&mut self, i: usize, phase: Phase, reply: PendingLocalReply) -> Action {
+        let filter = self.filters[i].name();
+        self.decisions.push(FilterDecision {
+            filter: filter.clone(),
+            phase,
+            kind: DecisionKind::LocalReply {
+                status: reply.status,
+            },
+        });
+        let mut headers =
+            Headers::response(reply.status, reply.headers.iter().map(|(k, v)| (k, v)));
+        if !reply.body.is_empty() && headers.get("content-type").is_none() {
+            headers.add(b"content-type", b"text/plain");
+        }
+        headers.replace(b"content-length", reply.body.len().to_string().as_bytes());
+        self.shared.response_headers = headers;
+        let mut body = reply.body;
+        for j in (0..=i).rev() {
+            let cb = Callback::ResponseHeaders {
+                count: self.shared.response_headers.len() as u32,
+                end_of_stream: body.is_empty(),
+            };
+            // Only failures matter here: the reply is already decided.
+            let _ = self.step(j, Phase::ResponseHeaders, cb);
+        }
+        if !body.is_empty() {
+            for j in (0..=i).rev() {
+                if self.filters[j].state != StreamState::Active {
+                    continue;
+                }
+                self.filters[j].own.response_body = std::mem::take(&mut body);
+                let cb = Callback::ResponseBody {
+                    size: self.filters[j].own.response_body.len() as u32,
+                    end_of_stream: true,
+                };
+                let _ = self.step(j, Phase::ResponseBody, cb);
+                body = std::mem::take(&mut self.filters[j].own.response_body);
+            }
+            self.shared
+                .response_headers
+                .replace(b"content-length", body.len().to_string().as_bytes());
+        }
+        let mut headers = self.shared.response_headers.clone();
+        let status = headers
+            .get_str(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(reply.status);
+        headers.remove(b":status");
+        Action::LocalReply(LocalReply {
+            status,
+            headers,
+            body,
+            details: reply.details,
+            grpc_status: reply.grpc_status,
+            filter,
+        })
+    }
+}
+
+/// Applies the filter's failure policy to this stream and describes it for the flow record.
+fn apply_policy(fs: &mut FilterStream, phase: Phase, f: &VmFailure) -> FilterDecision {
+    let (state, outcome) = match fs.generation.spec_policy {
+        FailurePolicy::FailOpen => (StreamState::Bypassed, FailureOutcome::Bypassed),
+        FailurePolicy::FailClosed { status } | FailurePolicy::Reload { status, .. } => (
+            StreamState::Rejected(status),
+            FailureOutcome::Rejected { status },
+        ),
+    };
+    fs.state = state;
+    FilterDecision {
+        filter: fs.name(),
+        phase,
+        kind: DecisionKind::Failed {
+            reason: f.reason.clone(),
+            outcome,
+        },
+    }
+}
+
+impl Drop for ChainStream {
+    fn drop(&mut self) {
+        self.finish_inner();
+    }
+}

@@ -1,0 +1,295 @@
+//! Plain Rust types the proxy exchanges with the filter chain: header lists, what is known
+//! about a stream's peers, and the actions filters ask for. No wasmtime types, so the proxy
+//! can adapt them to its own filter-chain trait without seeing the engine.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// An ordered HTTP header list as Envoy exposes it to filters: names lower-case, repeated names
+/// kept as separate entries, pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`,
+/// `:status`) included as ordinary entries, values as raw bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Headers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a list from `(name, value)` pairs, lower-casing the names.
+    pub fn from_pairs<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let mut headers = Self::new();
+        for (k, v) in pairs {
+            headers.add(k.as_ref(), v.as_ref());
+        }
+        headers
+    }
+
+    /// A request head: the four pseudo-headers first (as Envoy orders them), then `headers`.
+    pub fn request<I, K, V>(method: &str, path: &str, authority: &str, headers: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let mut out = Self::from_pairs([
+            (":authority", authority),
+            (":path", path),
+            (":method", method),
+            (":scheme", "http"),
+        ]);
+        for (k, v) in headers {
+            out.add(k.as_ref(), v.as_ref());
+        }
+        out
+    }
+
+    /// A response head: `:status` first, then `headers`.
+    pub fn response<I, K, V>(status: u16, headers: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let mut out = Self::new();
+        out.add(b":status", status.to_string().as_bytes());
+        for (k, v) in headers {
+            out.add(k.as_ref(), v.as_ref());
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
+    /// The first value of `name` (Envoy's `get_header_map_value` semantics).
+    pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&[u8]> {
+        let name = name.as_ref();
+        self.entries
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The first value of `name` as UTF-8, if it is.
+    pub fn get_str(&self, name: impl AsRef<[u8]>) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Appends an entry (the name is lower-cased).
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        self.entries
+            .push((name.to_ascii_lowercase(), value.to_vec()));
+    }
+
+    /// Replaces the first entry of `name` and removes the others; adds it when absent.
+    pub fn replace(&mut self, name: &[u8], value: &[u8]) {
+        let mut found = false;
+        self.entries.retain_mut(|(k, v)| {
+            if !k.eq_ignore_ascii_case(name) {
+                return true;
+            }
+            if found {
+                return false;
+            }
+            found = true;
+            v.clear();
+            v.extend_from_slice(value);
+            true
+        });
+        if !found {
+            self.add(name, value);
+        }
+    }
+
+    /// Removes every entry of `name`.
+    pub fn remove(&mut self, name: &[u8]) {
+        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    /// Replaces the whole list (names lower-cased).
+    pub fn set_all(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.entries = pairs;
+        for (k, _) in &mut self.entries {
+            k.make_ascii_lowercase();
+        }
+    }
+
+    /// The values of repeated names joined with `,` (Envoy's `request.headers` property).
+    pub(crate) fn joined(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(self.entries.len());
+        for (k, v) in &self.entries {
+            if let Some((_, existing)) = out.iter_mut().find(|(ek, _)| ek == k) {
+                existing.push(b',');
+                existing.extend_from_slice(v);
+            } else {
+                out.push((k.clone(), v.clone()));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn entries(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        &self.entries
+    }
+}
+
+/// What the node knows about one side of a stream: its security identity (from the ipcache),
+/// its labels and its workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub address: Option<SocketAddr>,
+    /// Numeric security identity (exposed to filters as an 8-byte little-endian uint).
+    pub identity: Option<u64>,
+    /// `key=value` labels of the identity (exposed as a map).
+    pub labels: Vec<(String, String)>,
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+    pub principal: Option<String>,
+}
+
+/// Per-stream facts the proxy hands in when a stream starts; read by `proxy_get_property`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub source: PeerInfo,
+    pub destination: PeerInfo,
+    /// `HTTP/1.0`, `HTTP/1.1`, `HTTP/2` or `HTTP/3`.
+    pub protocol: Option<String>,
+    pub connection_id: Option<u64>,
+}
+
+/// A reply generated instead of forwarding the request (`proxy_send_local_response`, or a
+/// failure policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u16,
+    /// Response headers without `:status` (the filter's, plus whatever the response path of the
+    /// chain added).
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    /// `details` argument of `proxy_send_local_response` (Envoy's response code details), or
+    /// `wasm_fail_stream` for a failure policy.
+    pub details: String,
+    /// gRPC status for trailers-only gRPC replies; `None` for the ABI's `-1` sentinel.
+    pub grpc_status: Option<u32>,
+    /// The filter that produced the reply.
+    pub filter: Arc<str>,
+}
+
+/// What the chain asks the proxy to do after a phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Go on: forward what the phase produced (headers possibly modified, body bytes returned).
+    Continue,
+    /// Headers phase: hold the stream (a filter paused it and did not resume). Body phase: the
+    /// data was buffered by a filter; pass the next chunk (or end of stream) when it arrives.
+    Pause,
+    /// Answer the client with this reply; never forward the request (or the upstream response).
+    LocalReply(LocalReply),
+    /// Reset the stream (`proxy_close_stream`).
+    Close,
+}
+
+/// One filter decision for the flow record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterDecision {
+    pub filter: Arc<str>,
+    pub phase: Phase,
+    pub kind: DecisionKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionKind {
+    /// The filter replied locally with this status.
+    LocalReply { status: u16 },
+    /// The filter changed the phase's headers.
+    HeadersModified,
+    /// The filter changed the body.
+    BodyModified,
+    /// The filter reset the stream.
+    Closed,
+    /// The filter's instance failed; `outcome` says what the failure policy did.
+    Failed {
+        reason: String,
+        outcome: FailureOutcome,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// The stream was answered with this status.
+    Rejected { status: u16 },
+    /// The filter was skipped for the rest of the stream.
+    Bypassed,
+}
+
+/// The request/response phases a filter runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    StreamStart,
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Log,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::StreamStart => "stream_start",
+            Phase::RequestHeaders => "request_headers",
+            Phase::RequestBody => "request_body",
+            Phase::ResponseHeaders => "response_headers",
+            Phase::ResponseBody => "response_body",
+            Phase::Log => "log",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_list_semantics() {
+        let mut h = Headers::from_pairs([("Accept", "a"), ("X-A", "1"), ("x-a", "2")]);
+        assert_eq!(h.get("accept"), Some(&b"a"[..]));
+        assert_eq!(h.get("X-a"), Some(&b"1"[..]));
+        assert_eq!(h.get_all(b"x-a").count(), 2);
+        assert_eq!(h.joined()[1], (b"x-a".to_vec(), b"1,2".to_vec()));
+        h.replace(b"X-A", b"3");
+        assert_eq!(h.get_all(b"x-a").collect::<Vec<_>>(), vec![&b"3"[..]]);
+        h.replace(b"new", b"v");
+        assert_eq!(h.get("new"), Some(&b"v"[..]));
+        h.remove(b"accept");
+        assert_eq!(h.get("accept"), None);
+        assert_eq!(h.len(), 2);
+    }
+}
