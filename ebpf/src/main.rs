@@ -33,8 +33,8 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
     },
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign,
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp,
+        bpf_sk_release, bpf_skc_lookup_tcp,
     },
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -372,7 +372,9 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         // policy, ipcache and endpoints keeps it: any change to those bumps the revision and
         // sends the next packet through the lookups again (deletions take effect at once).
         let cached = match &existing {
-            Some(entry) if entry.policy_rev == revision => Some((entry.rule_cookie, entry.proxy_port_be)),
+            Some(entry) if entry.policy_rev == revision => {
+                Some((entry.rule_cookie, entry.proxy_port_be))
+            }
             _ => None,
         };
         match cached {

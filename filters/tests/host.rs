@@ -744,11 +744,21 @@ fn a_filter_built_with_the_upstream_sdk_links_and_behaves_as_in_envoy() -> Resul
 
     let logs = logs.lock().unwrap();
     let lines: Vec<&str> = logs.iter().map(|l| l.message.as_str()).collect();
-    assert!(lines.iter().any(|l| l.starts_with("ctx 2: request /teapot with")), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ctx 2: request /teapot with")),
+        "{lines:#?}"
+    );
     // The local reply went through the same filter's response path.
     assert!(lines.contains(&"ctx 2: response 418"), "{lines:#?}");
     assert_eq!(lines.iter().filter(|l| **l == "ctx 2: done").count(), 1);
-    assert!(lines.iter().any(|l| l.starts_with("ctx 3: request /other with")), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("ctx 3: request /other with")),
+        "{lines:#?}"
+    );
     assert_eq!(lines.iter().filter(|l| **l == "ctx 3: done").count(), 1);
     assert!(
         !logs.iter().any(|l| l.level >= LogLevel::Error),

@@ -179,8 +179,16 @@ fn veth() {
         results.push((r, c));
     }
     let (none, ipt, mb) = (results[0], results[1], results[2]);
-    println!("membrane / no filter: RR {:.3}x, CRR {:.3}x (target >= 0.97)", mb.0 / none.0, mb.1 / none.1);
-    println!("membrane / iptables:  RR {:.3}x, CRR {:.3}x (target >= 1.3)", mb.0 / ipt.0, mb.1 / ipt.1);
+    println!(
+        "membrane / no filter: RR {:.3}x, CRR {:.3}x (target >= 0.97)",
+        mb.0 / none.0,
+        mb.1 / none.1
+    );
+    println!(
+        "membrane / iptables:  RR {:.3}x, CRR {:.3}x (target >= 1.3)",
+        mb.0 / ipt.0,
+        mb.1 / ipt.1
+    );
 }
 
 struct VethSetup {
@@ -328,7 +336,8 @@ impl VethSetup {
         let addr = SocketAddr::V4(self.server_addr);
         self.client
             .run(move || {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+                let mut s =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
                 s.set_nodelay(true).expect("nodelay");
                 let mut byte = [0u8; 1];
                 let start = Instant::now();
@@ -352,7 +361,8 @@ impl VethSetup {
                 let start = Instant::now();
                 let mut n = 0u64;
                 while start.elapsed() < duration {
-                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+                    let mut s =
+                        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
                     s.set_nodelay(true).expect("nodelay");
                     s.write_all(b"x").expect("write");
                     s.read_exact(&mut byte).expect("read");

@@ -383,7 +383,13 @@ fn test() -> Result {
 fn lab(args: &[String]) -> Result {
     bootstrap()?;
     let root = workspace_root();
-    run(Command::new(cargo()).current_dir(&root).args(["build", "--quiet", "--package", "membrane-agent", "--bins"]))?;
+    run(Command::new(cargo()).current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--package",
+        "membrane-agent",
+        "--bins",
+    ]))?;
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
