@@ -40,6 +40,8 @@ const ECHO_PORTS: [u16; 3] = [8080, 8081, 8082];
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
     Allowed,
+    /// Answered with this HTTP status (through the L7 proxy: 200 allowed, 403 denied).
+    Status(u16),
     /// Dropped by the datapath with this Cilium drop reason description.
     Dropped(&'static str),
 }
@@ -49,7 +51,16 @@ const DENYLIST: Expect = Expect::Dropped("Policy denied by denylist");
 
 #[derive(Clone, Copy, Debug)]
 enum Probe {
-    Http { port: u16 },
+    Http {
+        port: u16,
+    },
+    /// An HTTP request with a method, a path and optionally one header.
+    Request {
+        port: u16,
+        method: &'static str,
+        path: &'static str,
+        header: Option<&'static str>,
+    },
     Ping,
 }
 
@@ -67,6 +78,27 @@ const fn http(from: &'static str, to: Ipv4Addr, port: u16, expect: Expect) -> Ch
         to,
         probe: Probe::Http { port },
         expect,
+    }
+}
+
+const fn request(
+    from: &'static str,
+    to: Ipv4Addr,
+    method: &'static str,
+    path: &'static str,
+    header: Option<&'static str>,
+    status: u16,
+) -> Check {
+    Check {
+        from,
+        to,
+        probe: Probe::Request {
+            port: 8080,
+            method,
+            path,
+            header,
+        },
+        expect: Expect::Status(status),
     }
 }
 
@@ -278,6 +310,57 @@ fn scenarios() -> Vec<Scenario> {
                 http("client", ECHO, 8080, Expect::Allowed),
             ],
         },
+        Scenario {
+            name: "client-egress-l7-http-method",
+            policy: leak(cnp(
+                "client-egress-l7-method",
+                "client",
+                "  egress:\n  - toEndpoints:\n    - matchLabels: {app: echo}\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{method: GET}]\n",
+            )),
+            checks: vec![
+                request("client", ECHO, "GET", "/", None, 200),
+                request("client", ECHO, "POST", "/", None, 403),
+                http("client", ECHO, 8081, DENIED),
+            ],
+        },
+        Scenario {
+            name: "client-egress-l7-http-path",
+            policy: leak(cnp(
+                "client-egress-l7-path",
+                "client",
+                "  egress:\n  - toEndpoints:\n    - matchLabels: {app: echo}\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/public/.*\"}]\n",
+            )),
+            checks: vec![
+                request("client", ECHO, "GET", "/public/index.html", None, 200),
+                request("client", ECHO, "GET", "/private", None, 403),
+            ],
+        },
+        Scenario {
+            name: "client-egress-l7-http-header",
+            policy: leak(cnp(
+                "client-egress-l7-header",
+                "client",
+                "  egress:\n  - toEndpoints:\n    - matchLabels: {app: echo}\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{headers: [\"X-Token: s3cret\"]}]\n",
+            )),
+            checks: vec![
+                request("client", ECHO, "GET", "/", Some("X-Token: s3cret"), 200),
+                request("client", ECHO, "GET", "/", Some("X-Token: wrong"), 403),
+                request("client", ECHO, "GET", "/", None, 403),
+            ],
+        },
+        Scenario {
+            name: "echo-ingress-l7-http",
+            policy: leak(cnp(
+                "echo-ingress-l7",
+                "echo",
+                "  ingress:\n  - fromEndpoints:\n    - matchLabels: {app: client}\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{method: GET, path: \"/\"}]\n",
+            )),
+            checks: vec![
+                request("client", ECHO, "GET", "/", None, 200),
+                request("client", ECHO, "DELETE", "/", None, 403),
+                http("client2", ECHO, 8080, DENIED),
+            ],
+        },
     ]
 }
 
@@ -410,6 +493,45 @@ impl Run {
                     port,
                 )
             }
+            Probe::Request {
+                port,
+                method,
+                path,
+                header,
+            } => {
+                let mut cmd = Command::new("ip");
+                cmd.args([
+                    "netns",
+                    "exec",
+                    &format!("{}-{}", self.name, c.from),
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                ])
+                .args(["-w", "%{http_code}", "--max-time", "5", "-X", method]);
+                if let Some(h) = header {
+                    cmd.args(["-H", h]);
+                }
+                let out = cmd
+                    .arg(format!("http://{}:{port}{path}", c.to))
+                    .output()
+                    .map_err(|e| format!("run curl: {e}"))?;
+                let code: u16 = String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                let what = format!(
+                    "{} -> {}:{port} {method} {path}{}",
+                    c.from,
+                    self.name_of(c.to),
+                    header.map(|h| format!(" [{h}]")).unwrap_or_default()
+                );
+                if Expect::Status(code) != c.expect {
+                    return Err(format!("{what}: expected {:?}, got HTTP {code}", c.expect));
+                }
+                (true, what, port)
+            }
             Probe::Ping => {
                 let out = Command::new("ip")
                     .args([
@@ -433,6 +555,7 @@ impl Run {
             }
         };
         match (c.expect, connected) {
+            (Expect::Status(_), _) => {}
             (Expect::Allowed, false) => {
                 return Err(format!("{what}: expected allowed, got no answer"));
             }
@@ -457,6 +580,8 @@ impl Run {
                 .collect();
             let found = match c.expect {
                 Expect::Allowed => matching.iter().any(|f| f["verdict"] != "Dropped"),
+                // Through the proxy: the datapath redirected the connection.
+                Expect::Status(_) => matching.iter().any(|f| f["verdict"] == "Redirected"),
                 Expect::Dropped(reason) => matching.iter().any(|f| {
                     f["verdict"] == "Dropped" && f["drop_reason_desc"].as_str() == Some(reason)
                 }),

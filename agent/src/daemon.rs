@@ -73,6 +73,8 @@ pub struct AgentConfig {
     pub hubble_port: Option<u16>,
     /// Prometheus `/metrics` on TCP inside the node namespace (`None` = off).
     pub metrics_port: Option<u16>,
+    /// Run and supervise `membrane-proxy` (the L7 proxy) for this node.
+    pub proxy: bool,
     pub map_sizes: MapSizes,
 }
 
@@ -87,6 +89,7 @@ impl AgentConfig {
             flow_capacity: 4095,
             hubble_port: Some(membrane_observer::DEFAULT_TCP_PORT),
             metrics_port: Some(9965),
+            proxy: cfg!(feature = "proxy"),
             map_sizes: MapSizes::default(),
         }
     }
@@ -173,6 +176,9 @@ struct State {
     enricher: Arc<StaticEnricher>,
     /// Rule cookie → policy, from the last reconcile.
     cookies: BTreeMap<u32, String>,
+    /// The proxy policy snapshot last written (to write only changes).
+    #[cfg(feature = "proxy")]
+    proxy_snapshot: Option<membrane_l7proxy::redirect::store::PolicySnapshot>,
 }
 
 /// One `policy apply`: its text and which of its policies are still in force (later
@@ -233,6 +239,8 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         applied: Vec::new(),
         enricher,
         cookies: BTreeMap::new(),
+        #[cfg(feature = "proxy")]
+        proxy_snapshot: None,
     };
     state.restore_applied();
     // A restart: take over the endpoints the previous agent registered, in identity order so
@@ -318,6 +326,38 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         let listener = node_listener(&config.node_netns, port)?;
         let (obs, stop) = (observer.clone(), stop.clone());
         std::thread::spawn(move || serve_metrics(listener, &obs, &stop));
+    }
+    #[cfg(feature = "proxy")]
+    if config.proxy {
+        let records = config.state_dir().join(PROXY_RECORDS_SOCKET);
+        let _ = std::fs::remove_file(&records);
+        let socket = std::os::unix::net::UnixDatagram::bind(&records)
+            .map_err(io_err(format!("bind {}", records.display())))?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(io_err("record socket"))?;
+        let (state2, stop2, sender) = (state.clone(), stop.clone(), observer.sender());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                let line = String::from_utf8_lossy(&buf[..n]);
+                let endpoints: Vec<(std::net::IpAddr, u32)> = lock(&state2)
+                    .endpoints
+                    .values()
+                    .map(|e| (std::net::IpAddr::V4(e.spec.ipv4), e.id))
+                    .collect();
+                let endpoint_of = |ip| endpoints.iter().find(|(a, _)| *a == ip).map(|(_, id)| *id);
+                if let Some(record) = crate::proxy_process::record_to_flow(&line, endpoint_of) {
+                    sender.send(FlowInput::Http(record));
+                }
+            }
+        });
+        let (config2, stop3) = (config.clone(), stop.clone());
+        let pins = pins.path().to_owned();
+        std::thread::spawn(move || supervise_proxy(&config2, &pins, &stop3));
     }
 
     let mut threads = Vec::new();
@@ -951,8 +991,17 @@ impl State {
         > = BTreeMap::new();
         for policy in desired.values() {
             for (key, entry) in &policy.entries {
-                let rule = datapath_sync::to_datapath_rule(policy.endpoint_id, key, entry)
+                let mut rule = datapath_sync::to_datapath_rule(policy.endpoint_id, key, entry)
                     .map_err(|e| AgentError::Invalid(e.to_string()))?;
+                // The proxy has one listener per direction: ingress HTTP redirects go to the
+                // port after the egress one.
+                if rule.direction == membrane_common::Direction::Ingress
+                    && rule.verdict
+                        == membrane_datapath::PolicyVerdict::Redirect(self.config.http_proxy_port)
+                {
+                    rule.verdict =
+                        membrane_datapath::PolicyVerdict::Redirect(self.config.http_proxy_port + 1);
+                }
                 want_rules.insert(
                     (
                         rule.endpoint_id,
@@ -1001,8 +1050,56 @@ impl State {
             self.enricher
                 .insert_identity(id.0, labels.iter().map(|l| l.to_string()).collect());
         }
+        #[cfg(feature = "proxy")]
+        self.write_proxy_snapshot(&desired)?;
         self.resolved = desired;
         self.reconciles += 1;
+        Ok(())
+    }
+
+    /// Writes the proxy's policy snapshot when the HTTP rules changed.
+    #[cfg(feature = "proxy")]
+    fn write_proxy_snapshot(
+        &mut self,
+        desired: &BTreeMap<u32, EndpointPolicy>,
+    ) -> Result<(), AgentError> {
+        let endpoints: Vec<(u64, std::net::Ipv4Addr, &EndpointPolicy)> = self
+            .endpoints
+            .values()
+            .filter_map(|e| {
+                desired
+                    .get(&e.id)
+                    .map(|p| (u64::from(e.id), e.spec.ipv4, p))
+            })
+            .collect();
+        let mut snapshot = crate::proxy_process::snapshot_of(endpoints, 0);
+        if let Some(previous) = &self.proxy_snapshot {
+            snapshot.revision = previous.revision;
+            if previous == &snapshot {
+                return Ok(());
+            }
+        }
+        snapshot.revision += 1;
+        let path = self
+            .config
+            .state_dir()
+            .join(crate::proxy_process::SNAPSHOT_NAME);
+        crate::proxy_process::save(&path, &snapshot).map_err(AgentError::Invalid)?;
+        let revision = snapshot.revision;
+        self.proxy_snapshot = Some(snapshot);
+        // Answer once the proxy enforces it (bounded: a stopped proxy only delays us).
+        let proxy_running = std::fs::read_to_string(self.config.state_dir().join("proxy.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if proxy_running
+            && !crate::proxy_process::wait_applied(&path, revision, Duration::from_secs(2))
+        {
+            tracing::warn!(
+                revision,
+                "the proxy has not applied the policy snapshot within 2 s"
+            );
+        }
         Ok(())
     }
 
@@ -1148,4 +1245,73 @@ fn to_observer_event(e: &FlowEventView, cookies: &BTreeMap<u32, String>) -> Data
         observation_point: None,
         policy,
     }
+}
+
+/// File name of the Unix datagram socket the proxy sends access records to.
+#[cfg(feature = "proxy")]
+pub const PROXY_RECORDS_SOCKET: &str = "proxy-records.sock";
+
+/// Keeps one `membrane-proxy` running for the node. It is not the agent's child in any sense
+/// that matters: it keeps serving when the agent stops, and a restarted agent adopts it
+/// through its pid file instead of starting a second one.
+#[cfg(feature = "proxy")]
+fn supervise_proxy(config: &AgentConfig, pins: &Path, stop: &AtomicBool) {
+    let state = config.state_dir();
+    let pid_file = state.join("proxy.pid");
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let mut backoff = Duration::from_millis(500);
+    while !stop.load(Ordering::Relaxed) {
+        let running = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|pid| alive(*pid));
+        if running.is_none() {
+            match spawn_proxy(config, pins) {
+                Ok(pid) => {
+                    let _ = std::fs::write(&pid_file, format!("{pid}\n"));
+                    tracing::info!(pid, "membrane-proxy started");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start membrane-proxy; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(feature = "proxy")]
+fn spawn_proxy(config: &AgentConfig, pins: &Path) -> std::io::Result<u32> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe()?.with_file_name("membrane-proxy");
+    let state = config.state_dir();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("proxy.log"))?;
+    let child = std::process::Command::new(exe)
+        .args(["--node-netns", &config.node_netns])
+        .arg("--pin-dir")
+        .arg(pins)
+        .arg("--snapshot")
+        .arg(state.join(crate::proxy_process::SNAPSHOT_NAME))
+        .args(["--egress-port", &config.http_proxy_port.to_string()])
+        .args(["--ingress-port", &(config.http_proxy_port + 1).to_string()])
+        .arg("--records-socket")
+        .arg(state.join(PROXY_RECORDS_SOCKET))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()?;
+    // Reap it if it exits while we run, so the pid check sees it gone.
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(pid)
 }

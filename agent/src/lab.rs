@@ -190,8 +190,17 @@ pub fn down() -> Result<Vec<String>> {
 pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let state = Path::new(STATE_ROOT).join(name);
-    if let Ok(pids) = std::fs::read_to_string(state.join("pids")) {
-        let pids: Vec<libc::pid_t> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    // The processes the run started, and the proxy its agent started.
+    let recorded = ["pids", "proxy.pid"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(state.join(f)).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if !recorded.is_empty() {
+        let pids: Vec<libc::pid_t> = recorded
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         for &pid in &pids {
             // SAFETY: kill has no memory arguments; a stale pid at worst gets ESRCH.
             if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {

@@ -17,3 +17,5 @@ pub mod daemon;
 pub mod datapath_sync;
 pub mod lab;
 pub mod policy_cmd;
+#[cfg(feature = "proxy")]
+pub mod proxy_process;

@@ -275,6 +275,20 @@ impl IpcacheMap {
         self.1.bump().map(drop)
     }
 
+    /// The identity of `ip`: its longest matching prefix, `None` if no prefix covers it
+    /// (the datapath then treats it as world).
+    pub fn lookup(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
+        match self.0.get(&ipcache_key(Ipv4Prefix::host(ip)), 0) {
+            Ok(value) => Ok(Some(value.identity)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map {
+                map: names::MAP_IPCACHE_V4,
+                op: "lookup",
+                source,
+            }),
+        }
+    }
+
     pub fn list(&self) -> Result<Vec<(Ipv4Prefix, u32)>> {
         let mut out = Vec::new();
         for item in self.0.iter() {

@@ -102,6 +102,12 @@ impl Node {
             PROXY_ROUTE_TABLE,
         ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // Early demux would attach the later packets of an ingress-redirected connection
+        // (which the node forwards to the pod's veth first) to the proxy's transparent socket
+        // while they are still being forwarded, and forwarding drops packets that carry a
+        // socket. The datapath assigns the socket itself (bpf_sk_assign).
+        ns.sysctl("net.ipv4.tcp_early_demux", "0")?;
+        ns.sysctl("net.ipv4.udp_early_demux", "0")?;
         ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
         ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;

@@ -75,6 +75,8 @@ static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::pinned(METRICS_SLOTS, 0
 static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 
 const ETH_HLEN: usize = 14;
+/// `skb->pkt_type` for frames addressed to this host.
+const PACKET_HOST: u32 = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
@@ -272,6 +274,19 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     // already taken; hand it to the proxy socket named in the mark.
     if direction == Direction::Egress && magic == mark::MAGIC_TO_PROXY {
         let port = (skb_mark >> 16) as u16;
+        // The frame still carries the pod's MAC as destination (it was on its way out to
+        // the pod), so the stack would see it as meant for another host and drop it before
+        // routing. Mark it as ours.
+        if ctx.change_type(PACKET_HOST).is_err() {
+            let site = Site {
+                ctx,
+                ep: endpoint,
+                direction: Direction::Ingress,
+                flow: &flow,
+                peer: identity::WORLD,
+            };
+            return drop_with(&site, reason::PROXY_SET_FAILED, match_type::NONE, 0);
+        }
         return match assign_proxy_socket(ctx, &flow, port.to_be()) {
             Ok(()) => Ok(Action::Pass),
             Err(r) => {

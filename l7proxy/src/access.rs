@@ -63,6 +63,10 @@ pub struct AccessRecord {
     /// Where the request goes: the upstream in standalone mode, the original destination in
     /// transparent mode.
     pub destination: SocketAddr,
+    /// Security identity of the source (transparent mode; `None` in standalone mode).
+    pub source_identity: Option<u32>,
+    /// Security identity of the destination (transparent mode; `None` in standalone mode).
+    pub destination_identity: Option<u32>,
     /// The policy decision; `None` when the request was rejected before the policy ran.
     pub rule: Option<RuleRef>,
     /// Header mismatches recorded by LOG/ADD/DELETE/REPLACE actions.
@@ -73,13 +77,18 @@ pub struct AccessRecord {
 
 impl fmt::Display for AccessRecord {
     /// One line in the spirit of Hubble's L7 summary:
-    /// `10.0.0.1:5000 -> 10.0.0.2:80 response HTTP/1.1 200 3ms (GET http://h/p) rule 0`.
+    /// `10.0.0.1:5000 -> 10.0.0.2:80 response HTTP/1.1 200 3ms (GET http://h/p) rule 0`,
+    /// with ` (ID:<identity>)` after an address whose identity is known.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} -> {} {} {:?}",
-            self.source, self.destination, self.kind, self.version
-        )?;
+        write!(f, "{}", self.source)?;
+        if let Some(identity) = self.source_identity {
+            write!(f, " (ID:{identity})")?;
+        }
+        write!(f, " -> {}", self.destination)?;
+        if let Some(identity) = self.destination_identity {
+            write!(f, " (ID:{identity})")?;
+        }
+        write!(f, " {} {:?}", self.kind, self.version)?;
         if let Some(status) = self.status {
             write!(f, " {status}")?;
         }
@@ -159,6 +168,8 @@ mod tests {
             latency: Some(Duration::from_millis(3)),
             source: "10.0.0.1:5000".parse().expect("addr"),
             destination: "10.0.0.2:80".parse().expect("addr"),
+            source_identity: None,
+            destination_identity: None,
             rule: Some(RuleRef::Rule(0)),
             header_log: Vec::new(),
             error: None,
@@ -193,6 +204,13 @@ mod tests {
         assert_eq!(
             record(RecordKind::Response).to_string(),
             "10.0.0.1:5000 -> 10.0.0.2:80 response HTTP/1.1 200 3ms (GET http://h/p) rule 0"
+        );
+        let mut with_identities = record(RecordKind::Denied);
+        with_identities.source_identity = Some(1000);
+        with_identities.destination_identity = Some(2000);
+        assert_eq!(
+            with_identities.to_string(),
+            "10.0.0.1:5000 (ID:1000) -> 10.0.0.2:80 (ID:2000) denied HTTP/1.1 200 3ms (GET http://h/p) rule 0"
         );
     }
 }

@@ -8,8 +8,10 @@
 //! filter-chain trait).
 //!
 //! Modules, in request order:
-//! - [`transparent`]: `IP_TRANSPARENT` listeners and the original destination (library only;
-//!   nothing serves transparent connections yet).
+//! - [`transparent`]: `IP_TRANSPARENT` listener sockets and the original destination.
+//! - [`redirect`]: the transparent mode: egress and ingress listeners for flows the datapath
+//!   redirects, identities and per-endpoint policy looked up per request, upstream pools per
+//!   source identity with `SO_MARK`; [`redirect::store`]: the policy snapshot, its file form.
 //! - [`strict`]: HTTP/1 framing checks on the raw client bytes (request smuggling → 400).
 //! - [`policy`]: the compiled HTTP policy (Cilium `rules.http` semantics).
 //! - `proxy` (private): per-request handling shared by all listener modes: policy, 403,
@@ -18,13 +20,23 @@
 //! - [`standalone`]: the reverse-proxy mode (`membrane proxy --listen --upstream --policy`).
 //! - [`policy_file`]: the standalone mode's YAML policy file.
 //!
-//! Not yet: the DNS proxy, the filter-chain trait, serving transparent listeners with
-//! per-endpoint policy, `SO_MARK` on upstream sockets, TLS.
+//! The DNS proxy ([`dns`]) is its own pipeline on tokio and hickory-proto (message parsing
+//! only): UDP and TCP listeners on one port, Cilium `rules.dns` matching through
+//! `membrane-policy`'s `DnsMatcher`, REFUSED/NXDOMAIN on deny, forwarding over the client's
+//! transport (one UDP socket and one pipelined TCP connection per server, IDs rewritten and
+//! restored), and an async `FqdnObserver` that must confirm an answer's addresses (CNAME
+//! chain followed, minimum TTL, per-name cap) before the answer is released — serialized per
+//! name, bounded by a deadline whose overruns are counted. Its records (`DnsRecord`) use
+//! their own bounded, never-blocking channel in the style of [`access`].
+//!
+//! Not yet: the filter-chain trait, TLS.
 
 pub mod access;
+pub mod dns;
 pub mod policy;
 pub mod policy_file;
 mod proxy;
+pub mod redirect;
 pub mod standalone;
 pub mod strict;
 pub mod transparent;

@@ -1,6 +1,7 @@
-//! Per-request HTTP proxying shared by every listener mode (standalone today, transparent
-//! next): policy check, the 403 reply, forwarding to the upstream over pooled connections,
-//! upstream failure replies, upgrade (WebSocket) tunnels, and access records.
+//! Per-request HTTP proxying and the per-connection driver shared by every listener mode
+//! (standalone and transparent): policy check, the 403 reply, forwarding to the upstream
+//! over pooled connections (optionally `SO_MARK`ed), upstream failure replies, upgrade
+//! (WebSocket) tunnels, and access records.
 //!
 //! Owns the request phases, in order: (1) reject what the proxy cannot carry (CONNECT, an
 //! HTTP/2 request over the header limits); (2) the policy decides, possibly rewriting headers;
@@ -9,10 +10,15 @@
 //! streamed; (4) the response head is recorded and the body streamed back. Nothing here
 //! buffers a body.
 //!
-//! Must not know how connections were accepted: a listener hands in a [`ConnInfo`].
+//! Must not know how connections were accepted: a listener hands in a [`ConnInfo`] whose
+//! [`Router`] says, for every request, which policy applies, which identities the access
+//! records carry and which upstream client (connection pool) carries the request. Asking per
+//! request (not per connection) is what lets a new policy snapshot or a changed identity
+//! apply to the next request of a kept-alive connection without dropping it.
 
 use std::convert::Infallible;
 use std::error::Error as _;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,14 +33,17 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::access::{AccessLog, AccessRecord, RecordKind};
-use crate::policy::{HttpPolicy, RequestParts, RuleRef};
-use crate::strict::{Activity, HeaderLimits};
+use crate::policy::{HttpPolicy, RequestParts, RuleRef, Verdict};
+use crate::strict::{Activity, HeaderLimits, StrictIo};
 
 /// Cilium's deny body (cilium/proxy l7policy.proto `denied_403_body` default plus CRLF).
 pub const ACCESS_DENIED_BODY: &str = "Access denied\r\n";
@@ -49,6 +58,8 @@ pub(crate) struct ConnInfo {
     pub source: SocketAddr,
     /// Where this connection's requests go (the upstream, or the original destination).
     pub destination: SocketAddr,
+    /// Decides each request's policy, identities and upstream pool.
+    pub router: Arc<dyn Router>,
     /// Requests whose response body is still being sent; the idle timeout waits for 0.
     pub inflight: Arc<AtomicUsize>,
     /// Bytes moving on the client socket (upgraded tunnels included).
@@ -58,12 +69,37 @@ pub(crate) struct ConnInfo {
     pub stop: watch::Receiver<bool>,
 }
 
+/// The upstream HTTP client: hyper-util's pool (keyed by scheme and authority, i.e. the
+/// destination address) over [`UpstreamConnector`].
+pub(crate) type UpstreamClient = Client<UpstreamConnector, Incoming>;
+
+/// What one request needs to know about the connection it came on, looked up per request.
+pub(crate) struct Route {
+    /// `None`: no L7 policy is known for this flow, so every request is denied (403); a
+    /// missing policy must never turn into a bypass.
+    pub policy: Option<Arc<HttpPolicy>>,
+    /// Security identities for the access records (transparent mode only).
+    pub source_identity: Option<u32>,
+    pub destination_identity: Option<u32>,
+    /// Carries allowed requests upstream.
+    pub upstream: UpstreamClient,
+}
+
+/// Chooses the [`Route`] of each request of one connection.
+pub(crate) trait Router: Send + Sync {
+    fn route(&self) -> Route;
+    /// The identities alone, for records of requests rejected before routing (framing
+    /// violations).
+    fn identities(&self) -> (Option<u32>, Option<u32>);
+}
+
 /// Shared by every connection of a listener.
 pub(crate) struct ProxyCore {
-    policy: Arc<HttpPolicy>,
-    client: Client<HttpConnector, Incoming>,
     access: AccessLog,
     limits: HeaderLimits,
+    /// Client connections with no bytes moving and no request in flight close after this.
+    idle_timeout: Duration,
+    builder: auto::Builder<TokioExecutor>,
 }
 
 /// Counts a request as in flight until dropped (with the response body).
@@ -302,6 +338,8 @@ struct RecordBase {
     url: String,
     source: SocketAddr,
     destination: SocketAddr,
+    source_identity: Option<u32>,
+    destination_identity: Option<u32>,
     rule: RuleRef,
     header_log: Vec<crate::policy::HeaderLog>,
 }
@@ -324,6 +362,8 @@ impl RecordBase {
             latency,
             source: self.source,
             destination: self.destination,
+            source_identity: self.source_identity,
+            destination_identity: self.destination_identity,
             rule: Some(self.rule),
             header_log: self.header_log.clone(),
             error,
@@ -332,27 +372,12 @@ impl RecordBase {
 }
 
 impl ProxyCore {
-    pub(crate) fn new(
-        policy: HttpPolicy,
-        access: AccessLog,
-        limits: HeaderLimits,
-        connect_timeout: Duration,
-        pool_idle_timeout: Duration,
-    ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(pool_idle_timeout)
-            // The request keeps the client's Host; we set it ourselves when it has none.
-            .set_host(false)
-            .build(connector);
+    pub(crate) fn new(access: AccessLog, limits: HeaderLimits, idle_timeout: Duration) -> Self {
         Self {
-            policy: Arc::new(policy),
-            client,
             access,
             limits,
+            idle_timeout,
+            builder: http_builder(limits, idle_timeout),
         }
     }
 
@@ -378,12 +403,20 @@ impl ProxyCore {
         // through unchecked (strict.rs); every reply that is not a switch must close.
         let requested_upgrade = http1 && request.headers().contains_key(header::UPGRADE);
 
+        let route = conn.router.route();
         let (mut parts, body) = request.into_parts();
-        let verdict = self.policy.check(&mut RequestParts {
-            method: &parts.method,
-            uri: &parts.uri,
-            headers: &mut parts.headers,
-        });
+        let verdict = match &route.policy {
+            Some(policy) => policy.check(&mut RequestParts {
+                method: &parts.method,
+                uri: &parts.uri,
+                headers: &mut parts.headers,
+            }),
+            None => Verdict {
+                allowed: false,
+                rule: RuleRef::DefaultDeny,
+                header_log: Vec::new(),
+            },
+        };
         let mut request = Request::from_parts(parts, body);
         let base = self.access.is_enabled().then(|| RecordBase {
             version,
@@ -391,6 +424,8 @@ impl ProxyCore {
             url: request_url(request.uri(), request.headers()),
             source: conn.source,
             destination: conn.destination,
+            source_identity: route.source_identity,
+            destination_identity: route.destination_identity,
             rule: verdict.rule,
             header_log: verdict.header_log.clone(),
         });
@@ -420,7 +455,11 @@ impl ProxyCore {
         }
 
         if !verdict.allowed {
-            record(RecordKind::Denied, Some(StatusCode::FORBIDDEN), None, None);
+            let why = route
+                .policy
+                .is_none()
+                .then(|| "no HTTP policy for this flow".to_owned());
+            record(RecordKind::Denied, Some(StatusCode::FORBIDDEN), None, why);
             let expects_continue = request
                 .headers()
                 .get(header::EXPECT)
@@ -510,7 +549,7 @@ impl ProxyCore {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         record(RecordKind::Request, None, None, None);
-        let mut response = match self.client.request(request).await {
+        let mut response = match route.upstream.request(request).await {
             Ok(response) => response,
             Err(error) => {
                 let (status, body, detail) = classify_upstream_error(&error);
@@ -595,6 +634,200 @@ async fn tunnel(
             tracing::debug!("upgraded tunnel idle timeout");
         }
         _ = stop.wait_for(|stopped| *stopped) => {}
+    }
+}
+
+/// Opens upstream TCP connections for the pooled client: the destination is the request
+/// URI's authority, always an IP literal and port (the proxy builds it from a socket
+/// address, so no name is ever resolved), with a connect timeout, `TCP_NODELAY`, and an
+/// optional `SO_MARK`.
+///
+/// The mark is how the datapath recognises the proxy's own traffic and learns the original
+/// source identity (cilium-semantics.md §3.1): without it the upstream connection would be
+/// judged as traffic from the node and could even be redirected back to the proxy.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamConnector {
+    mark: Option<u32>,
+    connect_timeout: Duration,
+}
+
+impl UpstreamConnector {
+    pub(crate) fn new(mark: Option<u32>, connect_timeout: Duration) -> Self {
+        Self {
+            mark,
+            connect_timeout,
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (mark, timeout) = (self.mark, self.connect_timeout);
+        Box::pin(async move {
+            let addr = uri
+                .authority()
+                .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("upstream URI {uri} does not name an IP address and port"),
+                    )
+                })?;
+            connect_upstream(addr, mark, timeout)
+                .await
+                .map(TokioIo::new)
+        })
+    }
+}
+
+/// Connects to `addr` with `SO_MARK` = `mark` (when given; needs CAP_NET_ADMIN) within
+/// `timeout`. A timeout is reported as [`io::ErrorKind::TimedOut`] (the client then gets 504).
+pub(crate) async fn connect_upstream(
+    addr: SocketAddr,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(mark) = mark {
+        SockRef::from(&socket).set_mark(mark).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("setting SO_MARK {mark:#010x} for {addr} (needs CAP_NET_ADMIN): {error}"),
+            )
+        })?;
+    }
+    // Small requests and responses must not wait for Nagle.
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {addr} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// A pooled upstream client over [`UpstreamConnector`].
+pub(crate) fn upstream_client(
+    mark: Option<u32>,
+    connect_timeout: Duration,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(pool_idle_timeout)
+        .pool_max_idle_per_host(pool_max_idle_per_host)
+        // The request keeps the client's Host; we set it ourselves when it has none.
+        .set_host(false)
+        .build(UpstreamConnector::new(mark, connect_timeout))
+}
+
+/// The hyper server settings of every client connection: HTTP/1.1 (keep-alive, pipelining,
+/// streamed bodies) and HTTP/2 cleartext with prior knowledge on the same port (the auto
+/// builder detects the h2 preface).
+fn http_builder(limits: HeaderLimits, idle_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The raw-byte validator (strict.rs) enforces the real limits first; hyper's must not
+        // be tighter or it would answer 431 where the configuration allows a head.
+        .max_headers(limits.max_headers.max(100))
+        .max_buf_size((limits.max_header_bytes + 16 * 1024).max(400 * 1024))
+        .header_read_timeout(idle_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Serves one accepted client connection until it ends, idles out, or (after `stop` flips)
+/// finishes its in-flight requests: the strict HTTP/1 framing checks in front of hyper,
+/// every request through [`ProxyCore::handle`] with `router` deciding its route.
+pub(crate) async fn serve_connection(
+    core: Arc<ProxyCore>,
+    stream: TcpStream,
+    source: SocketAddr,
+    destination: SocketAddr,
+    router: Arc<dyn Router>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let idle_timeout = core.idle_timeout;
+    // Small requests and responses must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let activity = Activity::new();
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let mut io = StrictIo::new(stream, core.limits(), activity.clone());
+    if core.access().is_enabled() {
+        let access = core.access().clone();
+        let (source_identity, destination_identity) = router.identities();
+        io = io.on_violation(Box::new(move |violation| {
+            access.record(AccessRecord {
+                kind: RecordKind::Denied,
+                timestamp: SystemTime::now(),
+                version: Version::HTTP_11,
+                method: String::new(),
+                url: String::new(),
+                status: Some(400),
+                latency: None,
+                source,
+                destination,
+                source_identity,
+                destination_identity,
+                rule: None,
+                header_log: Vec::new(),
+                error: Some(violation.to_string()),
+            });
+        }));
+    }
+    let info = Arc::new(ConnInfo {
+        source,
+        destination,
+        router,
+        inflight: inflight.clone(),
+        activity: activity.clone(),
+        idle_timeout,
+        stop: stop.clone(),
+    });
+    let service = {
+        let core = core.clone();
+        service_fn(move |request| core.clone().handle(info.clone(), request))
+    };
+    let connection = core
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%source, %error, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.wait_for(|stopped| *stopped), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = idle_expired(&activity, &inflight, idle_timeout) => {
+                tracing::debug!(%source, "client connection idle timeout");
+                return;
+            }
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! Standalone reverse-proxy mode: one listener, one upstream, one HTTP policy.
 //!
-//! Owns the listener loop and the per-connection driver: HTTP/1.1 (keep-alive, pipelining,
-//! streamed bodies) and HTTP/2 cleartext with prior knowledge on the same port (hyper-util's
-//! auto builder detects the h2 preface), the strict HTTP/1 framing checks in front of hyper,
-//! the idle timeout, and graceful shutdown. Requests are handled by `proxy::ProxyCore`.
+//! Owns the listener loop and graceful shutdown. Connections are served by the driver in
+//! `proxy` (HTTP/1.1 and HTTP/2 cleartext with prior knowledge on the same port, the strict
+//! HTTP/1 framing checks, the idle timeout); every request gets the one policy and the one
+//! upstream pool of this listener (no `SO_MARK`, no identities).
 //!
 //! The binary side is meant to be a few lines:
 //!
@@ -20,20 +20,16 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::access::{AccessLog, AccessRecord, RecordKind};
+use crate::access::AccessLog;
 use crate::policy::HttpPolicy;
-use crate::proxy::{ConnInfo, ProxyCore, idle_expired};
-use crate::strict::{Activity, HeaderLimits, StrictIo};
+use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection, upstream_client};
+use crate::strict::HeaderLimits;
 
 /// Configuration of the standalone proxy. Build it with [`StandaloneConfig::new`] and
 /// change the fields that differ from the defaults.
@@ -89,7 +85,29 @@ pub struct StandaloneProxy {
     listener: TcpListener,
     local_addr: SocketAddr,
     core: Arc<ProxyCore>,
+    router: Arc<StandaloneRouter>,
     config: StandaloneConfig,
+}
+
+/// Every request: the one policy, the one upstream pool.
+struct StandaloneRouter {
+    policy: Arc<HttpPolicy>,
+    upstream: UpstreamClient,
+}
+
+impl Router for StandaloneRouter {
+    fn route(&self) -> Route {
+        Route {
+            policy: Some(self.policy.clone()),
+            source_identity: None,
+            destination_identity: None,
+            upstream: self.upstream.clone(),
+        }
+    }
+
+    fn identities(&self) -> (Option<u32>, Option<u32>) {
+        (None, None)
+    }
 }
 
 /// Binds `config.listen` and serves until `shutdown` completes, then drains open
@@ -109,16 +127,25 @@ impl StandaloneProxy {
             .local_addr()
             .map_err(|source| StandaloneError::Bind { addr, source })?;
         let core = Arc::new(ProxyCore::new(
-            config.policy.take().unwrap_or_default(),
             config.access_log.clone(),
             config.header_limits,
-            config.connect_timeout,
             config.idle_timeout,
         ));
+        let router = Arc::new(StandaloneRouter {
+            policy: Arc::new(config.policy.take().unwrap_or_default()),
+            // One upstream: keeping every idle connection is what a reverse proxy wants.
+            upstream: upstream_client(
+                None,
+                config.connect_timeout,
+                config.idle_timeout,
+                usize::MAX,
+            ),
+        });
         Ok(Self {
             listener,
             local_addr,
             core,
+            router,
             config,
         })
     }
@@ -134,10 +161,10 @@ impl StandaloneProxy {
             listener,
             local_addr,
             core,
+            router,
             config,
         } = self;
         tracing::info!(listen = %local_addr, upstream = %config.upstream, "standalone proxy serving");
-        let builder = Arc::new(http_builder(config.header_limits, config.idle_timeout));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -148,11 +175,10 @@ impl StandaloneProxy {
                     Ok((stream, peer)) => {
                         connections.spawn(serve_connection(
                             core.clone(),
-                            builder.clone(),
                             stream,
                             peer,
                             config.upstream,
-                            config.idle_timeout,
+                            router.clone(),
                             stop_rx.clone(),
                         ));
                     }
@@ -179,87 +205,5 @@ impl StandaloneProxy {
             );
         }
         connections.shutdown().await;
-    }
-}
-
-fn http_builder(limits: HeaderLimits, idle_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The raw-byte validator (strict.rs) enforces the real limits first; hyper's must not
-        // be tighter or it would answer 431 where the configuration allows a head.
-        .max_headers(limits.max_headers.max(100))
-        .max_buf_size((limits.max_header_bytes + 16 * 1024).max(400 * 1024))
-        .header_read_timeout(idle_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    builder
-}
-
-async fn serve_connection(
-    core: Arc<ProxyCore>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: TcpStream,
-    source: SocketAddr,
-    destination: SocketAddr,
-    idle_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Small requests and responses must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    let activity = Activity::new();
-    let inflight = Arc::new(AtomicUsize::new(0));
-    let mut io = StrictIo::new(stream, core.limits(), activity.clone());
-    if core.access().is_enabled() {
-        let access = core.access().clone();
-        io = io.on_violation(Box::new(move |violation| {
-            access.record(AccessRecord {
-                kind: RecordKind::Denied,
-                timestamp: std::time::SystemTime::now(),
-                version: http::Version::HTTP_11,
-                method: String::new(),
-                url: String::new(),
-                status: Some(400),
-                latency: None,
-                source,
-                destination,
-                rule: None,
-                header_log: Vec::new(),
-                error: Some(violation.to_string()),
-            });
-        }));
-    }
-    let info = Arc::new(ConnInfo {
-        source,
-        destination,
-        inflight: inflight.clone(),
-        activity: activity.clone(),
-        idle_timeout,
-        stop: stop.clone(),
-    });
-    let service = service_fn(move |request| core.clone().handle(info.clone(), request));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let mut connection = std::pin::pin!(connection);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%source, %error, "client connection ended with an error");
-                }
-                return;
-            }
-            _ = stop.wait_for(|stopped| *stopped), if !draining => {
-                draining = true;
-                connection.as_mut().graceful_shutdown();
-            }
-            _ = idle_expired(&activity, &inflight, idle_timeout) => {
-                tracing::debug!(%source, "client connection idle timeout");
-                return;
-            }
-        }
     }
 }

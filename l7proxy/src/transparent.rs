@@ -6,9 +6,8 @@
 //! simply the accepted socket's local address (cilium-semantics.md §3.3, Envoy's
 //! `bpf_metadata.cc`). Setting `IP_TRANSPARENT` needs CAP_NET_ADMIN.
 //!
-//! Not here yet: `SO_MARK` with the source identity on upstream sockets, and serving
-//! transparent connections (the request handling in `proxy.rs` is mode-independent and
-//! takes the original destination as the upstream per connection).
+//! Serving the connections these listeners accept (policy, identities, `SO_MARK`ed
+//! upstream connections) is [`crate::redirect`]'s job.
 
 use std::io;
 use std::net::SocketAddr;

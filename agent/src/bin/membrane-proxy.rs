@@ -1,0 +1,83 @@
+//! `membrane-proxy`: the node's transparent L7 proxy. Thin: parses flags, sets up logging
+//! and signals, calls `membrane_agent::proxy_process::run`. The agent starts and supervises
+//! it; see that module for how policy and identities reach it.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use clap::Parser;
+use membrane_agent::proxy_process::{ProxySettings, run};
+
+#[derive(Parser)]
+#[command(
+    name = "membrane-proxy",
+    version,
+    about = "membrane's transparent L7 proxy for the flows the datapath redirects"
+)]
+struct Args {
+    /// The node network namespace (where redirected flows are delivered).
+    #[arg(long)]
+    node_netns: String,
+    /// Pin directory of the datapath's maps (the ipcache is read for identities).
+    #[arg(long)]
+    pin_dir: PathBuf,
+    /// Policy snapshot written by the agent; watched, re-read when it changes.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Port of the listener for flows leaving local endpoints.
+    #[arg(long, default_value_t = 15001)]
+    egress_port: u16,
+    /// Port of the listener for flows entering local endpoints.
+    #[arg(long, default_value_t = 15002)]
+    ingress_port: u16,
+    /// The agent's record socket (Unix datagram); without it, records go to stdout.
+    #[arg(long)]
+    records_socket: Option<PathBuf>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEMBRANE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .json()
+        .init();
+    let args = Args::parse();
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mirror = stop.clone();
+    std::thread::spawn(move || {
+        while !STOP.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        mirror.store(true, Ordering::SeqCst);
+    });
+    run(
+        ProxySettings {
+            node_netns: args.node_netns,
+            pin_dir: args.pin_dir,
+            snapshot: args.snapshot,
+            egress_port: args.egress_port,
+            ingress_port: args.ingress_port,
+            records_socket: args.records_socket,
+        },
+        stop,
+    )
+}

@@ -1,0 +1,682 @@
+//! The transparent proxy's HTTP policy: a snapshot of every local endpoint's L7 rules, its
+//! compiled form for per-request lookups, and its file form for restarts.
+//!
+//! Owns: [`PolicySnapshot`] (serializable, the shape of the policy engine's `L7RuleSet`s:
+//! per endpoint, per direction and port range, peer rules that apply to some remote
+//! identities), [`PolicyStore`] (a [`PolicySource`] whose compiled state sits behind an
+//! `ArcSwap`: a request reads it without a lock, a writer swaps a new one in, and requests
+//! already running keep the state they loaded), and saving/loading the snapshot as JSON so a
+//! restarted proxy serves from the last policy it had while the agent is away
+//! (DESIGN.md §1).
+//!
+//! Semantics (cilium-semantics.md §1.8): the peer rules of a port are OR'ed; a peer rule with
+//! no HTTP rules is the L7 wildcard (everything allowed); a flow that no peer rule covers has
+//! no policy, and the proxy denies all of its requests. A rule that does not compile is
+//! dropped alone (never the whole snapshot, cilium#41314) and reported; dropping it can only
+//! narrow what is allowed: a peer rule whose every rule was dropped allows nothing (it never
+//! becomes a wildcard).
+//!
+//! Pure apart from the two file functions: no sockets, no async.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use super::{Direction, PolicyQuery, PolicySource};
+use crate::policy::{HeaderMatchSpec, HttpPolicy, HttpRuleSpec, MismatchAction};
+
+/// Version of the snapshot file format; a file with another version is refused.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Every local endpoint's HTTP rules, as the agent sends them and as the file stores them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySnapshot {
+    /// [`SNAPSHOT_FORMAT`].
+    pub format: u32,
+    /// The agent's policy revision this snapshot reflects (for diagnostics and to tell a
+    /// restored snapshot from a fresh one; the proxy does not interpret it).
+    #[serde(default)]
+    pub revision: u64,
+    #[serde(default)]
+    pub endpoints: Vec<SnapshotEndpoint>,
+}
+
+impl Default for PolicySnapshot {
+    fn default() -> Self {
+        Self {
+            format: SNAPSHOT_FORMAT,
+            revision: 0,
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+/// One local endpoint: its addresses and the HTTP rules of its redirected ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotEndpoint {
+    /// The agent's endpoint id; [`PolicyStore::upsert_endpoint`] and
+    /// [`PolicyStore::remove_endpoint`] address endpoints by it.
+    pub id: u64,
+    /// The endpoint's addresses: the source of its egress flows, the destination of its
+    /// ingress flows.
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<SnapshotPort>,
+}
+
+/// The HTTP rules of one direction and TCP port range (the policy engine's `L7RuleSet`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPort {
+    pub direction: Direction,
+    /// Destination port (of the original connection).
+    pub port: u16,
+    /// Last port of a range; `0` (or equal to `port`) means the single port `port`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub end_port: u16,
+    /// Peer rules, OR'ed.
+    #[serde(default)]
+    pub peers: Vec<SnapshotPeer>,
+}
+
+fn is_zero(value: &u16) -> bool {
+    *value == 0
+}
+
+impl SnapshotPort {
+    fn range(&self) -> (u16, u16) {
+        (self.port, self.end_port.max(self.port))
+    }
+}
+
+/// HTTP rules for some remote identities (the policy engine's `L7PeerRule`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPeer {
+    /// The remote side: the destination's identity for egress, the source's for ingress.
+    pub remotes: Remotes,
+    /// OR'ed; empty is the L7 wildcard (every request allowed).
+    #[serde(default)]
+    pub http: Vec<SnapshotHttpRule>,
+}
+
+/// Which remote identities a [`SnapshotPeer`] applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Remotes {
+    /// Every remote identity (a wildcard selector).
+    Any,
+    /// These identities (possibly none yet).
+    Identities(BTreeSet<u32>),
+}
+
+impl Remotes {
+    fn contains(&self, identity: u32) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Identities(set) => set.contains(&identity),
+        }
+    }
+}
+
+/// One `PortRuleHTTP` in the file (Cilium's field names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SnapshotHttpRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// `"Name: value"` or `"Name"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header_matches: Vec<SnapshotHeaderMatch>,
+}
+
+/// One `headerMatches` entry; `mismatch` is `""`, `LOG`, `ADD`, `DELETE` or `REPLACE`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotHeaderMatch {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mismatch: String,
+}
+
+impl From<&HttpRuleSpec> for SnapshotHttpRule {
+    fn from(spec: &HttpRuleSpec) -> Self {
+        Self {
+            method: spec.method.clone(),
+            path: spec.path.clone(),
+            host: spec.host.clone(),
+            headers: spec.headers.clone(),
+            header_matches: spec
+                .header_matches
+                .iter()
+                .map(|m| SnapshotHeaderMatch {
+                    name: m.name.clone(),
+                    value: m.value.clone(),
+                    mismatch: m.mismatch.as_str().to_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl SnapshotHttpRule {
+    /// The engine's form; fails on an unknown mismatch action.
+    pub fn to_spec(&self) -> Result<HttpRuleSpec, String> {
+        let header_matches = self
+            .header_matches
+            .iter()
+            .enumerate()
+            .map(|(index, m)| {
+                let mismatch = MismatchAction::parse(&m.mismatch).ok_or_else(|| {
+                    format!(
+                        "headerMatches[{index}]: unknown mismatch action {:?} (expected \"\", LOG, ADD, DELETE or REPLACE)",
+                        m.mismatch
+                    )
+                })?;
+                Ok(HeaderMatchSpec {
+                    name: m.name.clone(),
+                    value: m.value.clone(),
+                    mismatch,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(HttpRuleSpec {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            host: self.host.clone(),
+            headers: self.headers.clone(),
+            header_matches,
+        })
+    }
+}
+
+/// A rule that did not compile and was dropped (the rest of the snapshot applies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRule {
+    pub endpoint: u64,
+    pub direction: Direction,
+    pub port: u16,
+    /// Index of the peer rule in the port's `peers`.
+    pub peer: usize,
+    /// Index of the HTTP rule in the peer's `http`.
+    pub rule: usize,
+    pub reason: String,
+}
+
+impl fmt::Display for RejectedRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "endpoint {} {} port {} peers[{}].http[{}] dropped (it allows nothing): {}",
+            self.endpoint, self.direction, self.port, self.peer, self.rule, self.reason
+        )
+    }
+}
+
+/// Why a snapshot could not be read, written or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read the policy snapshot {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the policy snapshot {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the policy snapshot {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot serialize the policy snapshot: {0}")]
+    Serialize(#[source] serde_json::Error),
+    #[error(
+        "policy snapshot format {found} is not supported (this proxy reads format {SNAPSHOT_FORMAT}){}",
+        origin.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
+    )]
+    Format { found: u32, origin: Option<PathBuf> },
+}
+
+/// Reads a snapshot file (does not install it).
+pub fn read_snapshot(path: impl AsRef<Path>) -> Result<PolicySnapshot, SnapshotError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| SnapshotError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let snapshot: PolicySnapshot =
+        serde_json::from_slice(&bytes).map_err(|source| SnapshotError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+    if snapshot.format != SNAPSHOT_FORMAT {
+        return Err(SnapshotError::Format {
+            found: snapshot.format,
+            origin: Some(path.to_owned()),
+        });
+    }
+    Ok(snapshot)
+}
+
+/// Writes `snapshot` to `path` atomically: a temporary file next to it, flushed to disk, then
+/// renamed over `path`, so a crash leaves the old snapshot or the new one, never half of one.
+/// Blocking file I/O: from async code, call it on a blocking thread.
+pub fn write_snapshot(
+    path: impl AsRef<Path>,
+    snapshot: &PolicySnapshot,
+) -> Result<(), SnapshotError> {
+    let path = path.as_ref();
+    let bytes = serde_json::to_vec_pretty(snapshot).map_err(SnapshotError::Serialize)?;
+    let write_error = |source| SnapshotError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".tmp-{}", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let result = (|| {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result.map_err(write_error)
+}
+
+/// The HTTP policy of every local endpoint, swapped atomically, looked up per request.
+pub struct PolicyStore {
+    state: ArcSwap<State>,
+    /// Serializes writers (each builds the next state from the current one).
+    writer: Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    endpoints: BTreeMap<u64, EndpointEntry>,
+    by_ip: HashMap<IpAddr, Arc<CompiledEndpoint>>,
+}
+
+#[derive(Clone)]
+struct EndpointEntry {
+    spec: Arc<SnapshotEndpoint>,
+    compiled: Arc<CompiledEndpoint>,
+}
+
+/// Disjoint, sorted port segments per direction.
+#[derive(Default)]
+struct CompiledEndpoint {
+    egress: Vec<Segment>,
+    ingress: Vec<Segment>,
+}
+
+/// The policy of one port segment for every remote identity, resolved when the snapshot is
+/// installed so a request does one hash lookup.
+struct Segment {
+    first: u16,
+    last: u16,
+    /// For identities no peer rule names explicitly (only `Remotes::Any` rules apply).
+    any: Option<Arc<HttpPolicy>>,
+    /// For identities some peer rule names.
+    by_identity: HashMap<u32, Option<Arc<HttpPolicy>>>,
+}
+
+/// A peer rule after validating its HTTP rules one by one.
+enum PeerRules {
+    /// No HTTP rules: everything allowed.
+    Wildcard,
+    /// The rules that compiled (never empty).
+    Rules(Vec<HttpRuleSpec>),
+    /// It had rules and none compiled: it allows nothing.
+    Nothing,
+}
+
+struct ValidPeer<'a> {
+    remotes: &'a Remotes,
+    rules: PeerRules,
+}
+
+impl Default for PolicyStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.load();
+        f.debug_struct("PolicyStore")
+            .field("revision", &state.revision)
+            .field("endpoints", &state.endpoints.len())
+            .finish()
+    }
+}
+
+impl PolicyStore {
+    /// An empty store: no endpoint has a policy, so every redirected request is denied.
+    pub fn new() -> Self {
+        Self {
+            state: ArcSwap::from_pointee(State::default()),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// Replaces the whole policy. Requests already being decided finish with the old one;
+    /// connections stay open. Returns the rules that did not compile (dropped).
+    pub fn install(&self, snapshot: PolicySnapshot) -> Result<Vec<RejectedRule>, SnapshotError> {
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::Format {
+                found: snapshot.format,
+                origin: None,
+            });
+        }
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rejected = Vec::new();
+        let endpoints = snapshot
+            .endpoints
+            .into_iter()
+            .map(|endpoint| {
+                let compiled = Arc::new(compile_endpoint(&endpoint, &mut rejected));
+                (
+                    endpoint.id,
+                    EndpointEntry {
+                        spec: Arc::new(endpoint),
+                        compiled,
+                    },
+                )
+            })
+            .collect();
+        self.state
+            .store(Arc::new(State::new(snapshot.revision, endpoints)));
+        Ok(rejected)
+    }
+
+    /// Adds or replaces one endpoint's rules (the others are not recompiled).
+    pub fn upsert_endpoint(&self, revision: u64, endpoint: SnapshotEndpoint) -> Vec<RejectedRule> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rejected = Vec::new();
+        let compiled = Arc::new(compile_endpoint(&endpoint, &mut rejected));
+        let mut endpoints = self.state.load().endpoints.clone();
+        endpoints.insert(
+            endpoint.id,
+            EndpointEntry {
+                spec: Arc::new(endpoint),
+                compiled,
+            },
+        );
+        self.state.store(Arc::new(State::new(revision, endpoints)));
+        rejected
+    }
+
+    /// Removes one endpoint's rules: its redirected requests are denied from now on. Returns
+    /// whether it was there.
+    pub fn remove_endpoint(&self, revision: u64, id: u64) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut endpoints = self.state.load().endpoints.clone();
+        let removed = endpoints.remove(&id).is_some();
+        self.state.store(Arc::new(State::new(revision, endpoints)));
+        removed
+    }
+
+    /// The revision of the last change.
+    pub fn revision(&self) -> u64 {
+        self.state.load().revision
+    }
+
+    /// The current policy in its serializable form (endpoints ordered by id).
+    pub fn snapshot(&self) -> PolicySnapshot {
+        let state = self.state.load();
+        PolicySnapshot {
+            format: SNAPSHOT_FORMAT,
+            revision: state.revision,
+            endpoints: state
+                .endpoints
+                .values()
+                .map(|entry| (*entry.spec).clone())
+                .collect(),
+        }
+    }
+
+    /// Saves the current policy to `path` ([`write_snapshot`]; blocking file I/O).
+    pub fn save_snapshot(&self, path: impl AsRef<Path>) -> Result<(), SnapshotError> {
+        write_snapshot(path, &self.snapshot())
+    }
+
+    /// Replaces the current policy with the one saved at `path` ([`read_snapshot`], then
+    /// [`PolicyStore::install`]; blocking file I/O). On error the current policy stays.
+    pub fn load_snapshot(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<Vec<RejectedRule>, SnapshotError> {
+        self.install(read_snapshot(path)?)
+    }
+}
+
+impl PolicySource for PolicyStore {
+    fn http_policy(&self, query: &PolicyQuery) -> Option<Arc<HttpPolicy>> {
+        let state = self.state.load();
+        let endpoint = state.by_ip.get(&query.endpoint_ip.to_canonical())?;
+        let segments = match query.direction {
+            Direction::Egress => &endpoint.egress,
+            Direction::Ingress => &endpoint.ingress,
+        };
+        let index = segments.partition_point(|segment| segment.last < query.port);
+        let segment = segments
+            .get(index)
+            .filter(|segment| segment.first <= query.port)?;
+        match segment.by_identity.get(&query.remote_identity) {
+            Some(policy) => policy.clone(),
+            None => segment.any.clone(),
+        }
+    }
+}
+
+impl State {
+    fn new(revision: u64, endpoints: BTreeMap<u64, EndpointEntry>) -> Self {
+        let mut by_ip = HashMap::new();
+        for (id, entry) in &endpoints {
+            for ip in &entry.spec.ips {
+                // Two endpoints never share an address; if a snapshot says so anyway, the
+                // higher id (the newer endpoint) wins, deterministically.
+                if let Some(_previous) = by_ip.insert(ip.to_canonical(), entry.compiled.clone()) {
+                    tracing::warn!(%ip, endpoint = id, "two endpoints claim one address");
+                }
+            }
+        }
+        Self {
+            revision,
+            endpoints,
+            by_ip,
+        }
+    }
+}
+
+fn compile_endpoint(
+    endpoint: &SnapshotEndpoint,
+    rejected: &mut Vec<RejectedRule>,
+) -> CompiledEndpoint {
+    let mut compiled = CompiledEndpoint::default();
+    for direction in [Direction::Egress, Direction::Ingress] {
+        let ports: Vec<(&SnapshotPort, Vec<ValidPeer<'_>>)> = endpoint
+            .ports
+            .iter()
+            .filter(|port| port.direction == direction)
+            .map(|port| (port, validate_peers(endpoint.id, port, rejected)))
+            .collect();
+        let segments = compile_segments(&ports);
+        match direction {
+            Direction::Egress => compiled.egress = segments,
+            Direction::Ingress => compiled.ingress = segments,
+        }
+    }
+    compiled
+}
+
+fn validate_peers<'a>(
+    endpoint: u64,
+    port: &'a SnapshotPort,
+    rejected: &mut Vec<RejectedRule>,
+) -> Vec<ValidPeer<'a>> {
+    port.peers
+        .iter()
+        .enumerate()
+        .map(|(peer_index, peer)| {
+            if peer.http.is_empty() {
+                return ValidPeer {
+                    remotes: &peer.remotes,
+                    rules: PeerRules::Wildcard,
+                };
+            }
+            let mut valid = Vec::new();
+            for (rule_index, rule) in peer.http.iter().enumerate() {
+                let checked = rule.to_spec().and_then(|spec| {
+                    HttpPolicy::compile(std::slice::from_ref(&spec))
+                        .map(|_| spec)
+                        .map_err(|error| error.to_string())
+                });
+                match checked {
+                    Ok(spec) => valid.push(spec),
+                    Err(reason) => rejected.push(RejectedRule {
+                        endpoint,
+                        direction: port.direction,
+                        port: port.port,
+                        peer: peer_index,
+                        rule: rule_index,
+                        reason,
+                    }),
+                }
+            }
+            ValidPeer {
+                remotes: &peer.remotes,
+                rules: if valid.is_empty() {
+                    PeerRules::Nothing
+                } else {
+                    PeerRules::Rules(valid)
+                },
+            }
+        })
+        .collect()
+}
+
+/// Splits the (possibly overlapping) port ranges into disjoint segments, each with the peer
+/// rules of every range covering it, and resolves each segment's policies.
+fn compile_segments(ports: &[(&SnapshotPort, Vec<ValidPeer<'_>>)]) -> Vec<Segment> {
+    let mut bounds = BTreeSet::new();
+    for (port, _) in ports {
+        let (first, last) = port.range();
+        bounds.insert(u32::from(first));
+        bounds.insert(u32::from(last) + 1);
+    }
+    let bounds: Vec<u32> = bounds.into_iter().collect();
+    let mut segments = Vec::new();
+    for pair in bounds.windows(2) {
+        let (start, end) = (pair[0], pair[1] - 1);
+        let peers: Vec<&ValidPeer<'_>> = ports
+            .iter()
+            .filter(|(port, _)| {
+                let (first, last) = port.range();
+                u32::from(first) <= start && end <= u32::from(last)
+            })
+            .flat_map(|(_, peers)| peers.iter())
+            .collect();
+        if peers.is_empty() {
+            continue;
+        }
+        // Both bounds come from u16 ports (end = a port's `last` or one below another's
+        // `first`), so they fit.
+        let (Ok(first), Ok(last)) = (u16::try_from(start), u16::try_from(end)) else {
+            continue;
+        };
+        segments.push(compile_segment(first, last, &peers));
+    }
+    segments
+}
+
+fn compile_segment(first: u16, last: u16, peers: &[&ValidPeer<'_>]) -> Segment {
+    // Policies by the set of peer rules that apply; identities that select the same set share
+    // one compiled policy.
+    let mut by_signature: HashMap<Vec<usize>, Option<Arc<HttpPolicy>>> = HashMap::new();
+    let mut resolve = |applies: &dyn Fn(&Remotes) -> bool| {
+        let signature: Vec<usize> = peers
+            .iter()
+            .enumerate()
+            .filter(|(_, peer)| applies(peer.remotes))
+            .map(|(index, _)| index)
+            .collect();
+        by_signature
+            .entry(signature)
+            .or_insert_with_key(|signature| {
+                combine(signature.iter().map(|&index| &peers[index].rules))
+            })
+            .clone()
+    };
+    let any = resolve(&|remotes| matches!(remotes, Remotes::Any));
+    let named: BTreeSet<u32> = peers
+        .iter()
+        .filter_map(|peer| match peer.remotes {
+            Remotes::Any => None,
+            Remotes::Identities(set) => Some(set.iter().copied()),
+        })
+        .flatten()
+        .collect();
+    let by_identity = named
+        .into_iter()
+        .map(|identity| (identity, resolve(&|remotes| remotes.contains(identity))))
+        .collect();
+    Segment {
+        first,
+        last,
+        any,
+        by_identity,
+    }
+}
+
+/// The OR of some peer rules: allow-all if one is a wildcard, `None` (deny) if none allows
+/// anything, else one policy over all their rules.
+fn combine<'a>(rules: impl Iterator<Item = &'a PeerRules>) -> Option<Arc<HttpPolicy>> {
+    let mut specs = Vec::new();
+    for peer in rules {
+        match peer {
+            PeerRules::Wildcard => return Some(Arc::new(HttpPolicy::allow_all())),
+            PeerRules::Rules(rules) => specs.extend(rules.iter().cloned()),
+            PeerRules::Nothing => {}
+        }
+    }
+    if specs.is_empty() {
+        return None;
+    }
+    match HttpPolicy::compile(&specs) {
+        Ok(policy) => Some(Arc::new(policy)),
+        Err(error) => {
+            // Every rule compiled alone, so this should not happen; if it does, deny.
+            tracing::warn!(%error, "combined HTTP rules did not compile; denying");
+            None
+        }
+    }
+}
