@@ -6,8 +6,13 @@
 //!   against the reserved identities only, which isolates the rule-compilation share.
 //! - `incremental/policy_add_remove`: a [`Resolver`] holding that state plus 9 endpoints
 //!   the rules do not select; one policy selecting the big endpoint is added, then removed.
-//!   A policy change recompiles exactly the endpoints the policy selects, so this is the
-//!   worst case for one policy.
+//!   A policy change recompiles the rules of exactly the endpoints the policy selects (so
+//!   this is the worst case for one policy: all 1000 rules are recompiled) but
+//!   recomputes only the entries of identities its peers select, looked up in the
+//!   resolver's selector cache. Its peer selector is one other rules use too (cached).
+//! - `incremental/policy_add_remove_new_selector`: the same with a peer selector no rule
+//!   uses: adding it matches the selector against every identity once (and removing the
+//!   policy drops it from the cache).
 //! - `incremental/identity_add_remove`: one identity (a new pod) appears and disappears;
 //!   only that identity's entries are recomputed in every endpoint.
 //!
@@ -85,7 +90,23 @@ struct Setup {
     server: EndpointInfo,
     others: Vec<EndpointInfo>,
     opts: ResolveOptions,
+    /// Selects the server, from a peer selector rule p7 uses too.
     extra_policy: Policy,
+    /// Selects the server, from a peer selector no rule uses (client apps ≥ RULES exist
+    /// as identities but no rule names them).
+    new_selector_policy: Policy,
+}
+
+/// A one-rule policy `name` allowing `app: <client>` to the server on TCP 7777.
+fn extra(name: &str, client: &str) -> Policy {
+    parse_documents(
+        &format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: {client}}}}}]\n    toPorts: [{{ports: [{{port: '7777', protocol: TCP}}]}}]\n"
+        ),
+        name,
+    )
+    .expect("extra policy parses")
+    .remove(0)
 }
 
 fn setup() -> Setup {
@@ -106,12 +127,8 @@ fn setup() -> Setup {
     let others = (2..=10)
         .map(|id| EndpointInfo::new(id, pod(&format!("other-{id}"), 0)))
         .collect();
-    let extra_policy = parse_documents(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: extra, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client-7}}]\n    toPorts: [{ports: [{port: '7777', protocol: TCP}]}]\n",
-        "extra",
-    )
-    .expect("extra policy parses")
-    .remove(0);
+    let extra_policy = extra("extra", "client-7");
+    let new_selector_policy = extra("extra-new-selector", &format!("client-{}", RULES + 7));
     Setup {
         repo,
         ids,
@@ -119,6 +136,7 @@ fn setup() -> Setup {
         others,
         opts: ResolveOptions::new(15001, 15053),
         extra_policy,
+        new_selector_policy,
     }
 }
 
@@ -164,6 +182,14 @@ fn benches(c: &mut Criterion) {
     g.bench_function("policy_add_remove", |b| {
         b.iter(|| {
             let added = r.apply(Change::UpsertPolicy(s.extra_policy.clone()));
+            let removed = r.apply(Change::RemovePolicy(key.clone()));
+            black_box((added, removed))
+        });
+    });
+    let key = s.new_selector_policy.policy_ref();
+    g.bench_function("policy_add_remove_new_selector", |b| {
+        b.iter(|| {
+            let added = r.apply(Change::UpsertPolicy(s.new_selector_policy.clone()));
             let removed = r.apply(Change::RemovePolicy(key.clone()));
             black_box((added, removed))
         });

@@ -40,7 +40,10 @@
 //!   Vec<[`L7RuleSet`]>, enforce_ingress, enforce_egress, cidr_prefixes, cookies, … }.
 //! - [`diff`]`(&old, &new) -> `[`EntryDiff`] (added / changed / removed keys).
 //! - [`Resolver::apply`]`(`[`Change`]`) -> `[`ResolverDiff`]: incremental resolution over
-//!   policy, endpoint and identity changes.
+//!   policy, endpoint and identity changes; which identities each peer selector matches
+//!   is kept in a selector cache (Cilium's `SelectorCache`), so a policy change re-matches
+//!   no selector against every identity and recomputes only the affected identities'
+//!   entries.
 //! - DNS matching ([`fqdn`]): [`DnsMatcher`] (L7) and [`FqdnSelector::compile`] (toFQDNs)
 //!   with Cilium's `matchName`/`matchPattern` regex construction; HTTP matching ([`http`]):
 //!   [`HttpRule::compile`].
@@ -81,6 +84,7 @@ pub mod repository;
 pub mod resolve;
 pub mod resolver;
 pub mod selector;
+mod selector_cache;
 
 pub use cidr::IpPrefix;
 pub use error::{IdentityError, LabelError, PolicyError, SelectorError};

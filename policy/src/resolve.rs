@@ -14,8 +14,10 @@
 //! "bucket") are merged per key by precedence, then a key is kept only if it beats every
 //! broader key of the same bucket (an LPM lookup returns only the longest match, so a
 //! broader higher-precedence entry must not be hidden by a narrower one). Across buckets
-//! the datapath compares precedence itself. A bucket depends only on the contributions
-//! whose selector matches that identity, which makes identity changes incremental (see
+//! the datapath compares precedence itself. A bucket depends only on the (set of)
+//! contributions whose selector matches that identity, which makes identity changes
+//! incremental, and policy changes too: after recompiling, only buckets of identities
+//! matched by a selector whose contributions changed are recomputed (see
 //! [`crate::Resolver`]). No I/O.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -600,6 +602,11 @@ pub(crate) struct CompiledPolicy {
     enforce_egress: bool,
     selectors: Vec<EndpointSelector>,
     contributions: Vec<Contribution>,
+    /// Indices into `contributions` per selector (`PeerSel::Sel(i)` → `by_selector[i]`), so
+    /// that a bucket visits only the contributions of the selectors matching its identity.
+    by_selector: Vec<Vec<usize>>,
+    /// Indices into `contributions` of the wildcard peer (the identity-0 bucket).
+    wildcard: Vec<usize>,
     l7: Vec<L7Template>,
     cidr_prefixes: BTreeSet<IpPrefix>,
     cookies: BTreeMap<u32, String>,
@@ -1041,11 +1048,21 @@ impl<'a> Builder<'a> {
                 entry: PolicyEntry::allow(0),
             });
         }
+        let mut by_selector = vec![Vec::new(); self.selectors.len()];
+        let mut wildcard = Vec::new();
+        for (ci, c) in self.contributions.iter().enumerate() {
+            match c.peer {
+                PeerSel::Wildcard => wildcard.push(ci),
+                PeerSel::Sel(i) => by_selector[i].push(ci),
+            }
+        }
         CompiledPolicy {
             enforce_ingress,
             enforce_egress,
             selectors: self.selectors,
             contributions: self.contributions,
+            by_selector,
+            wildcard,
             l7,
             cidr_prefixes: self.cidr_prefixes,
             cookies: self.cookies,
@@ -1116,27 +1133,33 @@ pub(crate) fn compile(
 }
 
 impl CompiledPolicy {
-    /// Which selectors match `labels`.
-    pub(crate) fn matched(&self, labels: &Labels) -> Vec<bool> {
-        self.selectors.iter().map(|s| s.matches(labels)).collect()
+    /// The peer selectors (`PeerSel::Sel(i)` names `selectors()[i]`).
+    pub(crate) fn selectors(&self) -> &[EndpointSelector] {
+        &self.selectors
     }
 
-    /// Entries of one remote identity (`matched` from [`Self::matched`]; ignored for
-    /// [`Identity::ANY`]).
+    /// Indices of the selectors that match `labels`, ascending.
+    pub(crate) fn matched(&self, labels: &Labels) -> Vec<usize> {
+        self.selectors
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.matches(labels))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Entries of one remote identity, given the indices of the selectors matching it
+    /// (from [`Self::matched`] or a selector cache; ignored for [`Identity::ANY`], whose
+    /// bucket holds the wildcard's contributions). Merging is order-independent (see
+    /// `PolicyEntry::rank`), so contributions are visited per selector.
     pub(crate) fn bucket(
         &self,
         id: Identity,
-        matched: &[bool],
+        matched: &[usize],
     ) -> BTreeMap<PolicyKey, PolicyEntry> {
         let mut raw: BTreeMap<PolicyKey, PolicyEntry> = BTreeMap::new();
-        for c in &self.contributions {
-            let hit = match c.peer {
-                PeerSel::Wildcard => id == Identity::ANY,
-                PeerSel::Sel(i) => id != Identity::ANY && matched.get(i).copied().unwrap_or(false),
-            };
-            if !hit {
-                continue;
-            }
+        let mut add = |ci: usize| {
+            let c = &self.contributions[ci];
             for (protocol, pp) in c.keys.iter() {
                 let key = PolicyKey {
                     identity: id,
@@ -1153,6 +1176,15 @@ impl CompiledPolicy {
                     })
                     .or_insert(c.entry);
             }
+        };
+        if id == Identity::ANY {
+            self.wildcard.iter().for_each(|ci| add(*ci));
+        } else {
+            for i in matched {
+                if let Some(cs) = self.by_selector.get(*i) {
+                    cs.iter().for_each(|ci| add(*ci));
+                }
+            }
         }
         // Keep a key only if it beats every broader key of the bucket (see module docs).
         raw.iter()
@@ -1161,13 +1193,31 @@ impl CompiledPolicy {
             .collect()
     }
 
-    fn l7_remote(&self, peer: PeerSel, per_selector: &[BTreeSet<Identity>]) -> RemoteIdentities {
-        match peer {
-            PeerSel::Wildcard => RemoteIdentities::Any,
-            PeerSel::Sel(i) => {
-                RemoteIdentities::Set(per_selector.get(i).cloned().unwrap_or_default())
-            }
-        }
+    /// The L7 rule sets, with the identities of selector `i` given by `remote(i)`.
+    fn l7_sets(&self, remote: &dyn Fn(usize) -> BTreeSet<Identity>) -> Vec<L7RuleSet> {
+        self.l7
+            .iter()
+            .map(|t| L7RuleSet {
+                direction: t.direction,
+                protocol: t.protocol,
+                port: t.port,
+                end_port: t.end_port,
+                parser: t.parser,
+                proxy_port: t.proxy_port,
+                rules: t
+                    .rules
+                    .iter()
+                    .map(|(peer, rules, cookie)| L7PeerRule {
+                        remote: match peer {
+                            PeerSel::Wildcard => RemoteIdentities::Any,
+                            PeerSel::Sel(i) => RemoteIdentities::Set(remote(*i)),
+                        },
+                        rules: rules.clone(),
+                        cookie: *cookie,
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     pub(crate) fn cidr_map(
@@ -1189,45 +1239,14 @@ impl CompiledPolicy {
         (found, missing)
     }
 
-    /// Full materialization against an identity set.
-    pub(crate) fn materialize(&self, endpoint_id: u64, identities: &IdentitySet) -> EndpointPolicy {
-        let mut entries = self.bucket(Identity::ANY, &[]);
-        let mut per_selector = vec![BTreeSet::new(); self.selectors.len()];
-        for (id, labels) in identities.iter() {
-            if id == Identity::ANY {
-                continue;
-            }
-            let matched = self.matched(labels);
-            for (i, m) in matched.iter().enumerate() {
-                if *m {
-                    per_selector[i].insert(id);
-                }
-            }
-            if matched.iter().any(|m| *m) {
-                entries.extend(self.bucket(id, &matched));
-            }
-        }
-        let l7 = self
-            .l7
-            .iter()
-            .map(|t| L7RuleSet {
-                direction: t.direction,
-                protocol: t.protocol,
-                port: t.port,
-                end_port: t.end_port,
-                parser: t.parser,
-                proxy_port: t.proxy_port,
-                rules: t
-                    .rules
-                    .iter()
-                    .map(|(peer, rules, cookie)| L7PeerRule {
-                        remote: self.l7_remote(*peer, &per_selector),
-                        rules: rules.clone(),
-                        cookie: *cookie,
-                    })
-                    .collect(),
-            })
-            .collect();
+    /// An endpoint policy from materialized entries and L7 sets, the rest from `self`.
+    fn assemble(
+        &self,
+        endpoint_id: u64,
+        entries: BTreeMap<PolicyKey, PolicyEntry>,
+        l7: Vec<L7RuleSet>,
+        identities: &IdentitySet,
+    ) -> EndpointPolicy {
         let (cidr_prefixes, missing_cidr_identities) = self.cidr_map(identities);
         EndpointPolicy {
             endpoint_id,
@@ -1242,43 +1261,117 @@ impl CompiledPolicy {
         }
     }
 
-    /// Updates a materialized policy for one identity that appeared (`labels` Some),
-    /// changed, or disappeared (`None`). Returns the entry diff and whether L7 sets changed.
+    /// Full materialization against an identity set, matching every selector against
+    /// every identity.
+    pub(crate) fn materialize(&self, endpoint_id: u64, identities: &IdentitySet) -> EndpointPolicy {
+        // Buckets come out in identity order (identity 0 first), so collecting them into
+        // one sorted Vec lets the map be bulk-built.
+        let mut entries: Vec<(PolicyKey, PolicyEntry)> =
+            self.bucket(Identity::ANY, &[]).into_iter().collect();
+        let mut per_selector = vec![BTreeSet::new(); self.selectors.len()];
+        for (id, labels) in identities.iter() {
+            if id == Identity::ANY {
+                continue;
+            }
+            let matched = self.matched(labels);
+            for i in &matched {
+                per_selector[*i].insert(id);
+            }
+            if !matched.is_empty() {
+                entries.extend(self.bucket(id, &matched));
+            }
+        }
+        let l7 = self.l7_sets(&|i| per_selector[i].clone());
+        self.assemble(endpoint_id, entries.into_iter().collect(), l7, identities)
+    }
+
+    /// Full materialization with the identities of selector `i` given by `matches(i)`
+    /// (a selector cache's view of `identities`): no selector matching at all.
+    pub(crate) fn materialize_with<'m>(
+        &self,
+        endpoint_id: u64,
+        identities: &IdentitySet,
+        matches: &dyn Fn(usize) -> &'m BTreeSet<Identity>,
+    ) -> EndpointPolicy {
+        let mut inverse: BTreeMap<Identity, Vec<usize>> = BTreeMap::new();
+        for i in 0..self.selectors.len() {
+            for id in matches(i) {
+                inverse.entry(*id).or_default().push(i);
+            }
+        }
+        let mut entries: Vec<(PolicyKey, PolicyEntry)> =
+            self.bucket(Identity::ANY, &[]).into_iter().collect();
+        for (id, matched) in &inverse {
+            if *id != Identity::ANY {
+                entries.extend(self.bucket(*id, matched));
+            }
+        }
+        let l7 = self.l7_sets(&|i| matches(i).clone());
+        self.assemble(endpoint_id, entries.into_iter().collect(), l7, identities)
+    }
+
+    /// Replaces the entries of one identity's bucket in `entries` (`matched` as for
+    /// [`Self::bucket`]) and returns the diff.
+    pub(crate) fn replace_bucket(
+        &self,
+        entries: &mut BTreeMap<PolicyKey, PolicyEntry>,
+        id: Identity,
+        matched: &[usize],
+    ) -> EntryDiff {
+        let upper = match id.0.checked_add(1) {
+            Some(n) => Bound::Excluded(PolicyKey::first_of(Identity(n))),
+            None => Bound::Unbounded,
+        };
+        let old: BTreeMap<PolicyKey, PolicyEntry> = entries
+            .range((Bound::Included(PolicyKey::first_of(id)), upper))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let new = if id == Identity::ANY || !matched.is_empty() {
+            self.bucket(id, matched)
+        } else {
+            BTreeMap::new()
+        };
+        let d = diff_entries(&old, &new);
+        d.apply_to(entries);
+        d
+    }
+
+    /// An endpoint policy with the given (already materialized) entries and everything
+    /// else materialized from `self`, with the identities of selector `i` given by
+    /// `matches(i)`.
+    pub(crate) fn with_entries<'m>(
+        &self,
+        endpoint_id: u64,
+        entries: BTreeMap<PolicyKey, PolicyEntry>,
+        identities: &IdentitySet,
+        matches: &dyn Fn(usize) -> &'m BTreeSet<Identity>,
+    ) -> EndpointPolicy {
+        let l7 = self.l7_sets(&|i| matches(i).clone());
+        self.assemble(endpoint_id, entries, l7, identities)
+    }
+
+    /// Updates a materialized policy for one identity that appeared, changed, or
+    /// disappeared; `matched` are the selectors matching it now (empty if it is gone).
+    /// `cidr_may_change` is false when neither the identity's old nor new labels can be a
+    /// CIDR identity's, so the CIDR map is unaffected. Returns the entry diff and whether
+    /// L7 sets changed.
     pub(crate) fn update_identity(
         &self,
         policy: &mut EndpointPolicy,
         id: Identity,
-        labels: Option<&Labels>,
+        matched: &[usize],
+        cidr_may_change: bool,
         identities: &IdentitySet,
     ) -> (EntryDiff, bool) {
         if id == Identity::ANY {
             return (EntryDiff::default(), false);
         }
-        let matched = labels.map(|l| self.matched(l)).unwrap_or_default();
-        let next = PolicyKey::first_of(Identity(id.0.saturating_add(1)));
-        let upper = if id.0 == u32::MAX {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(next)
-        };
-        let old: BTreeMap<PolicyKey, PolicyEntry> = policy
-            .entries
-            .range((Bound::Included(PolicyKey::first_of(id)), upper))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let new = if matched.iter().any(|m| *m) {
-            self.bucket(id, &matched)
-        } else {
-            BTreeMap::new()
-        };
-        let d = diff_entries(&old, &new);
-        d.apply_to(&mut policy.entries);
+        let d = self.replace_bucket(&mut policy.entries, id, matched);
         let mut l7_changed = false;
         for (set, t) in policy.l7.iter_mut().zip(&self.l7) {
             for (rule, (peer, _, _)) in set.rules.iter_mut().zip(&t.rules) {
                 if let (PeerSel::Sel(i), RemoteIdentities::Set(ids)) = (peer, &mut rule.remote) {
-                    let want = matched.get(*i).copied().unwrap_or(false);
-                    let changed = if want {
+                    let changed = if matched.contains(i) {
                         ids.insert(id)
                     } else {
                         ids.remove(&id)
@@ -1287,11 +1380,76 @@ impl CompiledPolicy {
                 }
             }
         }
-        let (found, missing) = self.cidr_map(identities);
-        policy.cidr_prefixes = found;
-        policy.missing_cidr_identities = missing;
+        if cidr_may_change {
+            let (found, missing) = self.cidr_map(identities);
+            policy.cidr_prefixes = found;
+            policy.missing_cidr_identities = missing;
+        }
         (d, l7_changed)
     }
+
+    /// The contributions of a peer (indices into `contributions`) as a comparable set.
+    fn contribution_set(&self, indices: &[usize]) -> Vec<ContributionKey<'_>> {
+        let mut v: Vec<ContributionKey<'_>> = indices
+            .iter()
+            .map(|ci| {
+                let c = &self.contributions[*ci];
+                (
+                    c.direction,
+                    &c.keys[..],
+                    c.entry.action,
+                    c.entry.precedence,
+                    c.entry.proxy_port,
+                    c.entry.cookie,
+                )
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// What a contribution adds to a bucket: direction, (protocol, port block)s and the entry.
+type ContributionKey<'a> = (Direction, &'a [(u8, PortPrefix)], Action, u32, u16, u32);
+
+/// Compares two compilations of one endpoint peer by peer. Selectors are named by the
+/// caller's ids (`old_ids[i]` names `old.selectors()[i]`, `new_ids[i]` names
+/// `new.selectors()[i]`; equal selectors must have equal ids). Returns whether the
+/// wildcard's contributions differ and the ids of selectors whose contributions differ.
+///
+/// A bucket is a function of the set of contributions of the selectors matching its
+/// identity (the identity-0 bucket: of the wildcard's), so only the buckets of identities
+/// matched by a returned selector (and identity 0 if the flag is set) can differ between
+/// the two materializations. Everything else the compilations produce (L7 sets, CIDR
+/// map, flags, cookies, warnings) must be refreshed wholesale.
+pub(crate) fn changed_peers(
+    old: &CompiledPolicy,
+    old_ids: &[usize],
+    new: &CompiledPolicy,
+    new_ids: &[usize],
+) -> (bool, BTreeSet<usize>) {
+    let wildcard_changed =
+        old.contribution_set(&old.wildcard) != new.contribution_set(&new.wildcard);
+    let mut before: HashMap<usize, Vec<ContributionKey<'_>>> = old_ids
+        .iter()
+        .zip(&old.by_selector)
+        .map(|(id, cs)| (*id, old.contribution_set(cs)))
+        .collect();
+    let mut changed = BTreeSet::new();
+    for (id, cs) in new_ids.iter().zip(&new.by_selector) {
+        let after = new.contribution_set(cs);
+        if before.remove(id).unwrap_or_default() != after {
+            changed.insert(*id);
+        }
+    }
+    changed.extend(
+        before
+            .into_iter()
+            .filter(|(_, cs)| !cs.is_empty())
+            .map(|(id, _)| id),
+    );
+    (wildcard_changed, changed)
 }
 
 /// Broader keys of the same identity and direction that cover `k` (protocol-any key and

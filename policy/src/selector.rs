@@ -40,12 +40,12 @@ pub struct Requirement {
 impl Requirement {
     /// True if `labels` satisfy the requirement.
     pub fn matches(&self, labels: &Labels) -> bool {
-        let values = labels.values_for(self.source, &self.key);
+        let any = |pred: &dyn Fn(&str) -> bool| labels.any_value_for(self.source, &self.key, pred);
         match &self.op {
-            Operator::In(set) => values.iter().any(|v| set.contains(*v)),
-            Operator::NotIn(set) => !values.iter().any(|v| set.contains(*v)),
-            Operator::Exists => !values.is_empty(),
-            Operator::DoesNotExist => values.is_empty(),
+            Operator::In(set) => any(&|v| set.contains(v)),
+            Operator::NotIn(set) => !any(&|v| set.contains(v)),
+            Operator::Exists => any(&|_| true),
+            Operator::DoesNotExist => !any(&|_| true),
         }
     }
 }
