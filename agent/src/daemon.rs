@@ -585,8 +585,32 @@ impl State {
             "policy_errors": self.file_errors.iter().map(|(f, e)| format!("{}: {e}", f.display())).collect::<Vec<_>>(),
             "reconciles": self.reconciles,
             "flows": { "kept": self.flows.len(), "capacity": self.config.flow_capacity, "seen": self.flows_seen, "lost_in_kernel": lost },
-            "proxy": "not running (the L7 proxy is not supervised by the agent yet)",
+                        "proxy": self.proxy_status(),
         })
+    }
+
+    /// One line about the L7 proxy: supervised or not, its pid and the policy revision it
+    /// applied.
+    fn proxy_status(&self) -> String {
+        if !self.config.proxy {
+            return "disabled".into();
+        }
+        let state = self.config.state_dir();
+        let pid = std::fs::read_to_string(state.join("proxy.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        let applied =
+            std::fs::read_to_string(state.join("proxy-policy.applied")).unwrap_or_default();
+        match pid {
+            Some(pid) => format!(
+                "running (pid {pid}; listeners {} egress, {} ingress; policy revision {} applied)",
+                self.config.http_proxy_port,
+                self.config.http_proxy_port + 1,
+                applied.trim()
+            ),
+            None => "not running (the agent restarts it)".into(),
+        }
     }
 
     fn apply_text(&mut self, text: &str, source: &str) -> Response {
