@@ -106,16 +106,40 @@ impl fmt::Display for AccessRecord {
     }
 }
 
-/// The sending side of the record channel; cheap to clone, shared by every connection.
-#[derive(Debug, Clone, Default)]
-pub struct AccessLog {
-    sender: Option<mpsc::Sender<AccessRecord>>,
+/// The sending side of a bounded record channel (HTTP access records, DNS records); cheap
+/// to clone, shared by every connection. Traffic never waits on it: a full channel (or a gone
+/// receiver) drops the record and counts the drop.
+#[derive(Debug)]
+pub struct RecordLog<T> {
+    sender: Option<mpsc::Sender<T>>,
     dropped: Arc<AtomicU64>,
 }
 
-impl AccessLog {
+// Manual impls: the derives would demand `T: Clone` / `T: Default`.
+impl<T> Clone for RecordLog<T> {
+    fn clone(&self) -> Self {
+        Self {
+            sender: self.sender.clone(),
+            dropped: self.dropped.clone(),
+        }
+    }
+}
+
+impl<T> Default for RecordLog<T> {
+    fn default() -> Self {
+        Self {
+            sender: None,
+            dropped: Arc::default(),
+        }
+    }
+}
+
+/// The HTTP access-record sink.
+pub type AccessLog = RecordLog<AccessRecord>;
+
+impl<T> RecordLog<T> {
     /// A sink with room for `capacity` records, and its receiver.
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<AccessRecord>) {
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<T>) {
         let (sender, receiver) = mpsc::channel(capacity.max(1));
         (
             Self {
@@ -138,7 +162,7 @@ impl AccessLog {
 
     /// Offers a record without waiting: a full channel (or a gone receiver) drops it and
     /// counts the drop.
-    pub fn record(&self, record: AccessRecord) {
+    pub fn record(&self, record: T) {
         let Some(sender) = &self.sender else {
             return;
         };

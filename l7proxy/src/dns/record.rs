@@ -15,11 +15,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-
-use tokio::sync::mpsc;
 
 use super::policy::{DnsRuleRef, DnsTransport};
 
@@ -131,50 +127,8 @@ impl fmt::Display for DnsRecord {
     }
 }
 
-/// The sending side of the DNS record channel; cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct DnsLog {
-    sender: Option<mpsc::Sender<DnsRecord>>,
-    dropped: Arc<AtomicU64>,
-}
-
-impl DnsLog {
-    /// A sink with room for `capacity` records, and its receiver.
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<DnsRecord>) {
-        let (sender, receiver) = mpsc::channel(capacity.max(1));
-        (
-            Self {
-                sender: Some(sender),
-                dropped: Arc::default(),
-            },
-            receiver,
-        )
-    }
-
-    /// A sink that records nothing (and builds no records).
-    pub fn disabled() -> Self {
-        Self::default()
-    }
-
-    pub fn is_enabled(&self) -> bool {
-        self.sender.is_some()
-    }
-
-    /// Offers a record without waiting: a full channel or a gone receiver drops and counts.
-    pub fn record(&self, record: DnsRecord) {
-        let Some(sender) = &self.sender else {
-            return;
-        };
-        if sender.try_send(record).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Records dropped because the channel was full or closed.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-}
+/// The DNS record sink (the same bounded, never-waiting channel as HTTP access records).
+pub type DnsLog = crate::access::RecordLog<DnsRecord>;
 
 #[cfg(test)]
 mod tests {
