@@ -1289,7 +1289,8 @@ fn supervise_proxy(config: &AgentConfig, pins: &Path, stop: &AtomicBool) {
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok())
             .filter(|pid| alive(*pid));
-        if running.is_none() {
+        // Never start one while stopping: a teardown may just have stopped the old one.
+        if running.is_none() && !stop.load(Ordering::Relaxed) {
             match spawn_proxy(config, pins) {
                 Ok(pid) => {
                     let _ = std::fs::write(&pid_file, format!("{pid}\n"));

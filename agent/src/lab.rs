@@ -190,38 +190,11 @@ pub fn down() -> Result<Vec<String>> {
 pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let state = Path::new(STATE_ROOT).join(name);
-    // The processes the run started, and the proxy its agent started.
-    let recorded = ["pids", "proxy.pid"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(state.join(f)).ok())
-        .collect::<Vec<_>>()
-        .join("\n");
-    if !recorded.is_empty() {
-        let pids: Vec<libc::pid_t> = recorded
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        for &pid in &pids {
-            // SAFETY: kill has no memory arguments; a stale pid at worst gets ESRCH.
-            if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
-                removed.push(format!("process {pid}"));
-            }
-        }
-        // Wait for them to exit (the agent finishes its current work first), then insist:
-        // a lingering agent must not outlive the run it served.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for &pid in &pids {
-            if Path::new(&format!("/proc/{pid}")).exists() {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+    // The processes the run started (the agent first), then the proxy the agent started:
+    // only once the agent is gone can it no longer start a new one.
+    for file in ["pids", "proxy.pid"] {
+        if let Ok(recorded) = std::fs::read_to_string(state.join(file)) {
+            removed.extend(stop_processes(&recorded));
         }
     }
     let prefix = format!("{name}-");
@@ -257,6 +230,37 @@ pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
         let _ = std::fs::remove_dir(STATE_ROOT);
     }
     Ok(removed)
+}
+
+/// Sends SIGTERM to every pid listed (one per line), waits up to 5 s for them to exit, then
+/// SIGKILLs what is left. Returns what it stopped.
+fn stop_processes(recorded: &str) -> Vec<String> {
+    let pids: Vec<libc::pid_t> = recorded
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let mut stopped = Vec::new();
+    for &pid in &pids {
+        // SAFETY: kill has no memory arguments; a stale pid at worst gets ESRCH.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+            stopped.push(format!("process {pid}"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &pid in &pids {
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    stopped
 }
 
 /// Builds the lab unless it is up. A failed or interrupted build is torn down.

@@ -261,5 +261,26 @@ fn lab_with_agent_end_to_end() {
             .exists(),
         "state left"
     );
+    let stray = processes_mentioning(&format!("/run/membrane/{}/", lab.name));
+    assert!(stray.is_empty(), "processes left: {stray:?}");
     assert!(text(&lab.membrane(&["lab", "down"])).contains("nothing to remove"));
+}
+
+/// Processes whose command line mentions `needle` (a run's own names), e.g. a stray proxy.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .chars()
+                        .all(|c| c.is_ascii_digit())
+                })
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(needle))
+                .collect()
+        })
+        .unwrap_or_default()
 }
