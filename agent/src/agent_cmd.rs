@@ -49,6 +49,15 @@ pub enum ListCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum FqdnCommand {
+    /// The FQDN cache.
+    Cache {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum PolicyAgentCommand {
     /// Policies in force in the agent's repository.
     List {
@@ -112,6 +121,40 @@ pub fn status(target: &AgentTarget) -> anyhow::Result<()> {
             s["flows"]["lost_in_kernel"]
         );
         println!("Proxy:       {}", s["proxy"].as_str().unwrap_or_default());
+        let f = &s["fqdn"];
+        let us = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| format!("{n} µs"));
+        println!(
+            "FQDN:        {} names/addresses, {} identities; {} learned ({} without a policy change), plumbing p50 {} p99 {}",
+            f["entries"],
+            f["identities"],
+            f["learns"],
+            f["fast_path"],
+            us(&f["plumbing_us_p50"]),
+            us(&f["plumbing_us_p99"])
+        );
+    });
+    Ok(())
+}
+
+/// `membrane fqdn cache list`: what the DNS proxy learned.
+pub fn fqdn_cache(target: &AgentTarget) -> anyhow::Result<()> {
+    let rows = api::call(&target.socket(), &Request::FqdnCacheList)?;
+    print(target, &rows, |rows| {
+        println!(
+            "{:<40} {:<15} {:>8} {:>10}",
+            "NAME", "IP", "TTL", "IDENTITY"
+        );
+        for r in rows.as_array().into_iter().flatten() {
+            println!(
+                "{:<40} {:<15} {:>8} {:>10}",
+                r["name"].as_str().unwrap_or_default(),
+                r["ip"].as_str().unwrap_or_default(),
+                format!("{}s", r["ttl_remaining"]),
+                r["identity"]
+                    .as_u64()
+                    .map_or("-".to_owned(), |i| i.to_string()),
+            );
+        }
     });
     Ok(())
 }

@@ -58,6 +58,15 @@ pub enum Request {
         namespace: Option<String>,
         name: String,
     },
+    /// From the DNS proxy: an allowed answer gave `name` these addresses. Answered once
+    /// the addresses' `fqdn:` identities are in the ipcache and policy maps (the proxy
+    /// holds the answer until then).
+    FqdnLearn {
+        name: String,
+        ips: Vec<crate::daemon::LearnedAddress>,
+    },
+    /// The FQDN cache: name, address, remaining TTL, identity.
+    FqdnCacheList,
     /// The last `last` datapath flow events the agent kept.
     Flows {
         last: usize,

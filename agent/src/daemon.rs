@@ -49,6 +49,9 @@ use crate::{
     datapath_sync,
 };
 
+mod fqdn;
+pub use fqdn::{CACHE_NAME as FQDN_CACHE_NAME, LearnedAddress};
+
 /// File name of the Hubble observer socket in the agent's state directory.
 pub const HUBBLE_SOCKET_NAME: &str = "hubble.sock";
 
@@ -176,9 +179,14 @@ struct State {
     enricher: Arc<StaticEnricher>,
     /// Rule cookie → policy, from the last reconcile.
     cookies: BTreeMap<u32, String>,
+    /// Names the DNS proxy learned, their addresses' identities (see `fqdn`).
+    fqdn: fqdn::FqdnState,
     /// The proxy policy snapshot last written (to write only changes).
     #[cfg(feature = "proxy")]
     proxy_snapshot: Option<membrane_l7proxy::redirect::store::PolicySnapshot>,
+    /// The DNS snapshot last written.
+    #[cfg(feature = "proxy")]
+    dns_snapshot: Option<crate::dns_node::DnsSnapshot>,
 }
 
 /// One `policy apply`: its text and which of its policies are still in force (later
@@ -239,8 +247,11 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         applied: Vec::new(),
         enricher,
         cookies: BTreeMap::new(),
+        fqdn: fqdn::FqdnState::load(&state_dir),
         #[cfg(feature = "proxy")]
         proxy_snapshot: None,
+        #[cfg(feature = "proxy")]
+        dns_snapshot: None,
     };
     state.restore_applied();
     // A restart: take over the endpoints the previous agent registered, in identity order so
@@ -350,7 +361,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
                     .map(|e| (std::net::IpAddr::V4(e.spec.ipv4), e.id))
                     .collect();
                 let endpoint_of = |ip| endpoints.iter().find(|(a, _)| *a == ip).map(|(_, id)| *id);
-                if let Some(record) = crate::proxy_process::record_to_flow(&line, endpoint_of) {
+                if let Some(record) =
+                    crate::proxy_process::dns_record_to_flow(&line, |ip| identity_of(&state2, ip))
+                {
+                    sender.send(FlowInput::Dns(record));
+                } else if let Some(record) =
+                    crate::proxy_process::record_to_flow(&line, endpoint_of)
+                {
                     sender.send(FlowInput::Http(record));
                 }
             }
@@ -391,6 +408,21 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
                 }
                 (kernel_lost, undecodable) = (now_lost, now_undecodable);
             }
+        }));
+    }
+    {
+        // FQDN expiry (addresses past their TTL that no connection uses) and saving.
+        let (state, stop) = (state.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(fqdn::EXPIRY_INTERVAL);
+                let mut s = lock(&state);
+                if let Err(e) = s.fqdn_expire() {
+                    tracing::error!(error = %e, "FQDN expiry failed");
+                }
+                s.fqdn_save();
+            }
+            lock(&state).fqdn_save();
         }));
     }
     if config.policy_dir.is_some() {
@@ -438,6 +470,29 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
     }
     tracing::info!("agent stopped; the datapath keeps enforcing from its pinned maps and links");
     Ok(())
+}
+
+/// Endpoint id and identity of an address, for proxy records.
+#[cfg(feature = "proxy")]
+fn identity_of(state: &Mutex<State>, ip: std::net::IpAddr) -> (u32, u32) {
+    let s = lock(state);
+    if let Some(e) = s
+        .endpoints
+        .values()
+        .find(|e| std::net::IpAddr::V4(e.spec.ipv4) == ip)
+    {
+        return (e.id, e.identity.0);
+    }
+    let std::net::IpAddr::V4(v4) = ip else {
+        return (0, membrane_common::identity::WORLD);
+    };
+    let id = s
+        .fqdn
+        .ips
+        .get(&v4)
+        .map(|i| i.0)
+        .unwrap_or(membrane_common::identity::WORLD);
+    (0, id)
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -560,6 +615,11 @@ impl State {
                     None => Response::err(format!("no policy {key}")),
                 }
             }
+            Request::FqdnLearn { name, ips } => match self.fqdn_learn(&name, &ips) {
+                Ok(data) => Response::ok(data),
+                Err(e) => Response::err(format!("FQDN {name}: {e}")),
+            },
+            Request::FqdnCacheList => Response::ok(self.fqdn_rows()),
             Request::Flows { last } => {
                 let skip = self.flows.len().saturating_sub(last);
                 let rows: Vec<_> = self.flows.iter().skip(skip).map(flow_json).collect();
@@ -585,7 +645,8 @@ impl State {
             "policy_errors": self.file_errors.iter().map(|(f, e)| format!("{}: {e}", f.display())).collect::<Vec<_>>(),
             "reconciles": self.reconciles,
             "flows": { "kept": self.flows.len(), "capacity": self.config.flow_capacity, "seen": self.flows_seen, "lost_in_kernel": lost },
-                        "proxy": self.proxy_status(),
+            "proxy": self.proxy_status(),
+            "fqdn": self.fqdn_status(),
         })
     }
 
@@ -900,6 +961,8 @@ impl State {
 
     /// Makes the kernel maps match the desired state.
     fn reconcile(&mut self) -> Result<(), AgentError> {
+        // FQDN identities first: the resolve below writes their policy entries.
+        self.refresh_fqdn()?;
         let mut options =
             ResolveOptions::new(self.config.http_proxy_port, self.config.dns_proxy_port);
         options.cluster_name = CLUSTER_NAME.to_owned();
@@ -978,6 +1041,10 @@ impl State {
             if let Some(v4) = datapath_sync::ipv4_prefix(prefix) {
                 want_ipcache.entry(v4).or_insert(id.0);
             }
+        }
+        // Addresses the DNS proxy learned (a pod's own address wins).
+        for (ip, id) in &self.fqdn.ips {
+            want_ipcache.entry(Ipv4Prefix::host(*ip)).or_insert(id.0);
         }
         let have_ipcache = self
             .datapath
@@ -1096,6 +1163,7 @@ impl State {
                     .map(|p| (u64::from(e.id), e.spec.ipv4, p))
             })
             .collect();
+        self.write_dns_snapshot(&endpoints)?;
         let mut snapshot = crate::proxy_process::snapshot_of(endpoints, 0);
         if let Some(previous) = &self.proxy_snapshot {
             snapshot.revision = previous.revision;
@@ -1125,6 +1193,46 @@ impl State {
             );
         }
         Ok(())
+    }
+
+    /// Writes the DNS proxy's snapshot when the DNS rules changed, and waits (bounded) for
+    /// a running proxy to apply it.
+    #[cfg(feature = "proxy")]
+    fn write_dns_snapshot(
+        &mut self,
+        endpoints: &[(u64, std::net::Ipv4Addr, &EndpointPolicy)],
+    ) -> Result<(), AgentError> {
+        let mut snapshot = crate::dns_node::snapshot_of(endpoints.iter().copied());
+        if let Some(previous) = &self.dns_snapshot {
+            snapshot.revision = previous.revision;
+            if previous == &snapshot {
+                return Ok(());
+            }
+        }
+        snapshot.revision += 1;
+        let path = self
+            .config
+            .state_dir()
+            .join(crate::dns_node::DNS_SNAPSHOT_NAME);
+        crate::dns_node::save(&path, &snapshot).map_err(AgentError::Invalid)?;
+        let revision = snapshot.revision;
+        self.dns_snapshot = Some(snapshot);
+        if self.proxy_running()
+            && !crate::proxy_process::wait_applied(&path, revision, Duration::from_secs(2))
+        {
+            tracing::warn!(
+                revision,
+                "the proxy has not applied the DNS snapshot within 2 s"
+            );
+        }
+        Ok(())
+    }
+
+    fn proxy_running(&self) -> bool {
+        std::fs::read_to_string(self.config.state_dir().join("proxy.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
     }
 
     fn node_ifindex(&self, ifname: &str) -> Result<u32, AgentError> {
@@ -1283,18 +1391,30 @@ fn supervise_proxy(config: &AgentConfig, pins: &Path, stop: &AtomicBool) {
     let state = config.state_dir();
     let pid_file = state.join("proxy.pid");
     let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
-    let mut backoff = Duration::from_millis(500);
-    while !stop.load(Ordering::Relaxed) {
-        let running = std::fs::read_to_string(&pid_file)
+    let running = || {
+        std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok())
-            .filter(|pid| alive(*pid));
+            .filter(|pid| alive(*pid))
+    };
+    // The DNS listeners outlive every proxy: a running proxy's (after an agent restart),
+    // else new ones. Without them the proxy runs without its DNS part.
+    let dns = dns_listeners(config, running());
+    if let Err(e) = &dns {
+        tracing::error!(error = %e, "DNS proxy listeners unavailable; DNS redirects will be dropped");
+    }
+    let dns = dns.ok();
+    // The reaper of a proxy we started tells us when it exits, so the next one starts at once.
+    let (exited_tx, exited) = std::sync::mpsc::channel::<u32>();
+    let mut backoff = Duration::from_millis(100);
+    while !stop.load(Ordering::Relaxed) {
         // Never start one while stopping: a teardown may just have stopped the old one.
-        if running.is_none() && !stop.load(Ordering::Relaxed) {
-            match spawn_proxy(config, pins) {
+        if running().is_none() && !stop.load(Ordering::Relaxed) {
+            match spawn_proxy(config, pins, dns.as_ref(), exited_tx.clone()) {
                 Ok(pid) => {
                     let _ = std::fs::write(&pid_file, format!("{pid}\n"));
                     tracing::info!(pid, "membrane-proxy started");
+                    backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start membrane-proxy; retrying");
@@ -1304,20 +1424,96 @@ fn supervise_proxy(config: &AgentConfig, pins: &Path, stop: &AtomicBool) {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(500));
+        // An adopted proxy (started by an earlier agent) is polled.
+        let _ = exited.recv_timeout(Duration::from_millis(200));
+    }
+}
+
+/// The DNS listeners: duplicated from the running proxy when there is one (it inherited
+/// them from the previous agent), else bound in the node namespace.
+#[cfg(feature = "proxy")]
+fn dns_listeners(
+    config: &AgentConfig,
+    running: Option<u32>,
+) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), String> {
+    if let Some(pid) = running {
+        match fds_of(pid, &[crate::dns_node::UDP_FD, crate::dns_node::TCP_FD]) {
+            Ok(mut fds) if fds.len() == 2 => {
+                let tcp = fds.pop().expect("two fds");
+                let udp = fds.pop().expect("two fds");
+                let port = |fd: &std::os::fd::OwnedFd| {
+                    socket2::SockRef::from(fd)
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .map(|a| a.port())
+                };
+                if port(&udp) == Some(config.dns_proxy_port)
+                    && port(&tcp) == Some(config.dns_proxy_port)
+                {
+                    tracing::info!(pid, "DNS listeners taken over from the running proxy");
+                    return Ok((udp, tcp));
+                }
+                tracing::warn!(
+                    pid,
+                    "the running proxy's descriptors 3/4 are not the DNS listeners"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(pid, error = %e, "cannot take the DNS listeners over"),
+        }
+    }
+    let node = Netns::open(&config.node_netns).map_err(|e| e.to_string())?;
+    let port = config.dns_proxy_port;
+    node.run(move || crate::dns_node::bind_listeners(port))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("bind the DNS listeners on port {port}: {e}"))
+}
+
+/// Duplicates descriptors of another process (`pidfd_getfd`, Linux 5.6).
+#[cfg(feature = "proxy")]
+fn fds_of(pid: u32, fds: &[i32]) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain syscalls; every returned descriptor is owned exactly once below.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd as i32);
+        let mut out = Vec::new();
+        for fd in fds {
+            let got = libc::syscall(
+                libc::SYS_pidfd_getfd,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                *fd,
+                0,
+            );
+            if got < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            out.push(std::os::fd::OwnedFd::from_raw_fd(got as i32));
+        }
+        Ok(out)
     }
 }
 
 #[cfg(feature = "proxy")]
-fn spawn_proxy(config: &AgentConfig, pins: &Path) -> std::io::Result<u32> {
-    use std::os::unix::process::CommandExt as _;
+fn spawn_proxy(
+    config: &AgentConfig,
+    pins: &Path,
+    dns: Option<&(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    exited: std::sync::mpsc::Sender<u32>,
+) -> std::io::Result<u32> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
     let exe = std::env::current_exe()?.with_file_name("membrane-proxy");
     let state = config.state_dir();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(state.join("proxy.log"))?;
-    let child = std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .args(["--node-netns", &config.node_netns])
         .arg("--pin-dir")
         .arg(pins)
@@ -1327,16 +1523,41 @@ fn spawn_proxy(config: &AgentConfig, pins: &Path) -> std::io::Result<u32> {
         .args(["--ingress-port", &(config.http_proxy_port + 1).to_string()])
         .arg("--records-socket")
         .arg(state.join(PROXY_RECORDS_SOCKET))
+        .arg("--agent-socket")
+        .arg(config.socket_path())
+        .arg("--dns-snapshot")
+        .arg(state.join(crate::dns_node::DNS_SNAPSHOT_NAME))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0)
-        .spawn()?;
-    // Reap it if it exits while we run, so the pid check sees it gone.
+        .process_group(0);
+    if let Some((udp, tcp)) = dns {
+        let (udp, tcp) = (udp.as_raw_fd(), tcp.as_raw_fd());
+        command.arg("--dns-fds");
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Move both out of the way first, so neither target clobbers the other.
+                let high_udp = libc::fcntl(udp, libc::F_DUPFD_CLOEXEC, 10);
+                let high_tcp = libc::fcntl(tcp, libc::F_DUPFD_CLOEXEC, 10);
+                if high_udp < 0
+                    || high_tcp < 0
+                    || libc::dup2(high_udp, crate::dns_node::UDP_FD) < 0
+                    || libc::dup2(high_tcp, crate::dns_node::TCP_FD) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn()?;
+    // Reap it when it exits (so the pid check sees it gone) and tell the supervisor.
     let pid = child.id();
     std::thread::spawn(move || {
         let mut child = child;
         let _ = child.wait();
+        let _ = exited.send(pid);
     });
     Ok(pid)
 }

@@ -15,6 +15,8 @@ pub mod bpf_cmd;
 pub mod connectivity;
 pub mod daemon;
 pub mod datapath_sync;
+#[cfg(feature = "proxy")]
+pub mod dns_node;
 pub mod lab;
 pub mod policy_cmd;
 #[cfg(feature = "proxy")]

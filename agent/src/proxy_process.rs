@@ -179,6 +179,23 @@ pub struct ProxySettings {
     /// Unix datagram socket of the agent's flow pipeline; each access record is sent there
     /// as one JSON datagram (dropped, never waited for, when the agent is away).
     pub records_socket: Option<PathBuf>,
+    /// The DNS proxy's listeners (none: no DNS proxy).
+    pub dns: DnsListen,
+    /// The DNS policy snapshot written by the agent (see `dns_node`).
+    pub dns_snapshot: Option<PathBuf>,
+    /// The agent's API socket, for FQDN learning; without it answers are released at once
+    /// and nothing is learned.
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// Where the DNS proxy listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsListen {
+    None,
+    /// Descriptors 3 (UDP) and 4 (TCP), inherited from the agent.
+    Inherited,
+    /// Bind this port (UDP and TCP, all addresses) itself.
+    Port(u16),
 }
 
 /// Runs the proxy until SIGTERM/SIGINT (`stop`).
@@ -240,8 +257,30 @@ pub fn run(
     };
     let policies: Arc<dyn redirect::PolicySource> = store.clone();
     let identities: Arc<dyn IdentitySource> = Arc::new(PinnedIpcache(Mutex::new(ipcache)));
+    let (dns_log, mut dns_records) =
+        membrane_l7proxy::dns::DnsLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);
+    let dns_task = {
+        let _context = runtime.enter();
+        start_dns(&settings, identities.clone(), dns_log, stop.clone())?
+    };
     runtime.block_on(async move {
         let records_socket = settings.records_socket.clone();
+        let dns_records_socket = settings.records_socket.clone();
+        tokio::spawn(async move {
+            let sender = std::os::unix::net::UnixDatagram::unbound().ok();
+            if let Some(s) = &sender {
+                let _ = s.set_nonblocking(true);
+            }
+            while let Some(record) = dns_records.recv().await {
+                let line = dns_record_json(&record);
+                match (&sender, &dns_records_socket) {
+                    (Some(s), Some(path)) => {
+                        let _ = s.send_to(line.as_bytes(), path);
+                    }
+                    _ => println!("{line}"),
+                }
+            }
+        });
         tokio::spawn(async move {
             let sender = std::os::unix::net::UnixDatagram::unbound().ok();
             if let Some(s) = &sender {
@@ -271,9 +310,128 @@ pub fn run(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        redirect::run(config, policies, identities, shutdown).await
+        let served = redirect::run(config, policies, identities, shutdown).await;
+        if let Some(task) = dns_task {
+            let _ = task.await;
+        }
+        served
     })?;
     Ok(())
+}
+
+/// Starts the DNS proxy (transparent, on the listeners of `settings.dns`) with its snapshot
+/// watcher; the returned task ends after `stop`, once queries in progress are answered.
+fn start_dns(
+    settings: &ProxySettings,
+    identities: Arc<dyn IdentitySource>,
+    records: membrane_l7proxy::dns::DnsLog,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    use crate::dns_node::{AgentObserver, NodeRouter};
+    use membrane_l7proxy::dns::{DnsProxy, DnsProxyConfig, DnsRequestInfo};
+    use std::sync::atomic::Ordering;
+    let listen_port = match settings.dns {
+        DnsListen::None => return Ok(None),
+        DnsListen::Inherited => 0,
+        DnsListen::Port(port) => port,
+    };
+    let router = Arc::new(NodeRouter {
+        endpoints: std::sync::RwLock::new(Arc::new(std::collections::HashMap::new())),
+        identities,
+    });
+    let route = router.clone();
+    let mut config = DnsProxyConfig::new(
+        (Ipv4Addr::UNSPECIFIED, listen_port).into(),
+        move |request: &DnsRequestInfo| route.route(request),
+    );
+    config.transparent = true;
+    config.records = records;
+    if let Some(agent) = &settings.agent_socket {
+        config = config.with_observer(AgentObserver::new(agent.clone(), Duration::from_secs(2)));
+    }
+    let proxy = match settings.dns {
+        DnsListen::Inherited => {
+            // SAFETY: the agent passes the listeners as descriptors 3 and 4 with
+            // `--dns-fds`; nothing else in this process uses those numbers.
+            let (udp, tcp) = unsafe { crate::dns_node::inherited_listeners() };
+            DnsProxy::from_std(config, udp, tcp)?
+        }
+        _ => {
+            let handle = tokio::runtime::Handle::current();
+            handle.block_on(DnsProxy::bind(config))?
+        }
+    };
+    tracing::info!(listen = %proxy.local_addr(), "DNS proxy listening");
+    let handle = proxy.handle();
+    let snapshot_path = settings.dns_snapshot.clone();
+    let stop_watch = stop.clone();
+    tokio::spawn(async move {
+        let Some(path) = snapshot_path else { return };
+        let mut loaded: Option<SystemTime> = None;
+        while !stop_watch.load(Ordering::Relaxed) {
+            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            if modified.is_some() && modified != loaded {
+                match crate::dns_node::load(&path).and_then(|s| {
+                    crate::dns_node::compile(&s).map(|(p, by_ip)| (s.revision, p, by_ip))
+                }) {
+                    Ok((revision, policy, by_ip)) => {
+                        handle.set_policy(policy);
+                        *router.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
+                            Arc::new(by_ip);
+                        loaded = modified;
+                        let _ = std::fs::write(applied_path(&path), revision.to_string());
+                        tracing::info!(revision, "DNS snapshot applied");
+                    }
+                    Err(e) => {
+                        // Once per file version; the agent's next write is tried again.
+                        loaded = modified;
+                        tracing::error!(error = %e, "DNS snapshot not applied; the previous one stays")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    Ok(Some(tokio::spawn(async move {
+        proxy
+            .serve(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+    })))
+}
+
+/// One DNS record as a JSON line for the agent's flow pipeline.
+pub fn dns_record_json(r: &membrane_l7proxy::dns::DnsRecord) -> String {
+    use membrane_l7proxy::dns::{DnsRecordKind, DnsVerdict};
+    let time = r
+        .timestamp
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    serde_json::json!({
+        "type": "dns",
+        "kind": match r.kind { DnsRecordKind::Query => "query", DnsRecordKind::Response => "response" },
+        "verdict": match r.verdict { DnsVerdict::Forwarded => "forwarded", DnsVerdict::Denied => "denied", DnsVerdict::Error => "error" },
+        "time_ns": time.to_string(),
+        "protocol": r.transport.protocol_number(),
+        "source": r.source.to_string(),
+        "destination": r.destination.to_string(),
+        "endpoint": r.endpoint,
+        "qname": r.qname,
+        "qtypes": r.qtypes,
+        "rcode": r.rcode,
+        "ips": r.ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ttl": r.ttl,
+        "cnames": r.cnames,
+        "rrtypes": r.rrtypes,
+        "cookie": r.rule.and_then(|rule| rule.cookie),
+        "latency_ns": r.latency.map(|l| l.as_nanos() as u64),
+        "error": r.error,
+    })
+    .to_string()
 }
 
 /// One access record as a JSON line (the agent's reader turns it into a Hubble flow).
@@ -358,6 +516,103 @@ pub fn record_to_flow(
             .unwrap_or(0),
         endpoint_id,
         direction,
+        policy: None,
+    })
+}
+
+/// A DNS type's number from its name (`A`, `AAAA`, `TYPE65`); `None` for unknown names.
+fn dns_type_number(name: &str) -> Option<u16> {
+    Some(match name {
+        "A" => 1,
+        "NS" => 2,
+        "CNAME" => 5,
+        "SOA" => 6,
+        "PTR" => 12,
+        "MX" => 15,
+        "TXT" => 16,
+        "AAAA" => 28,
+        "SRV" => 33,
+        "NAPTR" => 35,
+        "OPT" => 41,
+        "SVCB" => 64,
+        "HTTPS" => 65,
+        "CAA" => 257,
+        "ANY" => 255,
+        other => return other.strip_prefix("TYPE").and_then(|n| n.parse().ok()),
+    })
+}
+
+/// The agent's form of a DNS record line (see [`dns_record_json`]); `None` for other lines.
+/// `who(ip)` gives an address's endpoint id (0 = not local) and identity.
+pub fn dns_record_to_flow(
+    line: &str,
+    who: impl Fn(IpAddr) -> (u32, u32),
+) -> Option<membrane_observer::DnsRecord> {
+    use membrane_observer::{DnsObservationSource, DnsRecord, L7Kind, L7Verdict};
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["type"].as_str()? != "dns" {
+        return None;
+    }
+    let client: std::net::SocketAddr = v["source"].as_str()?.parse().ok()?;
+    let server: std::net::SocketAddr = v["destination"].as_str()?.parse().ok()?;
+    let nanos: u64 = v["time_ns"].as_str()?.parse().ok()?;
+    let strings = |key: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (client_endpoint, client_identity) = who(client.ip());
+    let (_, server_identity) = who(server.ip());
+    Some(DnsRecord {
+        time: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
+        kind: match v["kind"].as_str()? {
+            "query" => L7Kind::Request,
+            _ => L7Kind::Response,
+        },
+        verdict: match v["verdict"].as_str()? {
+            "forwarded" => L7Verdict::Forwarded,
+            "denied" => L7Verdict::Denied,
+            _ => L7Verdict::Error,
+        },
+        query: v["qname"].as_str().unwrap_or_default().to_owned(),
+        qtypes: strings("qtypes")
+            .iter()
+            .filter_map(|t| dns_type_number(t))
+            .collect(),
+        rrtypes: strings("rrtypes")
+            .iter()
+            .filter_map(|t| dns_type_number(t))
+            .collect(),
+        ips: strings("ips")
+            .iter()
+            .filter_map(|i| i.parse().ok())
+            .collect(),
+        cnames: strings("cnames"),
+        ttl: v["ttl"]
+            .as_u64()
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(0),
+        rcode: v["rcode"]
+            .as_u64()
+            .and_then(|r| u16::try_from(r).ok())
+            .unwrap_or(0),
+        observation_source: DnsObservationSource::Proxy,
+        protocol: v["protocol"]
+            .as_u64()
+            .and_then(|p| u8::try_from(p).ok())
+            .unwrap_or(17),
+        client,
+        server,
+        client_identity,
+        server_identity,
+        endpoint_id: client_endpoint,
+        direction: membrane_observer::Direction::Egress,
+        latency: v["latency_ns"].as_u64().map(Duration::from_nanos),
         policy: None,
     })
 }

@@ -580,8 +580,9 @@ fn lookup_policy(
     }
 }
 
-/// Assigns the packet to the proxy's socket: the established socket of this tuple (an
-/// accepted transparent connection), else the proxy's listener on `proxy_port_be`.
+/// Assigns the packet to the proxy's socket: for TCP the established socket of this tuple
+/// (an accepted transparent connection), else (and always for UDP) the proxy's listener on
+/// `proxy_port_be`.
 #[inline(always)]
 fn assign_proxy_socket(ctx: &TcContext, flow: &Flow, proxy_port_be: u16) -> Result<(), u8> {
     let tuple_size = core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2;
@@ -606,7 +607,13 @@ fn assign_proxy_socket(ctx: &TcContext, flow: &Flow, proxy_port_be: u16) -> Resu
         }
     };
 
-    let mut sk = lookup(&mut tuple);
+    // UDP always goes to the listener: the proxy sends its UDP replies from sockets bound
+    // to the original destination, which a tuple lookup would find instead.
+    let mut sk = if is_tcp {
+        lookup(&mut tuple)
+    } else {
+        core::ptr::null_mut()
+    };
     if !sk.is_null() {
         // SAFETY: non-null socket returned by the lookup helper.
         let state = unsafe { (*sk).state };

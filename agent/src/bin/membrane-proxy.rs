@@ -11,7 +11,7 @@ use std::{
 };
 
 use clap::Parser;
-use membrane_agent::proxy_process::{ProxySettings, run};
+use membrane_agent::proxy_process::{DnsListen, ProxySettings, run};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +38,20 @@ struct Args {
     /// The agent's record socket (Unix datagram); without it, records go to stdout.
     #[arg(long)]
     records_socket: Option<PathBuf>,
+    /// Serve DNS on the inherited descriptors 3 (UDP) and 4 (TCP): the transparent
+    /// listeners the agent keeps open across proxy restarts.
+    #[arg(long, conflicts_with = "dns_port")]
+    dns_fds: bool,
+    /// Serve DNS on this port (UDP and TCP, transparent) instead.
+    #[arg(long)]
+    dns_port: Option<u16>,
+    /// DNS policy snapshot written by the agent; watched, re-read when it changes.
+    #[arg(long)]
+    dns_snapshot: Option<PathBuf>,
+    /// The agent's API socket: answers with addresses are held until the agent has mapped
+    /// them to `fqdn:` identities. Without it, nothing is learned.
+    #[arg(long)]
+    agent_socket: Option<PathBuf>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -77,6 +91,13 @@ fn main() -> anyhow::Result<()> {
             egress_port: args.egress_port,
             ingress_port: args.ingress_port,
             records_socket: args.records_socket,
+            dns: match (args.dns_fds, args.dns_port) {
+                (true, _) => DnsListen::Inherited,
+                (false, Some(port)) => DnsListen::Port(port),
+                (false, None) => DnsListen::None,
+            },
+            dns_snapshot: args.dns_snapshot,
+            agent_socket: args.agent_socket,
         },
         stop,
     )

@@ -17,7 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The agent's health summary: datapath, endpoints, identities, policies, flows, proxy.
+    /// The agent's health summary: datapath, endpoints, identities, policies, flows, proxy,
+    /// FQDN learning.
     Status(membrane_agent::agent_cmd::AgentTarget),
     /// Endpoints registered with the agent.
     Endpoint {
@@ -32,6 +33,15 @@ enum Command {
         target: membrane_agent::agent_cmd::AgentTarget,
         #[command(subcommand)]
         command: membrane_agent::agent_cmd::ListCommand,
+    },
+    /// Names the DNS proxy learned: `membrane fqdn cache list` shows each name's addresses,
+    /// their remaining TTL and the `fqdn:` identity they were given (`-` when no toFQDNs
+    /// selector matches the name).
+    Fqdn {
+        #[command(flatten)]
+        target: membrane_agent::agent_cmd::AgentTarget,
+        #[command(subcommand)]
+        command: membrane_agent::agent_cmd::FqdnCommand,
     },
     /// Flows from the agent's Hubble observer API, with Hubble's flags: --last N, --first N,
     /// --all, -f/--follow, -o compact|dict|json, and filters --namespace, --pod, --from-pod,
@@ -158,6 +168,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Status(target) => membrane_agent::agent_cmd::status(&target)?,
         Command::Endpoint { target, .. } => membrane_agent::agent_cmd::endpoints(&target)?,
         Command::Identity { target, .. } => membrane_agent::agent_cmd::identities(&target)?,
+        Command::Fqdn { target, .. } => membrane_agent::agent_cmd::fqdn_cache(&target)?,
         Command::Observe { args } => return membrane_agent::agent_cmd::observe_hubble(&args),
         Command::Policy { agent, command } => match command {
             PolicyCli::Offline(command) => return membrane_agent::policy_cmd::run(command),

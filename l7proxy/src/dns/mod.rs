@@ -22,13 +22,15 @@
 //!   counters.
 //!
 //! Must not depend on the datapath: the observer and the upstream resolver are traits the
-//! agent implements. Not yet: transparent listeners (`IP_TRANSPARENT` UDP with the
-//! original destination per datagram, replies sent from it), `SO_MARK` on upstream
-//! sockets, restored per-endpoint rules after a restart, DNS over TLS/HTTPS.
+//! agent implements. Transparent mode (`DnsProxyConfig::transparent`, `origdst`): the
+//! listeners take redirected queries with their original destination (per datagram for
+//! UDP), replies leave from that address, and upstream sockets carry the route's `SO_MARK`.
+//! Not yet: DNS over TLS/HTTPS.
 
 pub mod cache;
 mod frame;
 pub mod learn;
+mod origdst;
 pub mod policy;
 pub mod record;
 mod server;

@@ -48,6 +48,7 @@ use super::learn::{
     DynFqdnObserver, FqdnLearningConfig, FqdnObserver, LearnCounters, LearnOutcome, Learner,
     build_learning,
 };
+use super::origdst;
 use super::policy::{DnsPolicy, DnsQueryScope, DnsRuleRef, DnsTransport};
 use super::record::{DnsLog, DnsRecord, DnsRecordKind, DnsVerdict};
 use super::upstream::{
@@ -62,9 +63,9 @@ use super::wire::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsRequestInfo {
     pub client: SocketAddr,
-    /// The address the query was received on. For a transparent TCP listener this is the
-    /// original destination (the pod's DNS server); for UDP it is the listener's address
-    /// until transparent UDP reads the original destination per datagram.
+    /// The address the query was sent to. In transparent mode this is the original
+    /// destination (the pod's DNS server): the accepted socket's local address for TCP,
+    /// `IP_ORIGDSTADDR` of each datagram for UDP. Otherwise the listener's address.
     pub local: SocketAddr,
     pub transport: DnsTransport,
 }
@@ -78,6 +79,9 @@ pub struct DnsRoute {
     pub endpoint: Option<u64>,
     /// The server's security identity; rules restricted to server identities check it.
     pub server_identity: Identity,
+    /// `SO_MARK` of the upstream socket (0 = none). On a node, the from-proxy magic plus
+    /// the client's identity, so the datapath judges the forwarded query as the client's.
+    pub mark: u32,
 }
 
 impl DnsRoute {
@@ -88,6 +92,7 @@ impl DnsRoute {
             upstream,
             endpoint: None,
             server_identity: Identity::WORLD,
+            mark: 0,
         }
     }
 }
@@ -193,6 +198,11 @@ pub struct DnsProxyConfig {
     pub records: DnsLog,
     /// On shutdown, how long queries in progress may finish. Default 3 s.
     pub shutdown_grace: Duration,
+    /// Transparent mode (on a node, behind the datapath's redirect): the listeners get
+    /// `IP_TRANSPARENT` (UDP also `IP_RECVORIGDSTADDR`), each query is routed by its
+    /// original destination, and UDP replies are sent from that address, as the client
+    /// expects. Default off.
+    pub transparent: bool,
     observer: Option<Arc<dyn DynFqdnObserver>>,
 }
 
@@ -218,6 +228,7 @@ impl fmt::Debug for DnsProxyConfig {
             .field("fqdn", &self.fqdn)
             .field("records", &self.records)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("transparent", &self.transparent)
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
@@ -240,6 +251,7 @@ impl DnsProxyConfig {
             fqdn: FqdnLearningConfig::default(),
             records: DnsLog::disabled(),
             shutdown_grace: Duration::from_secs(3),
+            transparent: false,
             observer: None,
         }
     }
@@ -339,6 +351,8 @@ struct Shared {
     counters: Counters,
     upstream_counters: Arc<UpstreamCounters>,
     learn_counters: Arc<LearnCounters>,
+    transparent: bool,
+    reply_sockets: origdst::ReplySockets,
 }
 
 /// Controls a running proxy: swap the policy, read counters. Cheap to clone.
@@ -438,7 +452,10 @@ impl fmt::Debug for DnsProxy {
 /// Attempts at finding a port free for both UDP and TCP when binding port 0.
 const BIND_ATTEMPTS: usize = 16;
 
-async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsProxyError> {
+async fn bind_pair(
+    listen: SocketAddr,
+    transparent: bool,
+) -> Result<(UdpSocket, TcpListener), DnsProxyError> {
     let udp_error = |addr, source| DnsProxyError::Bind {
         addr,
         transport: DnsTransport::Udp,
@@ -451,11 +468,22 @@ async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsPr
     };
     let mut last = None;
     for _ in 0..BIND_ATTEMPTS {
-        let udp = UdpSocket::bind(listen)
-            .await
-            .map_err(|e| udp_error(listen, e))?;
+        let udp = if transparent {
+            origdst::bind_transparent_udp(listen)
+                .and_then(UdpSocket::from_std)
+                .map_err(|e| udp_error(listen, e))?
+        } else {
+            UdpSocket::bind(listen)
+                .await
+                .map_err(|e| udp_error(listen, e))?
+        };
         let addr = udp.local_addr().map_err(|e| udp_error(listen, e))?;
-        match TcpListener::bind(addr).await {
+        let tcp = if transparent {
+            crate::transparent::bind_transparent(addr)
+        } else {
+            TcpListener::bind(addr).await
+        };
+        match tcp {
             Ok(tcp) => return Ok((udp, tcp)),
             // The kernel picked a UDP port whose TCP twin is taken: try another.
             Err(e) if listen.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => {
@@ -475,7 +503,49 @@ async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsPr
 impl DnsProxy {
     /// Binds the UDP socket and TCP listener on one port.
     pub async fn bind(config: DnsProxyConfig) -> Result<Self, DnsProxyError> {
-        let (udp, tcp) = bind_pair(config.listen).await?;
+        let (udp, tcp) = bind_pair(config.listen, config.transparent).await?;
+        Self::assemble(config, udp, tcp)
+    }
+
+    /// Serves on sockets bound elsewhere — inherited from a supervisor that keeps them open
+    /// across proxy restarts, so queries queue instead of being lost while no proxy runs.
+    /// Both must be bound to one port; `config.listen` is ignored. In transparent mode the
+    /// sockets get `IP_TRANSPARENT` (and the UDP socket `IP_RECVORIGDSTADDR`) here if they
+    /// lack it. Must be called inside a tokio runtime.
+    pub fn from_std(
+        config: DnsProxyConfig,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> Result<Self, DnsProxyError> {
+        let addr = udp.local_addr().unwrap_or(config.listen);
+        let udp_error = |source| DnsProxyError::Bind {
+            addr,
+            transport: DnsTransport::Udp,
+            source,
+        };
+        let tcp_error = |source| DnsProxyError::Bind {
+            addr,
+            transport: DnsTransport::Tcp,
+            source,
+        };
+        if config.transparent {
+            origdst::enable_orig_dst(&udp).map_err(udp_error)?;
+            socket2::SockRef::from(&tcp)
+                .set_ip_transparent_v4(true)
+                .map_err(tcp_error)?;
+        }
+        udp.set_nonblocking(true).map_err(udp_error)?;
+        tcp.set_nonblocking(true).map_err(tcp_error)?;
+        let udp = UdpSocket::from_std(udp).map_err(udp_error)?;
+        let tcp = TcpListener::from_std(tcp).map_err(tcp_error)?;
+        Self::assemble(config, udp, tcp)
+    }
+
+    fn assemble(
+        config: DnsProxyConfig,
+        udp: UdpSocket,
+        tcp: TcpListener,
+    ) -> Result<Self, DnsProxyError> {
         let local_addr = tcp.local_addr().map_err(|source| DnsProxyError::Bind {
             addr: config.listen,
             transport: DnsTransport::Tcp,
@@ -504,6 +574,8 @@ impl DnsProxy {
             counters: Counters::default(),
             upstream_counters,
             learn_counters,
+            transparent: config.transparent,
+            reply_sockets: origdst::ReplySockets::default(),
         });
         Ok(Self {
             udp: Arc::new(udp),
@@ -740,7 +812,14 @@ impl Shared {
         };
         let mut answer = match self
             .pool
-            .exchange(route.upstream, transport, bytes, &query.question, deadline)
+            .exchange(
+                route.upstream,
+                transport,
+                route.mark,
+                bytes,
+                &query.question,
+                deadline,
+            )
             .await
         {
             Ok(answer) => answer,
@@ -893,9 +972,9 @@ async fn serve_udp(
     loop {
         let received = tokio::select! {
             _ = stop.changed() => break,
-            received = socket.recv_from(&mut buf) => received,
+            received = receive(&shared, &socket, &mut buf) => received,
         };
-        let (len, client) = match received {
+        let (len, client, to) = match received {
             Ok(received) => received,
             Err(error) => {
                 tracing::debug!(%error, "DNS proxy UDP receive error");
@@ -906,7 +985,7 @@ async fn serve_udp(
         let bytes = buf[..len].to_vec();
         let ctx = ClientCtx {
             client,
-            local,
+            local: to.unwrap_or(local),
             transport: DnsTransport::Udp,
             received: Instant::now(),
         };
@@ -917,7 +996,7 @@ async fn serve_udp(
             if let Ok(query) = parse_query(&bytes)
                 && let Some(reply) = shared.servfail(&query)
             {
-                let _ = socket.send_to(&reply, client).await;
+                let _ = send_reply(&shared, &socket, &reply, &ctx).await;
             }
             continue;
         };
@@ -925,11 +1004,41 @@ async fn serve_udp(
         tokio::spawn(async move {
             let _permit = permit;
             if let Some(reply) = shared.handle(&bytes, &ctx).await
-                && let Err(error) = socket.send_to(&reply, ctx.client).await
+                && let Err(error) = send_reply(&shared, &socket, &reply, &ctx).await
             {
                 tracing::debug!(%error, client = %ctx.client, "DNS reply not sent");
             }
         });
+    }
+}
+
+/// One datagram: length, sender, and (transparent mode) its original destination.
+async fn receive(
+    shared: &Shared,
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    if shared.transparent {
+        origdst::recv_with_orig_dst(socket, buf).await
+    } else {
+        let (len, client) = socket.recv_from(buf).await?;
+        Ok((len, client, None))
+    }
+}
+
+/// Sends a UDP reply: from the listener, or in transparent mode from the address the
+/// client sent its query to.
+async fn send_reply(
+    shared: &Shared,
+    listener: &UdpSocket,
+    reply: &[u8],
+    ctx: &ClientCtx,
+) -> io::Result<usize> {
+    if shared.transparent && Some(ctx.local) != listener.local_addr().ok() {
+        let socket = shared.reply_sockets.get(ctx.local)?;
+        socket.send_to(reply, ctx.client).await
+    } else {
+        listener.send_to(reply, ctx.client).await
     }
 }
 

@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hickory_proto::op::Query;
+use tokio::net::UdpSocket;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -94,7 +94,9 @@ pub(crate) struct UpstreamSettings {
     pub(crate) max_outstanding: usize,
 }
 
-type Key = (SocketAddr, DnsTransport);
+/// Server, transport, and the `SO_MARK` of the channel's socket (0 = none): queries marked
+/// with different identities never share a socket.
+type Key = (SocketAddr, DnsTransport, u32);
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Channel>>>>;
 
 /// Every channel of the proxy, keyed by server address and transport.
@@ -128,6 +130,7 @@ impl UpstreamPool {
         &self,
         upstream: SocketAddr,
         transport: DnsTransport,
+        mark: u32,
         query: &[u8],
         question: &Query,
         deadline: Instant,
@@ -137,7 +140,7 @@ impl UpstreamPool {
         for _ in 0..2 {
             let channel = match tokio::time::timeout_at(
                 deadline,
-                self.shared.channel(upstream, transport, deadline),
+                self.shared.channel(upstream, transport, mark, deadline),
             )
             .await
             {
@@ -184,9 +187,10 @@ impl PoolShared {
         self: &Arc<Self>,
         upstream: SocketAddr,
         transport: DnsTransport,
+        mark: u32,
         deadline: Instant,
     ) -> Result<Arc<Channel>, ForwardError> {
-        let key = (upstream, transport);
+        let key = (upstream, transport, mark);
         // A slot can be removed (idle channel cleanup) between looking it up and locking
         // it; then look it up again. Three rounds are plenty: removal needs an idle
         // channel, and ours is brand new.
@@ -199,7 +203,7 @@ impl PoolShared {
             if let Some(channel) = guard.as_ref().filter(|c| !c.is_closed()) {
                 return Ok(channel.clone());
             }
-            let channel = Channel::open(self, upstream, transport, deadline).await?;
+            let channel = Channel::open(self, upstream, transport, mark, deadline).await?;
             *guard = Some(channel.clone());
             return Ok(channel);
         }
@@ -284,6 +288,7 @@ enum Writer {
 pub(crate) struct Channel {
     upstream: SocketAddr,
     transport: DnsTransport,
+    mark: u32,
     outstanding: Mutex<Outstanding>,
     writer: Writer,
 }
@@ -293,6 +298,7 @@ impl Channel {
         pool: &Arc<PoolShared>,
         upstream: SocketAddr,
         transport: DnsTransport,
+        mark: u32,
         deadline: Instant,
     ) -> Result<Arc<Self>, ForwardError> {
         let connect_error = |e: io::Error| ForwardError::Connect {
@@ -312,11 +318,17 @@ impl Channel {
                     SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
                 };
                 let socket = UdpSocket::bind(local).await.map_err(connect_error)?;
+                if mark != 0 {
+                    socket2::SockRef::from(&socket)
+                        .set_mark(mark)
+                        .map_err(connect_error)?;
+                }
                 socket.connect(upstream).await.map_err(connect_error)?;
                 let socket = Arc::new(socket);
                 let channel = Arc::new(Self {
                     upstream,
                     transport,
+                    mark,
                     outstanding,
                     writer: Writer::Udp(socket.clone()),
                 });
@@ -325,7 +337,17 @@ impl Channel {
                 Ok(channel)
             }
             DnsTransport::Tcp => {
-                let stream = tokio::time::timeout_at(deadline, TcpStream::connect(upstream))
+                let socket = match upstream {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+                }
+                .map_err(connect_error)?;
+                if mark != 0 {
+                    socket2::SockRef::from(&socket)
+                        .set_mark(mark)
+                        .map_err(connect_error)?;
+                }
+                let stream = tokio::time::timeout_at(deadline, socket.connect(upstream))
                     .await
                     .map_err(|_| ForwardError::Timeout { upstream })?
                     .map_err(connect_error)?;
@@ -335,6 +357,7 @@ impl Channel {
                 let channel = Arc::new(Self {
                     upstream,
                     transport,
+                    mark,
                     outstanding,
                     writer: Writer::Tcp(tokio::sync::Mutex::new(write)),
                 });
@@ -570,7 +593,10 @@ async fn read_udp(channel: Arc<Channel>, socket: Arc<UdpSocket>, pool: Weak<Pool
         }
     }
     if let Some(pool) = pool.upgrade() {
-        pool.release((channel.upstream, channel.transport), &channel);
+        pool.release(
+            (channel.upstream, channel.transport, channel.mark),
+            &channel,
+        );
     }
 }
 
@@ -599,7 +625,10 @@ async fn read_tcp(channel: Arc<Channel>, read: OwnedReadHalf, pool: Weak<PoolSha
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut *write).await;
     }
     if let Some(pool) = pool.upgrade() {
-        pool.release((channel.upstream, channel.transport), &channel);
+        pool.release(
+            (channel.upstream, channel.transport, channel.mark),
+            &channel,
+        );
     }
 }
 
