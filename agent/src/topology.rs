@@ -667,7 +667,7 @@ pub(crate) fn build(
 
     let node = Node::create(name).map_err(dp("create the node namespace"))?;
     progress(format!(
-        "node namespace {name} (forwarding on, uplink to the world)"
+        "node namespace {name} (forwarding on; its uplink leads only to the lab's world hosts)"
     ));
     let dns_ip = topology.cluster_dns().map(|p| p.ip);
     let mut links = Vec::new();

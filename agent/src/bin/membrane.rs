@@ -116,9 +116,10 @@ enum LabCommand {
     /// seed guide's: frontend, backend and api serving HTTP on 8080, external-client,
     /// kube-system/kube-dns), world hosts behind an uplink (github, slack, aws in the
     /// documentation ranges), the cluster DNS (pods resolve `backend`,
-    /// `backend.default.svc.cluster.local`, `api.github.com`), the datapath (pinned, so it
-    /// keeps enforcing after this command exits) and the four seed policies of
-    /// examples/policies/. Idempotent. Needs root.
+    /// `backend.default.svc.cluster.local`, `api.github.com`; under the seed policies only once
+    /// the DNS proxy is on the node, see the README), the datapath (pinned, so it keeps
+    /// enforcing after this command exits) and the four seed policies of examples/policies/.
+    /// Idempotent. Needs root.
     Up {
         /// A topology file (YAML) instead of the built-in seed topology; see
         /// examples/lab/seed-topology.yaml for the format.
@@ -132,8 +133,9 @@ enum LabCommand {
     /// connections allowed and dropped, HTTP requests the proxy allows or answers 403, the
     /// flows and counters they produced. The lab stays up.
     Demo,
-    /// Run a command inside a pod, with the pod's resolver configuration:
-    /// `membrane lab exec frontend -- curl -s http://backend:8080/`.
+    /// Run a command inside a pod, with the pod's resolver configuration (the lab's cluster
+    /// DNS): `membrane lab exec frontend -- curl -s 10.200.0.11:8080`,
+    /// `membrane lab exec kube-system/kube-dns -- dig +short api.github.com`.
     /// POD is `name` (namespace default) or `namespace/name`.
     Exec {
         pod: String,
