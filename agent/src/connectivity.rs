@@ -2,39 +2,70 @@
 //! policy (or none) plus expected verdicts, checked with real traffic (`curl`, `ping`) between
 //! pods, world hosts and the node, and with the flows the datapath reported for that traffic.
 //!
-//! It builds a topology of its own (a node namespace `NAME-ct`, pods `client`, `client2`,
-//! `echo`, world hosts in documentation ranges, an HTTP server on the node), runs
+//! It builds a topology of its own with the lab's builder ([`crate::topology::build`]): a node
+//! namespace `NAME-ct`, pods `client`, `client2`, `echo` and `kube-system/kube-dns` (the lab's
+//! cluster DNS), world hosts `a` and `b` in 198.51.100.0/24 behind the node's uplink (with DNS
+//! names and pools under `example.com` / `example.org`), and an HTTP server on the node. It runs
 //! `membrane-agent` for it, applies each scenario's policies through the agent's API, and tears
 //! everything down at the end. Prints ✅ or ❌ per scenario, then `N passed, N failed`.
 //!
-//! Scenarios that need the L7 proxy, the DNS proxy or Wasm filters are not in the list yet:
-//! those parts are not wired into the node (see README).
+//! A check targets an address or a DNS name: a name is resolved inside the client pod (through
+//! its resolv.conf, i.e. the cluster DNS, and the DNS proxy once policies redirect DNS), then
+//! the resolved address is connected to, so `dns-only` and `to-fqdns` scenarios are a policy
+//! plus checks away. They and the Wasm scenario are not in the list yet: the DNS proxy and the
+//! filters are not wired into the node (see README).
 
 use std::{
     net::Ipv4Addr,
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use membrane_datapath::{Netns, plumbing::Node};
 use serde_json::Value;
 
 use crate::{
-    api::{self, EndpointSpec, Request},
-    bpf_cmd::STATE_ROOT,
+    api::{self, Request},
     lab::{self, LabError},
+    topology::{self, Topology},
 };
 
+/// The connectivity test's topology; the constants below must match it (a unit test checks).
+const TOPOLOGY: &str = r#"
+podCIDR: 10.201.0.0/24
+pods:
+  - {name: client, labels: {app: client}, ip: 10.201.0.10}
+  - {name: client2, labels: {app: client2}, ip: 10.201.0.11}
+  - name: echo
+    labels: {app: echo}
+    ip: 10.201.0.20
+    serve: [{port: 8080, body: echo}, {port: 8081, body: echo}, {port: 8082, body: echo}]
+  - name: kube-dns
+    namespace: kube-system
+    labels: {k8s-app: kube-dns}
+    ip: 10.201.0.53
+    clusterDNS: true
+world:
+  - name: a
+    ip: 198.51.100.10
+    names: [a.example.com]
+    pools: [{suffix: example.com, cidr: 198.18.0.0/16}]
+    serve: [{port: 80, body: world-a}]
+  - name: b
+    ip: 198.51.100.20
+    names: [b.example.org]
+    pools: [{suffix: example.org, cidr: 198.19.0.0/16}]
+    serve: [{port: 80, body: world-b}]
+node:
+  serve: [{port: 8090, body: node}]
+"#;
+
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 10);
-const CLIENT2: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 11);
 const ECHO: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 20);
 const WORLD_A: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const WORLD_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 /// The node, as pods see it (their gateway).
 const HOST: Ipv4Addr = membrane_datapath::plumbing::POD_GATEWAY;
 const HOST_PORT: u16 = 8090;
-const ECHO_PORTS: [u16; 3] = [8080, 8081, 8082];
 
 /// What a check expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,10 +95,19 @@ enum Probe {
     Ping,
 }
 
+/// Where a check goes.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Ip(Ipv4Addr),
+    /// A DNS name, resolved inside the client pod first (`getent ahostsv4`, i.e. its
+    /// resolv.conf and the cluster DNS); the check then connects to the address it got.
+    Name(&'static str),
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Check {
     from: &'static str,
-    to: Ipv4Addr,
+    to: Target,
     probe: Probe,
     expect: Expect,
 }
@@ -75,7 +115,17 @@ struct Check {
 const fn http(from: &'static str, to: Ipv4Addr, port: u16, expect: Expect) -> Check {
     Check {
         from,
-        to,
+        to: Target::Ip(to),
+        probe: Probe::Http { port },
+        expect,
+    }
+}
+
+/// HTTP to a name: resolved in the pod, then connected to.
+const fn http_name(from: &'static str, name: &'static str, port: u16, expect: Expect) -> Check {
+    Check {
+        from,
+        to: Target::Name(name),
         probe: Probe::Http { port },
         expect,
     }
@@ -91,7 +141,7 @@ const fn request(
 ) -> Check {
     Check {
         from,
-        to,
+        to: Target::Ip(to),
         probe: Probe::Request {
             port: 8080,
             method,
@@ -105,7 +155,7 @@ const fn request(
 const fn ping(from: &'static str, to: Ipv4Addr, expect: Expect) -> Check {
     Check {
         from,
-        to,
+        to: Target::Ip(to),
         probe: Probe::Ping,
         expect,
     }
@@ -133,6 +183,11 @@ fn scenarios() -> Vec<Scenario> {
                 http("client", ECHO, 8080, Expect::Allowed),
                 http("client", WORLD_A, 80, Expect::Allowed),
                 ping("client", ECHO, Expect::Allowed),
+                // Names through the cluster DNS: a pod by its short name (search path), a
+                // world host, and a pool name the world host answers on.
+                http_name("client", "echo", 8080, Expect::Allowed),
+                http_name("client", "a.example.com", 80, Expect::Allowed),
+                http_name("client", "fresh-name.example.org", 80, Expect::Allowed),
             ],
         },
         Scenario {
@@ -368,70 +423,24 @@ fn scenarios() -> Vec<Scenario> {
 struct Run {
     name: String,
     socket: std::path::PathBuf,
-    names: Vec<(Ipv4Addr, &'static str)>,
+    names: Vec<(Ipv4Addr, String)>,
 }
 
-fn step(what: &str) -> impl FnOnce(String) -> LabError + '_ {
-    move |detail| LabError::Step {
-        step: what.to_owned(),
-        detail,
-    }
+fn topology() -> Topology {
+    // Compiled in and checked by a unit test; failing here is a build defect.
+    Topology::parse(TOPOLOGY, "connectivity topology")
+        .unwrap_or_else(|e| unreachable!("the connectivity topology is valid: {e}"))
 }
 
 fn build(name: &str) -> Result<Run, LabError> {
-    let state = Path::new(STATE_ROOT).join(name);
-    let policy_dir = state.join("policies");
-    std::fs::create_dir_all(&policy_dir).map_err(|e| step("create state")(e.to_string()))?;
-    let node = Node::create(name).map_err(|e| step("create node namespace")(e.to_string()))?;
-    let mut pids = vec![lab::spawn_agent(name, name, &policy_dir)?];
-    lab::record_pids_in(&state, &pids)?;
-    let socket = state.join(crate::api::SOCKET_NAME);
-    lab::wait_for("agent API", || socket.exists())?;
-
-    let pods: [(&'static str, Ipv4Addr); 3] =
-        [("client", CLIENT), ("client2", CLIENT2), ("echo", ECHO)];
-    for (pod, ip) in pods {
-        let link = node
-            .add_endpoint(&format!("{name}-{pod}"), &format!("lxc-{pod}"), ip)
-            .map_err(|e| step("create pod")(e.to_string()))?;
-        let endpoint = EndpointSpec {
-            name: pod.to_owned(),
-            namespace: "default".to_owned(),
-            labels: vec![format!("app={pod}")],
-            ipv4: ip,
-            host_ifname: link.host_ifname,
-        };
-        api::call(&socket, &Request::EndpointAdd { endpoint })
-            .map_err(|e| step("register pod")(e.to_string()))?;
-    }
-    for port in ECHO_PORTS {
-        pids.push(lab::spawn_server(&format!("{name}-echo"), port, "echo")?);
-    }
-    for (host, ip) in [("world-a", WORLD_A), ("world-b", WORLD_B)] {
-        node.add_endpoint(
-            &format!("{name}-{host}"),
-            &format!("ext-{}", &host[6..]),
-            ip,
-        )
-        .map_err(|e| step("create world host")(e.to_string()))?;
-        pids.push(lab::spawn_server(&format!("{name}-{host}"), 80, host)?);
-    }
-    pids.push(lab::spawn_server(name, HOST_PORT, "node")?);
-    lab::record_pids_in(&state, &pids)?;
-    let echo_ns =
-        Netns::open(&format!("{name}-echo")).map_err(|e| step("open echo")(e.to_string()))?;
-    lab::wait_listening(&echo_ns, ECHO, &ECHO_PORTS)?;
+    let topology = topology();
+    let built = topology::build(name, &topology, &mut |line| println!("  \u{2713} {line}"))?;
+    let mut names = topology.names();
+    names.push((HOST, "host".to_owned()));
     Ok(Run {
         name: name.to_owned(),
-        socket,
-        names: vec![
-            (CLIENT, "client"),
-            (CLIENT2, "client2"),
-            (ECHO, "echo"),
-            (WORLD_A, "world-a"),
-            (WORLD_B, "world-b"),
-            (HOST, "host"),
-        ],
+        socket: built.socket,
+        names,
     })
 }
 
@@ -461,9 +470,13 @@ impl Run {
         let from_ip = self
             .names
             .iter()
-            .find(|(_, n)| *n == c.from)
+            .find(|(_, n)| n == c.from)
             .map(|(ip, _)| *ip)
             .unwrap_or(CLIENT);
+        let to = match c.to {
+            Target::Ip(ip) => ip,
+            Target::Name(name) => self.resolve(c.from, name)?,
+        };
         let before = self.flows_seen();
         let (connected, what, dport) = match c.probe {
             Probe::Http { port } => {
@@ -476,7 +489,7 @@ impl Run {
                     .args([
                         "netns",
                         "exec",
-                        &format!("{}-{}", self.name, c.from),
+                        &topology::pod_netns(&self.name, c.from),
                         "curl",
                         "-s",
                         "-o",
@@ -484,12 +497,12 @@ impl Run {
                         "--max-time",
                         max_time,
                     ])
-                    .arg(format!("http://{}:{port}/", c.to))
+                    .arg(format!("http://{to}:{port}/"))
                     .output()
                     .map_err(|e| format!("run curl: {e}"))?;
                 (
                     out.status.success(),
-                    format!("{} -> {}:{port}/TCP", c.from, self.name_of(c.to)),
+                    format!("{} -> {}:{port}/TCP", c.from, self.target_name(c.to, to)),
                     port,
                 )
             }
@@ -503,7 +516,7 @@ impl Run {
                 cmd.args([
                     "netns",
                     "exec",
-                    &format!("{}-{}", self.name, c.from),
+                    &topology::pod_netns(&self.name, c.from),
                     "curl",
                     "-s",
                     "-o",
@@ -514,7 +527,7 @@ impl Run {
                     cmd.args(["-H", h]);
                 }
                 let out = cmd
-                    .arg(format!("http://{}:{port}{path}", c.to))
+                    .arg(format!("http://{to}:{port}{path}"))
                     .output()
                     .map_err(|e| format!("run curl: {e}"))?;
                 let code: u16 = String::from_utf8_lossy(&out.stdout)
@@ -524,7 +537,7 @@ impl Run {
                 let what = format!(
                     "{} -> {}:{port} {method} {path}{}",
                     c.from,
-                    self.name_of(c.to),
+                    self.target_name(c.to, to),
                     header.map(|h| format!(" [{h}]")).unwrap_or_default()
                 );
                 if Expect::Status(code) != c.expect {
@@ -537,19 +550,19 @@ impl Run {
                     .args([
                         "netns",
                         "exec",
-                        &format!("{}-{}", self.name, c.from),
+                        &topology::pod_netns(&self.name, c.from),
                         "ping",
                         "-c",
                         "1",
                         "-W",
                         "1",
                     ])
-                    .arg(c.to.to_string())
+                    .arg(to.to_string())
                     .output()
                     .map_err(|e| format!("run ping: {e}"))?;
                 (
                     out.status.success(),
-                    format!("{} -> {} ICMP echo", c.from, self.name_of(c.to)),
+                    format!("{} -> {} ICMP echo", c.from, self.target_name(c.to, to)),
                     8,
                 )
             }
@@ -566,7 +579,7 @@ impl Run {
         }
         // The flows: the agent reads the ring buffer every 200 ms.
         let src = from_ip.to_string();
-        let dst = c.to.to_string();
+        let dst = to.to_string();
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let flows = self.recent_flows(before);
@@ -607,7 +620,36 @@ impl Run {
         self.names
             .iter()
             .find(|(a, _)| *a == ip)
-            .map_or_else(|| ip.to_string(), |(_, n)| (*n).to_owned())
+            .map_or_else(|| ip.to_string(), |(_, n)| n.clone())
+    }
+
+    fn target_name(&self, target: Target, ip: Ipv4Addr) -> String {
+        match target {
+            Target::Ip(_) => self.name_of(ip),
+            Target::Name(name) => format!("{name} ({ip})"),
+        }
+    }
+
+    /// Resolves `name` inside pod `from` the way its applications do (glibc, its
+    /// resolv.conf: the cluster DNS with the pod's search path), bounded to a few seconds.
+    fn resolve(&self, from: &str, name: &str) -> Result<Ipv4Addr, String> {
+        let out = Command::new("timeout")
+            .args(["5", "ip", "netns", "exec"])
+            .arg(topology::pod_netns(&self.name, from))
+            .args(["getent", "ahostsv4", name])
+            .output()
+            .map_err(|e| format!("run getent: {e}"))?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "{from}: {name} did not resolve (getent exit {:?}{})",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            })
     }
 
     fn apply(&self, policy: &str, scenario: &str) -> Result<Vec<String>, String> {
@@ -699,4 +741,27 @@ pub fn run(keep: bool) -> Result<(usize, usize), LabError> {
     let (passed, failed) = result?;
     println!("{passed} passed, {failed} failed");
     Ok((passed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants_match_the_topology() {
+        let t = topology();
+        assert_eq!(t.pod("client").map(|p| p.ip), Some(CLIENT));
+        assert_eq!(t.pod("echo").map(|p| p.ip), Some(ECHO));
+        assert_eq!(t.world_host("a").map(|w| w.ip), Some(WORLD_A));
+        assert_eq!(t.world_host("b").map(|w| w.ip), Some(WORLD_B));
+        assert!(t.node.serve.iter().any(|s| s.port == HOST_PORT));
+        assert!(t.cluster_dns().is_some());
+        // Every pod a check starts from exists, and every scenario has checks.
+        for s in scenarios() {
+            assert!(!s.checks.is_empty(), "{}", s.name);
+            for c in &s.checks {
+                assert!(t.pod(c.from).is_some(), "{}: {}", s.name, c.from);
+            }
+        }
+    }
 }

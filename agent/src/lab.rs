@@ -1,30 +1,35 @@
-//! The lab: a node in a box (DESIGN §7), first cut.
+//! The lab: a node in a box (DESIGN §7).
 //!
-//! `membrane lab up` builds a node network namespace (no uplink) with two pods, `frontend`
-//! and `backend`; starts `membrane-agent` inside the node namespace (it loads the datapath
+//! `membrane lab up [--topology FILE]` builds a topology ([`crate::topology`]; by default the
+//! seed guide's: pods `frontend`, `backend`, `api`, `external-client` and `kube-system/kube-dns`,
+//! world hosts standing in for `*.github.com`, `api.slack.com` and `*.amazonaws.com`, a cluster
+//! DNS) inside a node network namespace; starts `membrane-agent` there (it loads the datapath
 //! with its maps and links pinned under `/sys/fs/bpf/membrane/<lab>`, so enforcement outlives
-//! the agent); registers the pods with the agent, which allocates identities from their labels
-//! and attaches the programs; applies one CiliumNetworkPolicy — backend accepts only
-//! frontend, only on 8080/TCP — through the agent's watched policy directory and API; and
-//! starts HTTP servers on backend's :8080 (app) and :9090 (admin) as background processes.
+//! the agent); registers the pods, which get identities from their labels and the programs on
+//! their veths; applies the four seed policies of `examples/policies/` over the agent's API
+//! (compiled in, so the binary works anywhere); and starts the pods' HTTP servers and the
+//! cluster DNS as background processes. Progress is printed step by step.
 //!
-//! `membrane lab demo` brings the lab up if needed and shows the policy working with real
-//! traffic: `curl` from frontend to backend:8080 (answered) and to backend:9090 (dropped in
-//! the kernel), the flow events the datapath emitted for them, and its counters.
-//! `membrane lab exec POD -- CMD...` runs a command inside a pod; `membrane lab down` stops the
-//! servers and removes every namespace, pin and state file (idempotent). A failed or
-//! interrupted `up` cleans up after itself.
+//! `membrane lab demo` brings the lab up if needed and shows the policies working with real
+//! traffic: allowed and dropped connections, HTTP requests the proxy allows or answers 403,
+//! the flows they produced and the datapath's counters. `membrane lab exec POD -- CMD...` runs
+//! a command inside a pod (with the pod's resolv.conf); `membrane lab down` stops the processes
+//! and removes every namespace, pin, state file and `/etc/netns` entry (idempotent). A failed
+//! or interrupted `up` cleans up after itself.
 //!
 //! Everything lives in namespaces named `membrane-lab*` (or `$MEMBRANE_LAB_NAME*`); nothing
 //! touches the root namespace.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -33,33 +38,38 @@ use membrane_datapath::{
     MetricsMap, Netns, PolicyMap,
     bpffs::{DEFAULT_BPFFS, PinDir},
     maps::protocol_name,
-    plumbing::Node,
 };
 
 use crate::{
-    api::{self, EndpointSpec, Request},
+    api::{self, Request},
     bpf_cmd::{STATE_ROOT, read_registry, registry_path},
+    topology::{self, ETC_NETNS, Topology},
 };
 
-/// The lab's one policy, as a Cilium user writes it.
-pub const LAB_POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: backend-allow-frontend
-  namespace: default
-spec:
-  endpointSelector:
-    matchLabels:
-      app: backend
-  ingress:
-    - fromEndpoints:
-        - matchLabels:
-            app: frontend
-      toPorts:
-        - ports:
-            - port: "8080"
-              protocol: TCP
-"#;
+/// The seed guide's four policies (`examples/policies/`), applied by `membrane lab up`.
+///
+/// needs DNS proxy wiring: `external-egress-policy` and `default-deny-external` have
+/// `rules.dns`, which redirect port 53 to the DNS proxy; until the proxy listens on the node,
+/// DNS from the pods they select is dropped (reason 178, "no proxy socket"), and `toFQDNs`
+/// never opens anything. Everything else in them is enforced today.
+pub const SEED_POLICIES: [(&str, &str); 4] = [
+    (
+        "backend-ingress.yaml",
+        include_str!("../../examples/policies/backend-ingress.yaml"),
+    ),
+    (
+        "api-l7.yaml",
+        include_str!("../../examples/policies/api-l7.yaml"),
+    ),
+    (
+        "external-egress-policy.yaml",
+        include_str!("../../examples/policies/external-egress-policy.yaml"),
+    ),
+    (
+        "default-deny-external.yaml",
+        include_str!("../../examples/policies/default-deny-external.yaml"),
+    ),
+];
 
 /// Default name of the lab: its node namespace, and the run name of its pins
 /// (`/sys/fs/bpf/membrane/NAME`) and state (`/run/membrane/NAME`); pods are `NAME-POD`.
@@ -75,12 +85,10 @@ pub fn lab_name() -> String {
         .unwrap_or_else(|| DEFAULT_LAB_NAME.to_owned())
 }
 
-const FRONTEND_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
-const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 20);
-const APP_PORT: u16 = 8080;
-const ADMIN_PORT: u16 = 9090;
-/// Bound on how long a lab HTTP server lives (`membrane lab down` stops it long before).
-const SERVER_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Bound on how long a lab server lives (`membrane lab down` stops it long before).
+pub const SERVER_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Bound on concurrent connections per lab HTTP server; more are served one at a time.
+const MAX_HTTP_CONNECTIONS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -92,6 +100,10 @@ pub enum LabError {
     },
     #[error("{step}: {detail}")]
     Step { step: String, detail: String },
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Dns(#[from] crate::lab_dns::DnsServeError),
     #[error("policy: {0}")]
     Policy(String),
     #[error("interrupted")]
@@ -116,36 +128,6 @@ fn step_err(step: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
     }
 }
 
-struct Pod {
-    name: &'static str,
-    ip: Ipv4Addr,
-    labels: &'static [&'static str],
-}
-
-const PODS: [Pod; 2] = [
-    Pod {
-        name: "frontend",
-        ip: FRONTEND_IP,
-        labels: &[
-            "k8s:app=frontend",
-            "k8s:io.kubernetes.pod.namespace=default",
-        ],
-    },
-    Pod {
-        name: "backend",
-        ip: BACKEND_IP,
-        labels: &["k8s:app=backend", "k8s:io.kubernetes.pod.namespace=default"],
-    },
-];
-
-fn pod_netns(pod: &str) -> String {
-    format!("{}-{pod}", lab_name())
-}
-
-fn host_ifname(pod: &str) -> String {
-    format!("lxc-{pod}").chars().take(15).collect()
-}
-
 /// Where the lab's maps and links are pinned.
 pub fn pin_path() -> PathBuf {
     Path::new(DEFAULT_BPFFS).join("membrane").join(lab_name())
@@ -161,12 +143,19 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn check_interrupt() -> Result<()> {
+pub(crate) fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         Err(LabError::Interrupted)
     } else {
         Ok(())
     }
+}
+
+/// Makes Ctrl-C stop a build at the next step (which then tears down) instead of killing it
+/// half-way.
+pub(crate) fn catch_interrupt() {
+    // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
 }
 
 fn ok(line: &str) {
@@ -185,8 +174,9 @@ pub fn down() -> Result<Vec<String>> {
 }
 
 /// Tears down the run `name`: stops the processes recorded in `/run/membrane/NAME/pids`,
-/// deletes the namespaces `NAME` and `NAME-*`, the pins under `/sys/fs/bpf/membrane/NAME` and
-/// the state in `/run/membrane/NAME`. Idempotent; returns what it removed.
+/// deletes the namespaces `NAME` and `NAME-*` and their `/etc/netns` entries, the pins under
+/// `/sys/fs/bpf/membrane/NAME` and the state in `/run/membrane/NAME`. Idempotent; returns what
+/// it removed.
 pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let state = Path::new(STATE_ROOT).join(name);
@@ -213,6 +203,25 @@ pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
             .map_err(at("delete namespace"))?;
         removed.push(format!("netns {ns}"));
     }
+    // `ip netns exec` configuration of the run's namespaces (also of namespaces already gone).
+    let mut etc: Vec<PathBuf> = std::fs::read_dir(ETC_NETNS)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n == name || n.starts_with(&prefix)
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    etc.sort();
+    for dir in etc {
+        std::fs::remove_dir_all(&dir).map_err(step_err("remove /etc/netns entry"))?;
+        removed.push(format!("{}", dir.display()));
+    }
+    // The directory itself only when nothing else uses it.
+    let _ = std::fs::remove_dir(ETC_NETNS);
     let pins = Path::new(DEFAULT_BPFFS).join("membrane").join(name);
     if pins.exists() {
         PinDir::under(Path::new(DEFAULT_BPFFS), name)
@@ -263,21 +272,62 @@ fn stop_processes(recorded: &str) -> Vec<String> {
     stopped
 }
 
+/// How `membrane lab up` builds the lab.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// A topology file; `None` is the built-in seed topology.
+    pub topology: Option<PathBuf>,
+    /// Apply the four seed policies (`--no-policies` turns this off).
+    pub policies: bool,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        Self {
+            topology: None,
+            policies: true,
+        }
+    }
+}
+
 /// Builds the lab unless it is up. A failed or interrupted build is torn down.
-pub fn up() -> Result<()> {
-    // SAFETY: installing a handler that only stores to an atomic is async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+pub fn up(options: &UpOptions) -> Result<()> {
+    catch_interrupt();
+    // A bad topology file is reported before anything is touched.
+    let (topology, text) = match &options.topology {
+        Some(path) => {
+            let topology = Topology::load(path)?;
+            let text = std::fs::read_to_string(path).map_err(step_err("read the topology"))?;
+            (topology, text)
+        }
+        None => (Topology::seed(), topology::SEED_TOPOLOGY.to_owned()),
+    };
     if is_up() {
-        println!("membrane lab is up (membrane lab down to remove it)");
+        println!(
+            "membrane lab {} is up (membrane lab down to remove it, e.g. to build another topology)",
+            lab_name()
+        );
         return Ok(());
     }
     let stale = down()?;
     if !stale.is_empty() {
         println!("removed what an earlier lab run left: {}", stale.join(", "));
     }
-    println!("membrane lab: building a node in a box");
-    match build() {
-        Ok(()) => Ok(()),
+    println!(
+        "membrane lab {}: building a node in a box ({})",
+        lab_name(),
+        options.topology.as_ref().map_or_else(
+            || "the seed topology".to_owned(),
+            |p| p.display().to_string()
+        )
+    );
+    match build(&topology, &text, options.policies) {
+        Ok(()) => {
+            println!(
+                "the lab is up: membrane lab exec POD -- CMD, membrane observe, membrane lab down"
+            );
+            Ok(())
+        }
         Err(e) => {
             eprintln!("lab up failed ({e}); cleaning up");
             let _ = down();
@@ -286,100 +336,46 @@ pub fn up() -> Result<()> {
     }
 }
 
-fn build() -> Result<()> {
-    let node_name = lab_name();
-    let node = Node::create(&node_name).map_err(at("create node namespace"))?;
-    ok(&format!(
-        "node namespace {node_name} (forwarding on, no uplink)"
-    ));
-    let mut links = Vec::new();
-    for pod in &PODS {
-        let link = node
-            .add_endpoint(&pod_netns(pod.name), &host_ifname(pod.name), pod.ip)
-            .map_err(at(&format!("create pod {}", pod.name)))?;
-        ok(&format!(
-            "pod {:<9} {:<12} netns {}, host veth {}",
-            pod.name,
-            pod.ip,
-            link.netns.name(),
-            link.host_ifname
-        ));
-        links.push(link);
+fn build(topology: &Topology, text: &str, policies: bool) -> Result<()> {
+    let name = lab_name();
+    let built = topology::build(&name, topology, &mut |line| ok(&line))?;
+    std::fs::write(state_dir().join("topology.yaml"), text)
+        .map_err(step_err("keep the topology"))?;
+    if policies {
+        for (file, text) in SEED_POLICIES {
+            let out = api::call(
+                &built.socket,
+                &Request::PolicyApply {
+                    text: text.to_owned(),
+                    source: format!("examples/policies/{file}"),
+                },
+            )
+            .map_err(|e| LabError::Policy(format!("{file}: {e}")))?;
+            let names: Vec<&str> = out["applied"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            ok(&format!(
+                "policy {} applied (examples/policies/{file})",
+                names.join(", ")
+            ));
+        }
+    } else {
+        ok("no policies applied (--no-policies): every connection is allowed");
     }
-    check_interrupt()?;
-
-    // The agent owns the datapath from here on; it runs inside the node namespace.
-    let policy_dir = state_dir().join("policies");
-    std::fs::create_dir_all(&policy_dir).map_err(step_err("create the policy directory"))?;
-    let mut pids = vec![spawn_agent(&node_name, &node_name, &policy_dir)?];
-    record_pids(&pids)?;
-    let socket = agent_socket();
-    wait_for(&format!("agent API at {}", socket.display()), || {
-        socket.exists()
-    })?;
-    ok(&format!(
-        "membrane-agent running in {node_name} (API {}, log {})",
-        socket.display(),
-        state_dir().join("agent.log").display()
-    ));
-
-    for (pod, link) in PODS.iter().zip(&links) {
-        let labels: Vec<String> = pod
-            .labels
-            .iter()
-            .filter_map(|l| l.strip_prefix("k8s:"))
-            .filter(|l| !l.starts_with("io.kubernetes.pod.namespace="))
-            .map(str::to_owned)
-            .collect();
-        let endpoint = EndpointSpec {
-            name: pod.name.to_owned(),
-            namespace: "default".to_owned(),
-            labels,
-            ipv4: pod.ip,
-            host_ifname: link.host_ifname.clone(),
-        };
-        api::call(&socket, &Request::EndpointAdd { endpoint }).map_err(|e| LabError::Step {
-            step: format!("register pod {}", pod.name),
-            detail: e.to_string(),
-        })?;
-    }
-    ok(
-        "endpoints registered: the agent allocated identities from their labels and attached the tc programs (tcx, pinned)",
-    );
-
-    // The policy goes where the agent watches, and through the API so it is in force now.
-    let policy_file = policy_dir.join("backend-allow-frontend.yaml");
-    std::fs::write(&policy_file, LAB_POLICY).map_err(step_err("write the lab policy"))?;
-    api::call(
-        &socket,
-        &Request::PolicyApply {
-            text: LAB_POLICY.to_owned(),
-            source: policy_file.display().to_string(),
-        },
-    )
-    .map_err(|e| LabError::Policy(e.to_string()))?;
-    ok(&format!(
-        "policy backend-allow-frontend applied ({})",
-        policy_file.display()
-    ));
-
-    let backend_ns = links[1].netns.name().to_owned();
-    for (port, body) in [
-        (APP_PORT, "hello from backend"),
-        (ADMIN_PORT, "backend admin page"),
-    ] {
-        pids.push(spawn_server(&backend_ns, port, body)?);
-    }
-    record_pids(&pids)?;
-    wait_listening(&links[1].netns, BACKEND_IP, &[APP_PORT, ADMIN_PORT])?;
-    ok(&format!(
-        "backend serves HTTP on :{APP_PORT} (app) and :{ADMIN_PORT} (admin)"
-    ));
     check_interrupt()
 }
 
-fn record_pids(pids: &[u32]) -> Result<()> {
-    record_pids_in(&state_dir(), pids)
+/// The topology the lab was built from (the seed if it left no copy).
+pub fn current_topology() -> Result<Topology> {
+    let kept = state_dir().join("topology.yaml");
+    if kept.exists() {
+        Ok(Topology::load(&kept)?)
+    } else {
+        Ok(Topology::seed())
+    }
 }
 
 /// Records the processes a run started, so its teardown stops them.
@@ -442,12 +438,21 @@ pub(crate) fn spawn_agent(name: &str, node: &str, policy_dir: &Path) -> Result<u
 }
 
 /// Starts `membrane lab serve` inside `netns` as a background process of its own.
-pub(crate) fn spawn_server(netns: &str, port: u16, body: &str) -> Result<u32> {
+pub(crate) fn spawn_server(netns: &str, port: u16, body: &str, paths: &[String]) -> Result<u32> {
     let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .arg(exe)
-        .args(["lab", "serve", "--port", &port.to_string(), "--body", body])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(exe).args([
+        "lab",
+        "serve",
+        "--port",
+        &port.to_string(),
+        "--body",
+        body,
+    ]);
+    for path in paths {
+        cmd.args(["--path-prefix", path]);
+    }
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -456,6 +461,25 @@ pub(crate) fn spawn_server(netns: &str, port: u16, body: &str) -> Result<u32> {
         .spawn()
         .map_err(step_err("start lab server"))?;
     // `ip netns exec` execs the command, so this pid is the server's.
+    Ok(child.id())
+}
+
+/// Starts `membrane lab dns-serve` inside `netns`, logging one line per query to `log`.
+pub(crate) fn spawn_dns(netns: &str, zone: &Path, log: &Path) -> Result<u32> {
+    let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
+    let log = std::fs::File::create(log).map_err(step_err("create the DNS log"))?;
+    let log2 = log.try_clone().map_err(step_err("DNS log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(exe)
+        .args(["lab", "dns-serve", "--zone"])
+        .arg(zone)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(step_err("start the lab DNS"))?;
     Ok(child.id())
 }
 
@@ -475,7 +499,7 @@ pub(crate) fn wait_listening(ns: &Netns, ip: Ipv4Addr, ports: &[u16]) -> Result<
             }
             if Instant::now() > deadline {
                 return Err(LabError::Step {
-                    step: format!("start lab server on :{port}"),
+                    step: format!("start lab server on {ip}:{port} in {}", ns.name()),
                     detail: "not listening after 10 s".into(),
                 });
             }
@@ -485,32 +509,109 @@ pub(crate) fn wait_listening(ns: &Netns, ip: Ipv4Addr, ports: &[u16]) -> Result<
     Ok(())
 }
 
-/// `membrane lab serve`: a small HTTP/1.1 responder for lab pods (run inside the pod's
-/// namespace by `lab up`). Answers every request with 200 and `body`.
-pub fn serve(port: u16, body: &str) -> Result<()> {
+/// `membrane lab serve`: a small HTTP/1.1 server for lab pods and world hosts (run inside
+/// their namespace by `lab up`). Answers `200` with `body` (one line), or `404 not found`
+/// when `paths` is not empty and the request path starts with none of them. Every response
+/// closes the connection. Runs for [`SERVER_LIFETIME`].
+pub fn serve(port: u16, body: &str, paths: &[String]) -> Result<()> {
     let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
         .map_err(step_err("bind lab server"))?;
-    let deadline = Instant::now() + SERVER_LIFETIME;
-    let body = format!("{body}\n");
-    for conn in listener.incoming() {
-        if Instant::now() > deadline {
-            break;
+    let body: Arc<str> = Arc::from(format!("{body}\n"));
+    let paths: Arc<[String]> = Arc::from(paths.to_vec());
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            if active.load(Ordering::Acquire) >= MAX_HTTP_CONNECTIONS {
+                // Backpressure: serve this one on the accept thread.
+                respond(conn, &body, &paths);
+                continue;
+            }
+            active.fetch_add(1, Ordering::AcqRel);
+            let (body, paths, active) =
+                (Arc::clone(&body), Arc::clone(&paths), Arc::clone(&active));
+            std::thread::spawn(move || {
+                respond(conn, &body, &paths);
+                active.fetch_sub(1, Ordering::AcqRel);
+            });
         }
-        let Ok(mut conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut buf = [0u8; 4096];
-        let _ = conn.read(&mut buf);
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = conn.write_all(response.as_bytes());
-    }
+    });
+    std::thread::sleep(SERVER_LIFETIME);
     Ok(())
 }
 
-/// `membrane lab exec POD -- CMD...`: runs CMD inside the pod's namespace and returns its
-/// exit code. POD is `name` (namespace `default`) or `namespace/name`.
+/// Largest request head the lab server reads; a request body is read and discarded up to
+/// [`MAX_BODY`] so the client (or the L7 proxy) sees its whole request consumed.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_BODY: usize = 1024 * 1024;
+
+fn respond(mut conn: TcpStream, body: &str, paths: &[String]) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break Some(end + 4);
+        }
+        if head.len() > MAX_HEAD {
+            break None;
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    };
+    let Some(head_end) = head_end else {
+        let _ = conn.write_all(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad request\n",
+        );
+        return;
+    };
+    let text = String::from_utf8_lossy(&head[..head_end]).into_owned();
+    let path = text
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("/")
+        .to_owned();
+    let content_length = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_BODY);
+    let mut remaining = content_length.saturating_sub(head.len() - head_end);
+    while remaining > 0 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => remaining = remaining.saturating_sub(n),
+        }
+    }
+    let (status, body) = if paths.is_empty() || paths.iter().any(|p| path.starts_with(p.as_str())) {
+        ("200 OK", body)
+    } else {
+        ("404 Not Found", "not found\n")
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(response.as_bytes());
+}
+
+/// `membrane lab dns-serve --zone FILE`: the lab's cluster DNS (run inside the DNS pod's
+/// namespace by `lab up`) on 53/UDP and 53/TCP, for [`SERVER_LIFETIME`].
+pub fn dns_serve(zone: &Path, listen: SocketAddr) -> Result<()> {
+    let zone = crate::lab_dns::load_zone(zone)?;
+    crate::lab_dns::serve(&zone, listen, SERVER_LIFETIME)?;
+    Ok(())
+}
+
+/// `membrane lab exec POD -- CMD...`: runs CMD inside the pod's namespace (with its
+/// resolv.conf: `ip netns exec` mounts `/etc/netns/<netns>/resolv.conf`) and returns its exit
+/// code. POD is `name` (namespace `default`) or `namespace/name`.
 pub fn exec(pod: &str, command: &[String]) -> Result<i32> {
     let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
     let known = read_registry(&pin_path());
@@ -538,7 +639,12 @@ pub fn exec(pod: &str, command: &[String]) -> Result<i32> {
         });
     };
     let status = Command::new("ip")
-        .args(["netns", "exec", &pod_netns(name), program])
+        .args([
+            "netns",
+            "exec",
+            &topology::pod_netns(&lab_name(), name),
+            program,
+        ])
         .args(args)
         .status()
         .map_err(step_err("run command in pod"))?;
@@ -551,7 +657,7 @@ enum Outcome {
     NoAnswer(String),
 }
 
-fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<Outcome> {
+fn curl(ns: &str, method: &str, url: &str, timeout_secs: u32) -> Result<Outcome> {
     let output = Command::new("ip")
         .args([
             "netns",
@@ -559,6 +665,8 @@ fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<Outcome> {
             ns,
             "curl",
             "-sS",
+            "-X",
+            method,
             "--max-time",
             &timeout_secs.to_string(),
         ])
@@ -582,13 +690,112 @@ fn curl(ns: &str, url: &str, timeout_secs: u32) -> Result<Outcome> {
     }
 }
 
-/// Brings the lab up if needed, then shows an allowed and a dropped connection with the
-/// flow events and counters they produced. The lab stays up.
+/// One connection the demo makes and what the seed policies make of it.
+struct DemoCheck {
+    from: &'static str,
+    /// Pod or world host (`world/NAME`) it goes to.
+    to: &'static str,
+    port: u16,
+    method: &'static str,
+    path: &'static str,
+    /// `Some(status)`: answered with it; `None`: dropped by the datapath.
+    expect: Option<u16>,
+    why: &'static str,
+}
+
+const DEMO: [DemoCheck; 6] = [
+    DemoCheck {
+        from: "frontend",
+        to: "backend",
+        port: 8080,
+        method: "GET",
+        path: "/",
+        expect: Some(200),
+        why: "backend-ingress allows frontend on 8080/TCP",
+    },
+    DemoCheck {
+        from: "frontend",
+        to: "backend",
+        port: 9090,
+        method: "GET",
+        path: "/",
+        expect: None,
+        why: "backend-ingress: 9090 is not allowed (dropped at backend's ingress)",
+    },
+    DemoCheck {
+        from: "external-client",
+        to: "backend",
+        port: 8080,
+        method: "GET",
+        path: "/",
+        expect: None,
+        why: "backend-ingress: only frontend may connect",
+    },
+    DemoCheck {
+        from: "frontend",
+        to: "api",
+        port: 8080,
+        method: "GET",
+        path: "/api/v1/orders",
+        expect: Some(200),
+        why: "api-l7: the proxy allows GET /api/v1/.*",
+    },
+    DemoCheck {
+        from: "frontend",
+        to: "api",
+        port: 8080,
+        method: "DELETE",
+        path: "/api/v1/orders/42",
+        expect: Some(403),
+        why: "api-l7: the proxy answers 403 to anything else",
+    },
+    DemoCheck {
+        from: "frontend",
+        to: "world/github",
+        port: 443,
+        method: "GET",
+        path: "/",
+        expect: None,
+        why: "default-deny-external: pods may not leave the cluster",
+    },
+];
+
+/// Brings the lab up if needed, then shows allowed and dropped connections and HTTP
+/// requests with the flows and counters they produced. The lab stays up.
 pub fn demo() -> Result<()> {
-    up()?;
+    up(&UpOptions::default())?;
+    let topology = current_topology()?;
+    let socket = agent_socket();
+    let applied: Vec<String> = api::call(&socket, &Request::PolicyList)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["policy"].as_str().map(str::to_owned))
+        .collect();
+    let address = |who: &str| -> Option<Ipv4Addr> {
+        match who.strip_prefix("world/") {
+            Some(host) => topology.world_host(host).map(|h| h.ip),
+            None => topology.pod(who).map(|p| p.ip),
+        }
+    };
+    if DEMO
+        .iter()
+        .any(|c| address(c.from).is_none() || address(c.to).is_none())
+        || applied.len() != SEED_POLICIES.len()
+    {
+        return Err(LabError::Step {
+            step: "lab demo".into(),
+            detail: format!(
+                "the demo needs the seed topology with its four policies (this lab has {} policies: {}); \
+                 membrane lab down, then membrane lab demo",
+                applied.len(),
+                applied.join(", ")
+            ),
+        });
+    }
     let pins = pin_path();
     let registry = read_registry(&pins);
-    let socket = agent_socket();
     let seen = |socket: &Path| -> u64 {
         api::call(socket, &Request::Status)
             .ok()
@@ -599,13 +806,18 @@ pub fn demo() -> Result<()> {
 
     println!("\nidentities (from pod labels):");
     for e in &registry {
-        println!("  {:<6} {:<9} {}", e.identity, e.name, e.labels.join(" "));
+        println!(
+            "  {:<6} {:<24} {}",
+            e.identity,
+            format!("{}/{}", e.namespace, e.name),
+            e.labels.join(" ")
+        );
     }
-    println!("\npolicy:");
-    for line in LAB_POLICY.lines() {
-        println!("  | {line}");
+    println!("\npolicies (examples/policies/, applied over the agent's API):");
+    for p in &applied {
+        println!("  {p}");
     }
-    println!("\nbackend's entries in the policy map (membrane bpf policy get backend):");
+    println!("\nbackend's ingress entries in the policy map (membrane bpf policy get backend):");
     let name_of = |id: u32| {
         registry.iter().find(|e| e.identity == id).map_or_else(
             || {
@@ -626,7 +838,7 @@ pub fn demo() -> Result<()> {
         .and_then(|m| m.list())
         .map_err(at("read policy map"))?
         .into_iter()
-        .filter(|r| Some(r.endpoint_id) == backend)
+        .filter(|r| Some(r.endpoint_id) == backend && r.direction.as_str() == "ingress")
     {
         println!(
             "  {:<7} peer {:<16} {}/{}  {:?}",
@@ -638,37 +850,40 @@ pub fn demo() -> Result<()> {
         );
     }
 
-    println!("\nconnections (curl from frontend):");
-    let frontend_ns = pod_netns("frontend");
-    let allowed = curl(&frontend_ns, &format!("http://{BACKEND_IP}:{APP_PORT}/"), 5)?;
-    check_interrupt()?;
-    let denied = curl(
-        &frontend_ns,
-        &format!("http://{BACKEND_IP}:{ADMIN_PORT}/"),
-        2,
-    )?;
+    println!("\nconnections (curl in the pods):");
     let mut unexpected = Vec::new();
-    match &allowed {
-        Outcome::Answered { status, body } => {
-            println!("  frontend -> backend:{APP_PORT}  FORWARDED  HTTP {status} \"{body}\"")
-        }
-        Outcome::NoAnswer(e) => {
-            println!("  frontend -> backend:{APP_PORT}  NO ANSWER  {e}");
-            unexpected.push(format!("frontend -> backend:{APP_PORT} should be allowed"));
-        }
-    }
-    match &denied {
-        Outcome::NoAnswer(e) => println!("  frontend -> backend:{ADMIN_PORT}  DROPPED    {e}"),
-        Outcome::Answered { status, .. } => {
-            println!("  frontend -> backend:{ADMIN_PORT}  ANSWERED   HTTP {status}");
+    for c in &DEMO {
+        check_interrupt()?;
+        let (Some(to_ip), from_ns) = (address(c.to), topology::pod_netns(&lab_name(), c.from))
+        else {
+            continue;
+        };
+        let url = format!("http://{to_ip}:{}{}", c.port, c.path);
+        let timeout = if c.expect.is_some() { 5 } else { 2 };
+        let outcome = curl(&from_ns, c.method, &url, timeout)?;
+        let what = format!("{} -> {}:{} {} {}", c.from, c.to, c.port, c.method, c.path);
+        let (shown, as_expected) = match (&outcome, c.expect) {
+            (Outcome::Answered { status, body }, Some(want)) => (
+                format!("HTTP {status} \"{body}\""),
+                status.parse::<u16>().ok() == Some(want),
+            ),
+            (Outcome::Answered { status, .. }, None) => (format!("ANSWERED HTTP {status}"), false),
+            (Outcome::NoAnswer(e), None) => (format!("DROPPED ({e})"), true),
+            (Outcome::NoAnswer(e), Some(_)) => (format!("NO ANSWER ({e})"), false),
+        };
+        println!("  {what:<52} {shown}\n  {:<52} {}", "", c.why);
+        if !as_expected {
             unexpected.push(format!(
-                "frontend -> backend:{ADMIN_PORT} should be dropped"
+                "{what}: expected {}",
+                c.expect
+                    .map_or_else(|| "a drop".to_owned(), |s| format!("HTTP {s}"))
             ));
         }
     }
 
     println!("\nflows (the datapath's events for those connections, from the agent):");
-    let names: Vec<(Ipv4Addr, &str)> = registry.iter().map(|e| (e.ipv4, e.name.as_str())).collect();
+    let names = topology.names();
+    let names: Vec<(Ipv4Addr, &str)> = names.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
     // The agent reads the ring buffer every 200 ms.
     std::thread::sleep(Duration::from_millis(500));
     let new = seen(&socket).saturating_sub(seen_before);
@@ -684,6 +899,16 @@ pub fn demo() -> Result<()> {
     })?;
     for flow in flows.as_array().into_iter().flatten() {
         println!("  {}", describe_flow(flow, &names));
+    }
+    println!("\nL7 verdicts (membrane observe --type l7 --last 4):");
+    let _ = std::io::stdout().flush();
+    if let Err(e) = crate::agent_cmd::observe_hubble(&[
+        "--type".to_owned(),
+        "l7".to_owned(),
+        "--last".to_owned(),
+        "4".to_owned(),
+    ]) {
+        unexpected.push(format!("reading L7 flows: {e}"));
     }
 
     println!("\ndatapath counters (membrane bpf metrics):");
@@ -704,8 +929,9 @@ pub fn demo() -> Result<()> {
 
     println!(
         "\nthe lab stays up; try:\n  \
-         membrane lab exec frontend -- curl -s {BACKEND_IP}:{APP_PORT}\n  \
-         membrane bpf ct list        membrane bpf ipcache list        membrane bpf endpoint list\n  \
+         membrane lab exec frontend -- curl -s 10.200.0.11:8080\n  \
+         membrane observe --verdict DROPPED        membrane observe --type l7 --to-pod default/api\n  \
+         membrane bpf policy get backend          membrane bpf ct list\n  \
          membrane lab down"
     );
     if unexpected.is_empty() {

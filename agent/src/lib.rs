@@ -2,10 +2,9 @@
 //! policy model (`membrane-policy`) and the proxy (`membrane-l7proxy`), and everything the
 //! `membrane` CLI does. Binaries in `src/bin` are thin: they parse arguments and call here.
 //!
-//! Today it owns the minimal lab ([`lab`]): a node network namespace with two pods, one
-//! policy enforced by the tc programs, and real connections that show an allowed and a
-//! dropped flow. The endpoint manager, policy repository and local API arrive with the
-//! issues that build them.
+//! It owns the agent daemon ([`daemon`]) and its local API ([`api`]), the CLI's commands, and
+//! the lab ([`lab`], built from a [`topology`], with its cluster DNS [`lab_dns`]) that
+//! `membrane connectivity test` ([`connectivity`]) builds on.
 //!
 //! It may depend on every library crate of the workspace; none of them may depend on it.
 
@@ -18,6 +17,8 @@ pub mod datapath_sync;
 #[cfg(feature = "proxy")]
 pub mod dns_node;
 pub mod lab;
+pub mod lab_dns;
 pub mod policy_cmd;
 #[cfg(feature = "proxy")]
 pub mod proxy_process;
+pub mod topology;

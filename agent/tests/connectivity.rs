@@ -1,5 +1,6 @@
 //! `membrane connectivity test` through the real binaries, on a topology named for this test
-//! run: every scenario passes, the closing line counts them, and nothing is left behind.
+//! run: every scenario passes, the closing line counts them, and nothing is left behind
+//! (namespaces, /etc/netns entries, pins, state, processes).
 
 use std::process::Command;
 
@@ -31,6 +32,17 @@ fn connectivity_test_passes_every_scenario_and_cleans_up() {
         "{stdout}"
     );
     assert_eq!(stdout.matches('\u{2705}').count(), passed, "{stdout}");
+    // Built by the lab's topology builder: world hosts behind the uplink and the cluster DNS,
+    // and the no-policies scenario reached a pod, a world host and a pool name by name.
+    assert!(
+        stdout.contains("cluster DNS on kube-system/kube-dns 10.201.0.53:53"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("world host a"), "{stdout}");
+    assert!(
+        stdout.contains("\u{2705} no-policies (6 checks)"),
+        "{stdout}"
+    );
 
     let name = format!("{lab}-ct");
     let left: Vec<String> = std::fs::read_dir("/run/netns")
@@ -44,6 +56,15 @@ fn connectivity_test_passes_every_scenario_and_cleans_up() {
         !left.iter().any(|n| n.starts_with(&name)),
         "namespaces left: {left:?}"
     );
+    let etc: Vec<String> = std::fs::read_dir("/etc/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&name))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
     assert!(
         !std::path::Path::new("/sys/fs/bpf/membrane")
             .join(&name)

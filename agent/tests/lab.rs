@@ -1,10 +1,13 @@
-//! The lab end to end through the real binaries: `membrane lab demo` builds it (pods, the
-//! agent, a policy) and shows an allowed and a dropped connection; the agent's CLI views and
-//! the `bpf` views work; a bad policy changes nothing; enforcement survives the agent being
-//! stopped and a restarted agent takes over; `lab down` leaves nothing behind. The lab gets a
-//! unique name (`MEMBRANE_LAB_NAME`), so it never touches a developer's own lab.
+//! The lab end to end through the real binaries. `membrane lab up` builds the seed topology
+//! (pods, world hosts, the cluster DNS, the agent, the four seed policies) and shows its
+//! progress; `lab demo` shows allowed and dropped connections and L7 verdicts; the agent's CLI
+//! views work; a bad policy changes nothing; enforcement survives the agent being stopped and a
+//! restarted agent takes over; pods resolve each other and the world hosts by name; a bad
+//! topology file is refused with the field named; `lab down` leaves nothing behind. Each lab
+//! gets a unique name (`MEMBRANE_LAB_NAME`), so it never touches a developer's own lab.
 
 use std::{
+    path::Path,
     process::{Command, Output},
     time::{Duration, Instant},
 };
@@ -16,6 +19,12 @@ struct Lab {
 }
 
 impl Lab {
+    fn new(what: &str) -> Self {
+        Self {
+            name: unique_name(what),
+        }
+    }
+
     fn membrane(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_membrane"))
             .args(args)
@@ -24,28 +33,65 @@ impl Lab {
             .expect("run membrane")
     }
 
+    /// `membrane lab exec POD -- CMD...`, bounded by `timeout` so a hung command fails the test.
+    fn exec(&self, pod: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["lab", "exec", pod, "--", "timeout", "20"];
+        args.extend_from_slice(cmd);
+        self.membrane(&args)
+    }
+
     fn curl(&self, port: u16, max_time: &str) -> Output {
-        let url = format!("10.200.0.20:{port}");
-        self.membrane(&[
-            "lab",
-            "exec",
-            "frontend",
-            "--",
-            "curl",
-            "-s",
-            "--max-time",
-            max_time,
-            &url,
-        ])
+        let url = format!("10.200.0.11:{port}");
+        self.exec("frontend", &["curl", "-s", "--max-time", max_time, &url])
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(format!("/run/membrane/{}/pids", self.name))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
 
     fn agent_pid(&self) -> i32 {
-        let pids =
-            std::fs::read_to_string(format!("/run/membrane/{}/pids", self.name)).expect("pids");
-        pids.lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .expect("agent pid first")
+        *self.pids().first().expect("agent pid first")
+    }
+
+    /// `lab down`, then: no namespace, `/etc/netns` entry, pin, state file or process of the
+    /// run is left, and a second `down` has nothing to do.
+    fn down_and_check_nothing_left(&self) {
+        let pids = self.pids();
+        assert!(!pids.is_empty(), "the lab recorded its processes");
+        let down = self.membrane(&["lab", "down"]);
+        assert!(down.status.success(), "{}", text(&down));
+        let left = |dir: &str| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with(&self.name))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(left("/run/netns"), Vec::<String>::new(), "namespaces left");
+        assert_eq!(left("/etc/netns"), Vec::<String>::new(), "/etc/netns left");
+        assert!(
+            !Path::new("/sys/fs/bpf/membrane").join(&self.name).exists(),
+            "pins left"
+        );
+        assert!(
+            !Path::new("/run/membrane").join(&self.name).exists(),
+            "state left"
+        );
+        let alive: Vec<i32> = pids
+            .into_iter()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        assert!(alive.is_empty(), "processes of the run alive: {alive:?}");
+        let stray = processes_mentioning(&format!("/run/membrane/{}/", self.name));
+        assert!(stray.is_empty(), "processes left: {stray:?}");
+        assert!(text(&self.membrane(&["lab", "down"])).contains("nothing to remove"));
     }
 }
 
@@ -64,6 +110,10 @@ fn text(out: &Output) -> String {
     )
 }
 
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("json ({e}): {}", text(out)))
 }
@@ -71,31 +121,56 @@ fn json(out: &Output) -> serde_json::Value {
 #[test]
 fn lab_with_agent_end_to_end() {
     require_root();
-    let lab = Lab {
-        name: unique_name("lab"),
-    };
+    let lab = Lab::new("lab");
+
+    let up = lab.membrane(&["lab", "up"]);
+    let out = text(&up);
+    assert!(up.status.success(), "lab up failed:\n{out}");
+    for step in [
+        "\u{2713} pod default/frontend",
+        "\u{2713} pod kube-system/kube-dns     10.200.0.53",
+        "\u{2713} world host github   192.0.2.10 (github.com, api.github.com), *.github.com from 198.18.0.0/16",
+        "\u{2713} 5 endpoints registered",
+        "\u{2713} cluster DNS on kube-system/kube-dns 10.200.0.53:53",
+        "\u{2713} policy CiliumNetworkPolicy default/backend-ingress applied",
+        "\u{2713} policy CiliumNetworkPolicy default/api-l7 applied",
+        "\u{2713} policy CiliumNetworkPolicy default/external-egress-policy applied",
+        "\u{2713} policy CiliumClusterwideNetworkPolicy default-deny-external applied",
+    ] {
+        assert!(out.contains(step), "missing `{step}` in:\n{out}");
+    }
+    let again = lab.membrane(&["lab", "up"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("is up"), "{}", text(&again));
+    for dir in ["frontend", "kube-dns"] {
+        let resolv = std::fs::read_to_string(format!("/etc/netns/{}-{dir}/resolv.conf", lab.name))
+            .expect("resolv.conf");
+        assert!(resolv.contains("nameserver 10.200.0.53"), "{resolv}");
+    }
 
     let demo = lab.membrane(&["lab", "demo"]);
     let out = text(&demo);
     assert!(demo.status.success(), "lab demo failed:\n{out}");
-    assert!(
-        out.contains("frontend -> backend:8080  FORWARDED  HTTP 200 \"hello from backend\""),
-        "{out}"
-    );
-    assert!(out.contains("frontend -> backend:9090  DROPPED"), "{out}");
-    assert!(
-        out.contains("policy-verdict:L3-L4 INGRESS FORWARDED"),
-        "{out}"
-    );
-    assert!(
-        out.contains("drop INGRESS DROPPED (Policy denied)"),
-        "{out}"
-    );
+    for line in [
+        "frontend -> backend:8080 GET /                       HTTP 200 \"hello from backend\"",
+        "frontend -> backend:9090 GET /                       DROPPED",
+        "external-client -> backend:8080 GET /                DROPPED",
+        "frontend -> api:8080 GET /api/v1/orders              HTTP 200 \"hello from api\"",
+        "frontend -> api:8080 DELETE /api/v1/orders/42        HTTP 403 \"Access denied\"",
+        "frontend -> world/github:443 GET /                   DROPPED",
+        "policy-verdict:L3-L4 INGRESS FORWARDED",
+        "-> backend:9090 (ID:257) TCP drop INGRESS DROPPED (Policy denied)",
+        "-> world/github:443 (ID:2) TCP drop EGRESS DROPPED (Policy denied)",
+        "policy-verdict:L3-L4 INGRESS REDIRECTED",
+        "http-request DROPPED (HTTP/1.1 DELETE http://10.200.0.12:8080/api/v1/orders/42)",
+    ] {
+        assert!(out.contains(line), "missing `{line}` in:\n{out}");
+    }
 
     // Agent views.
     let status = json(&lab.membrane(&["status", "-o", "json"]));
-    assert_eq!(status["endpoints"], 2, "{status}");
-    assert_eq!(status["policies"], 1, "{status}");
+    assert_eq!(status["endpoints"], 5, "{status}");
+    assert_eq!(status["policies"], 4, "{status}");
     let endpoints = json(&lab.membrane(&["endpoint", "list", "-o", "json"]));
     let backend_identity = endpoints
         .as_array()
@@ -106,10 +181,15 @@ fn lab_with_agent_end_to_end() {
         .expect("backend registered");
     let identities = text(&lab.membrane(&["identity", "list"]));
     assert!(identities.contains("k8s:app=backend"), "{identities}");
-    assert!(
-        text(&lab.membrane(&["policy", "list"]))
-            .contains("CiliumNetworkPolicy default/backend-allow-frontend")
-    );
+    assert!(identities.contains("k8s:k8s-app=kube-dns"), "{identities}");
+    let policies = text(&lab.membrane(&["policy", "list"]));
+    for p in [
+        "CiliumNetworkPolicy default/backend-ingress",
+        "CiliumNetworkPolicy default/api-l7",
+        "CiliumClusterwideNetworkPolicy default-deny-external",
+    ] {
+        assert!(policies.contains(p), "{policies}");
+    }
     // Flows over the Hubble observer API (Hubble's compact and JSON output).
     let flows = text(&lab.membrane(&["observe", "--last", "50"]));
     assert!(flows.contains("default/frontend"), "{flows}");
@@ -133,6 +213,8 @@ fn lab_with_agent_end_to_end() {
     assert_eq!(flow["flow"]["verdict"], "DROPPED", "{flow}");
     assert_eq!(flow["flow"]["drop_reason_desc"], "POLICY_DENIED", "{flow}");
     assert_eq!(flow["flow"]["destination"]["pod_name"], "backend", "{flow}");
+    let l7 = text(&lab.membrane(&["observe", "--type", "l7", "--pod", "default/api"]));
+    assert!(l7.contains("http-response FORWARDED (HTTP/1.1 403"), "{l7}");
 
     // A broken policy is refused with the field named, and nothing already in force changes.
     let dir = std::env::temp_dir().join(unique_name("policy"));
@@ -152,7 +234,7 @@ fn lab_with_agent_end_to_end() {
     );
     assert_eq!(
         json(&lab.membrane(&["status", "-o", "json"]))["policies"],
-        1
+        4
     );
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -161,24 +243,21 @@ fn lab_with_agent_end_to_end() {
     // SAFETY: kill has no memory arguments.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
         !lab.membrane(&["status"]).status.success(),
         "the agent is gone"
     );
-    assert_eq!(
-        String::from_utf8_lossy(&lab.curl(8080, "5").stdout),
-        "hello from backend\n"
-    );
+    assert_eq!(stdout(&lab.curl(8080, "5")), "hello from backend");
     assert_eq!(
         lab.curl(9090, "1").status.code(),
         Some(28),
         "still dropped without the agent"
     );
 
-    // A new agent takes over the endpoints and identities from its registry.
+    // A new agent takes over the endpoints, identities and policies.
     let mut agent = Command::new(env!("CARGO_BIN_EXE_membrane-agent"))
         .args(["--name", &lab.name, "--node-netns", &lab.name])
         .stdout(std::process::Stdio::null())
@@ -198,7 +277,7 @@ fn lab_with_agent_end_to_end() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(status["endpoints"], 2, "{status}");
+    assert_eq!(status["endpoints"], 5, "{status}");
     let endpoints = json(&lab.membrane(&["endpoint", "list", "-o", "json"]));
     let restored = endpoints
         .as_array()
@@ -211,59 +290,291 @@ fn lab_with_agent_end_to_end() {
         Some(backend_identity),
         "same identity after the restart"
     );
-    // The policy applied over the API to the old agent is in force again.
-    assert_eq!(status["policies"], 1, "{status}");
-    assert_eq!(
-        String::from_utf8_lossy(&lab.curl(8080, "5").stdout),
-        "hello from backend\n"
-    );
+    assert_eq!(status["policies"], 4, "{status}");
+    assert_eq!(stdout(&lab.curl(8080, "5")), "hello from backend");
     assert_eq!(
         lab.curl(9090, "1").status.code(),
         Some(28),
         "still dropped under the new agent"
     );
-    // Deleting it opens backend up, and that survives nothing: it is gone for good.
-    let deleted = lab.membrane(&[
-        "policy",
-        "delete",
-        "CiliumNetworkPolicy/default/backend-allow-frontend",
-    ]);
-    assert!(deleted.status.success(), "{}", text(&deleted));
-    assert_eq!(
-        String::from_utf8_lossy(&lab.curl(9090, "5").stdout),
-        "backend admin page\n"
+
+    // Without the two policies with DNS rules (their port 53 redirect needs the DNS proxy on
+    // the node), pods resolve through the cluster DNS: each other by short and full name,
+    // the world hosts, and fresh names from a world host's pool, over UDP and TCP.
+    for policy in [
+        "CiliumClusterwideNetworkPolicy/default-deny-external",
+        "CiliumNetworkPolicy/default/external-egress-policy",
+    ] {
+        let deleted = lab.membrane(&["policy", "delete", policy]);
+        assert!(deleted.status.success(), "{}", text(&deleted));
+    }
+    let by_name = lab.exec(
+        "frontend",
+        &["curl", "-s", "--max-time", "5", "http://backend:8080/"],
     );
+    assert_eq!(stdout(&by_name), "hello from backend", "{}", text(&by_name));
+    let full = lab.exec(
+        "frontend",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://backend.default.svc.cluster.local:9090/",
+        ],
+    );
+    assert_eq!(
+        full.status.code(),
+        Some(28),
+        "resolved, then dropped by backend-ingress: {}",
+        text(&full)
+    );
+    let dig = |pod: &str, args: &[&str]| {
+        let mut cmd = vec!["dig", "+tries=1", "+time=3"];
+        cmd.extend_from_slice(args);
+        let out = lab.exec(pod, &cmd);
+        assert!(out.status.success(), "dig {args:?}: {}", text(&out));
+        stdout(&out)
+    };
+    assert_eq!(dig("frontend", &["+short", "api.github.com"]), "192.0.2.10");
+    assert_eq!(
+        dig("kube-system/kube-dns", &["+short", "+tcp", "api.slack.com"]),
+        "198.51.100.10"
+    );
+    assert_eq!(
+        dig(
+            "external-client",
+            &["+short", "+search", "kube-dns.kube-system"]
+        ),
+        "10.200.0.53"
+    );
+    let unknown = dig("frontend", &["api.example.com"]);
+    assert!(unknown.contains("status: NXDOMAIN"), "{unknown}");
+    let mut pool_ips = Vec::new();
+    for i in 0..3 {
+        let name = format!("fresh-{i}.github.com");
+        let ip = dig("external-client", &["+short", &name]);
+        assert!(ip.starts_with("198.18."), "{name} -> {ip}");
+        assert!(!pool_ips.contains(&ip), "{name} -> {ip} again");
+        let url = format!("http://{name}/");
+        let got = lab.exec(
+            "external-client",
+            &["curl", "-s", "--max-time", "5", "-w", " %{remote_ip}", &url],
+        );
+        assert_eq!(stdout(&got), format!("hello from github\n {ip}"), "{name}");
+        pool_ips.push(ip);
+    }
+    let aws = lab.exec(
+        "external-client",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://x.s3.amazonaws.com:443/",
+        ],
+    );
+    assert_eq!(stdout(&aws), "hello from aws", "{}", text(&aws));
     let _ = agent.kill();
     let _ = agent.wait();
 
-    let down = lab.membrane(&["lab", "down"]);
-    assert!(down.status.success(), "{}", text(&down));
-    let names = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    lab.down_and_check_nothing_left();
+}
+
+/// A topology file: a bad one is refused before anything is built, with the file and field
+/// named; a good one is built as written (pods, world host and pool, cluster DNS), without
+/// policies when asked, and torn down completely.
+#[test]
+fn lab_up_with_a_topology_file() {
+    require_root();
+    let lab = Lab::new("topo");
+    let dir = std::env::temp_dir().join(unique_name("topology"));
+    std::fs::create_dir_all(&dir).expect("tmp");
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "podCIDR: 10.77.0.0/24\npods:\n  - {name: web, ip: 10.77.1.5}\n  - {name: web, ip: 10.77.0.6, servee: []}\n",
+    )
+    .expect("write");
+    let refused = lab.membrane(&["lab", "up", "--topology", bad.to_str().expect("utf8")]);
+    let out = text(&refused);
+    assert!(!refused.status.success(), "{out}");
     assert!(
-        !names.iter().any(|n| n.starts_with(&lab.name)),
-        "namespaces left: {names:?}"
+        out.contains(&format!("topology {}", bad.display())),
+        "{out}"
+    );
+    assert!(out.contains("pods[1]") && out.contains("servee"), "{out}");
+    std::fs::write(
+        &bad,
+        "podCIDR: 10.77.0.0/24\npods:\n  - {name: web, ip: 10.77.1.5}\n  - {name: web, ip: 10.77.0.6}\n",
+    )
+    .expect("write");
+    let out = text(&lab.membrane(&["lab", "up", "--topology", bad.to_str().expect("utf8")]));
+    assert!(
+        out.contains("pods[0].ip: 10.77.1.5 is outside podCIDR 10.77.0.0/24"),
+        "{out}"
     );
     assert!(
-        !std::path::Path::new("/sys/fs/bpf/membrane")
-            .join(&lab.name)
-            .exists(),
-        "pins left"
+        out.contains("pods[1].name: `web` is also pods[0].name"),
+        "{out}"
     );
     assert!(
-        !std::path::Path::new("/run/membrane")
-            .join(&lab.name)
-            .exists(),
-        "state left"
+        !Path::new("/run/netns").join(&lab.name).exists(),
+        "nothing built"
     );
-    let stray = processes_mentioning(&format!("/run/membrane/{}/", lab.name));
-    assert!(stray.is_empty(), "processes left: {stray:?}");
-    assert!(text(&lab.membrane(&["lab", "down"])).contains("nothing to remove"));
+
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        r#"podCIDR: 10.77.0.0/24
+dns: {ttl: 7}
+pods:
+  - name: web
+    namespace: shop
+    labels: {app: web, tier: front}
+    ip: 10.77.0.5
+    serve: [{port: 8000, body: shop front, paths: [/shop]}]
+  - {name: dns, namespace: infra, ip: 10.77.0.53, clusterDNS: true}
+world:
+  - name: partner
+    ip: 203.0.113.77
+    names: [api.partner.example]
+    pools: [{suffix: cdn.example, cidr: 198.18.64.0/20}]
+    serve: [{port: 80, body: partner}]
+"#,
+    )
+    .expect("write");
+    let up = lab.membrane(&[
+        "lab",
+        "up",
+        "--topology",
+        good.to_str().expect("utf8"),
+        "--no-policies",
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(text(&up).contains("no policies applied"), "{}", text(&up));
+    let status = json(&lab.membrane(&["status", "-o", "json"]));
+    assert_eq!(status["endpoints"], 2, "{status}");
+    assert_eq!(status["policies"], 0, "{status}");
+    // Namespace-qualified pod names, the pod's own search path, path prefixes, the TTL.
+    let get = |url: &str| {
+        stdout(&lab.exec(
+            "shop/web",
+            &["curl", "-s", "--max-time", "5", "-w", " %{http_code}", url],
+        ))
+    };
+    assert_eq!(get("http://web:8000/shop/cart"), "shop front\n 200");
+    assert_eq!(
+        get("http://web.shop.svc.cluster.local:8000/"),
+        "not found\n 404"
+    );
+    assert_eq!(get("http://api.partner.example/"), "partner\n 200");
+    assert_eq!(get("http://img.cdn.example/"), "partner\n 200");
+    let answer = stdout(&lab.exec(
+        "infra/dns",
+        &["dig", "+noall", "+answer", "img.cdn.example"],
+    ));
+    let fields: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(
+        fields.get(1..4),
+        Some(&["7", "IN", "A"][..]),
+        "ttl 7: {answer}"
+    );
+    let ip: std::net::Ipv4Addr = fields[4].parse().expect("an address");
+    let [a, b, c, _] = ip.octets();
+    assert!(
+        (a, b) == (198, 18) && (64..80).contains(&c),
+        "{ip} is in 198.18.64.0/20"
+    );
+    let wrong = lab.membrane(&["lab", "exec", "web", "--", "true"]);
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong).contains("no pod default/web; pods: "),
+        "{}",
+        text(&wrong)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    lab.down_and_check_nothing_left();
+}
+
+/// The seed journey's DNS part with all four policies in force (issue #6's acceptance in the
+/// lab): external-client resolves only its allowed names, and reaches the IPs those answers
+/// gave it (`toFQDNs`) and nothing else; every pod resolves in-cluster names.
+///
+/// needs DNS proxy wiring: until the DNS proxy listens on the node, the seed policies' port-53
+/// redirects drop every lookup (reason 178). Switch this on once it lands.
+#[test]
+#[ignore = "needs DNS proxy wiring (the seed policies redirect DNS to the DNS proxy)"]
+fn seed_policies_with_the_dns_proxy() {
+    require_root();
+    let lab = Lab::new("dnsp");
+    let up = lab.membrane(&["lab", "up"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let run = |pod: &str, cmd: &[&str]| {
+        let out = lab.exec(pod, cmd);
+        (out.status.code(), stdout(&out))
+    };
+    // In-cluster names: every pod (default-deny-external's DNS rule).
+    assert_eq!(
+        run(
+            "frontend",
+            &["curl", "-s", "--max-time", "5", "http://backend:8080/"]
+        ),
+        (Some(0), "hello from backend".to_owned())
+    );
+    // external-client: allowed names resolve and their IPs open on 80 and 443.
+    assert_eq!(
+        run("external-client", &["dig", "+short", "api.github.com"]).1,
+        "192.0.2.10"
+    );
+    assert_eq!(
+        run(
+            "external-client",
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "http://api.github.com:443/"
+            ]
+        ),
+        (Some(0), "hello from github".to_owned())
+    );
+    // A fresh name and IP each time: the first connection after the lookup succeeds.
+    for i in 0..20 {
+        let url = format!("http://n{i}.github.com/");
+        assert_eq!(
+            run("external-client", &["curl", "-s", "--max-time", "5", &url]),
+            (Some(0), "hello from github".to_owned()),
+            "{url}"
+        );
+    }
+    // A port not in the policy is dropped (a timeout, not a reset from the host).
+    assert_eq!(
+        run(
+            "external-client",
+            &["curl", "-s", "--max-time", "2", "http://api.github.com:22/"]
+        )
+        .0,
+        Some(28)
+    );
+    // A name not allowed is REFUSED, and its address stays closed.
+    let refused = run("external-client", &["dig", "s3.amazonaws.com"]).1;
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert_eq!(
+        run(
+            "external-client",
+            &["curl", "-s", "--max-time", "2", "http://203.0.113.10/"]
+        )
+        .0,
+        Some(28)
+    );
+    // frontend may only resolve in-cluster names.
+    let refused = run("frontend", &["dig", "api.github.com"]).1;
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    lab.down_and_check_nothing_left();
 }
 
 /// Processes whose command line mentions `needle` (a run's own names), e.g. a stray proxy.

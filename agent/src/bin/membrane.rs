@@ -122,32 +122,57 @@ struct ProxyArgs {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Build the node in a box: a node namespace with pods `frontend` and `backend`, the
-    /// datapath (pinned, so it keeps enforcing after this command exits), one policy
-    /// (backend accepts only frontend on 8080/TCP) and HTTP servers on backend :8080 and
-    /// :9090. Idempotent. Needs root.
-    Up,
-    /// Bring the lab up if needed, then show an allowed (frontend -> backend:8080) and a
-    /// dropped (frontend -> backend:9090) connection with the flow events and counters
-    /// they produced. The lab stays up.
+    /// Build the node in a box: a node namespace with the topology's pods (by default the
+    /// seed guide's: frontend, backend and api serving HTTP on 8080, external-client,
+    /// kube-system/kube-dns), world hosts behind an uplink (github, slack, aws in the
+    /// documentation ranges), the cluster DNS (pods resolve `backend`,
+    /// `backend.default.svc.cluster.local`, `api.github.com`; under the seed policies only once
+    /// the DNS proxy is on the node, see the README), the datapath (pinned, so it keeps
+    /// enforcing after this command exits) and the four seed policies of examples/policies/.
+    /// Idempotent. Needs root.
+    Up {
+        /// A topology file (YAML) instead of the built-in seed topology; see
+        /// examples/lab/seed-topology.yaml for the format.
+        #[arg(long, value_name = "FILE")]
+        topology: Option<std::path::PathBuf>,
+        /// Apply no policy (everything is allowed until you apply some).
+        #[arg(long)]
+        no_policies: bool,
+    },
+    /// Bring the lab up if needed, then show what the seed policies do to real traffic:
+    /// connections allowed and dropped, HTTP requests the proxy allows or answers 403, the
+    /// flows and counters they produced. The lab stays up.
     Demo,
-    /// Run a command inside a pod: `membrane lab exec frontend -- curl -s 10.200.0.20:8080`.
+    /// Run a command inside a pod, with the pod's resolver configuration (the lab's cluster
+    /// DNS): `membrane lab exec frontend -- curl -s 10.200.0.11:8080`,
+    /// `membrane lab exec kube-system/kube-dns -- dig +short api.github.com`.
     /// POD is `name` (namespace default) or `namespace/name`.
     Exec {
         pod: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Stop the lab's servers and remove every lab namespace, pin and state file
-    /// (idempotent).
+    /// Stop the lab's agent and servers and remove every lab namespace, pin, state file and
+    /// /etc/netns entry (idempotent).
     Down,
-    /// The lab's HTTP server (started inside a pod by `lab up`).
+    /// The lab's HTTP server (started inside a pod or world host by `lab up`).
     #[command(hide = true)]
     Serve {
         #[arg(long)]
         port: u16,
         #[arg(long)]
         body: String,
+        /// Answer 200 only under these path prefixes (404 otherwise).
+        #[arg(long = "path-prefix")]
+        paths: Vec<String>,
+    },
+    /// The lab's cluster DNS (started inside the DNS pod by `lab up`).
+    #[command(hide = true)]
+    DnsServe {
+        #[arg(long)]
+        zone: std::path::PathBuf,
+        #[arg(long, default_value = "0.0.0.0:53")]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -175,7 +200,13 @@ fn main() -> anyhow::Result<ExitCode> {
             PolicyCli::Agent(command) => membrane_agent::agent_cmd::policy(&agent, command)?,
         },
         Command::Lab { command } => match command {
-            LabCommand::Up => membrane_agent::lab::up()?,
+            LabCommand::Up {
+                topology,
+                no_policies,
+            } => membrane_agent::lab::up(&membrane_agent::lab::UpOptions {
+                topology,
+                policies: !no_policies,
+            })?,
             LabCommand::Demo => membrane_agent::lab::demo()?,
             LabCommand::Exec { pod, command } => {
                 let code = membrane_agent::lab::exec(&pod, &command)?;
@@ -190,7 +221,10 @@ fn main() -> anyhow::Result<ExitCode> {
                     println!("removed {r}");
                 }
             }
-            LabCommand::Serve { port, body } => membrane_agent::lab::serve(port, &body)?,
+            LabCommand::Serve { port, body, paths } => {
+                membrane_agent::lab::serve(port, &body, &paths)?
+            }
+            LabCommand::DnsServe { zone, listen } => membrane_agent::lab::dns_serve(&zone, listen)?,
         },
     }
     Ok(ExitCode::SUCCESS)
