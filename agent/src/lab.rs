@@ -48,10 +48,8 @@ use crate::{
 
 /// The seed guide's four policies (`examples/policies/`), applied by `membrane lab up`.
 ///
-/// needs DNS proxy wiring: `external-egress-policy` and `default-deny-external` have
-/// `rules.dns`, which redirect port 53 to the DNS proxy; until the proxy listens on the node,
-/// DNS from the pods they select is dropped (reason 178, "no proxy socket"), and `toFQDNs`
-/// never opens anything. Everything else in them is enforced today.
+/// `external-egress-policy` and `default-deny-external` have `rules.dns`: the pods' lookups
+/// go through the node's DNS proxy, and the addresses of allowed names open `toFQDNs`.
 pub const SEED_POLICIES: [(&str, &str); 4] = [
     (
         "backend-ingress.yaml",
