@@ -11,9 +11,10 @@
 //!
 //! A check targets an address or a DNS name: a name is resolved inside the client pod (through
 //! its resolv.conf, i.e. the cluster DNS, and the DNS proxy once policies redirect DNS), then
-//! the resolved address is connected to, so `dns-only` and `to-fqdns` scenarios are a policy
-//! plus checks away. They and the Wasm scenario are not in the list yet: the DNS proxy and the
-//! filters are not wired into the node (see README).
+//! the resolved address is connected to (the `to-fqdns` scenario: the address must be open
+//! right after the lookup). A DNS check runs `dig` in the pod and expects a status (NOERROR,
+//! REFUSED) from the DNS proxy, plus the datapath's redirect of the query. The Wasm scenario is
+//! not in the list yet: filters are not attached on the node (see README).
 
 use std::{
     net::Ipv4Addr,
@@ -66,6 +67,14 @@ const WORLD_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 /// The node, as pods see it (their gateway).
 const HOST: Ipv4Addr = membrane_datapath::plumbing::POD_GATEWAY;
 const HOST_PORT: u16 = 8090;
+const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 53);
+/// DNS to kube-dns through the DNS proxy with these `rules.dns` (YAML flow list), plus the
+/// cluster's own names (the resolver's search path expands short names first).
+fn dns_egress(rules: &str) -> String {
+    format!(
+        "  - toEndpoints:\n    - matchLabels: {{k8s:io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}\n    toPorts:\n    - ports: [{{port: \"53\", protocol: ANY}}]\n      rules:\n        dns: [{rules}, {{matchPattern: \"**.cluster.local\"}}]\n"
+    )
+}
 
 /// What a check expects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +84,8 @@ enum Expect {
     Status(u16),
     /// Dropped by the datapath with this Cilium drop reason description.
     Dropped(&'static str),
+    /// A DNS lookup answered with this status (`NOERROR`, `REFUSED`) through the DNS proxy.
+    Rcode(&'static str),
 }
 
 const DENIED: Expect = Expect::Dropped("Policy denied");
@@ -93,6 +104,10 @@ enum Probe {
         header: Option<&'static str>,
     },
     Ping,
+    /// `dig NAME` in the pod (its resolv.conf: the cluster DNS), UDP.
+    Dns {
+        name: &'static str,
+    },
 }
 
 /// Where a check goes.
@@ -149,6 +164,16 @@ const fn request(
             header,
         },
         expect: Expect::Status(status),
+    }
+}
+
+/// A lookup of `name` in pod `from`, answered `rcode` (through the DNS proxy).
+const fn dns(from: &'static str, name: &'static str, rcode: &'static str) -> Check {
+    Check {
+        from,
+        to: Target::Ip(KUBE_DNS),
+        probe: Probe::Dns { name },
+        expect: Expect::Rcode(rcode),
     }
 }
 
@@ -416,6 +441,42 @@ fn scenarios() -> Vec<Scenario> {
                 http("client2", ECHO, 8080, DENIED),
             ],
         },
+        Scenario {
+            // DNS allowed (every name, through the proxy), nothing else.
+            name: "client-egress-dns-only",
+            policy: leak(cnp(
+                "client-dns-only",
+                "client",
+                &format!("  egress:\n{}", dns_egress("{matchPattern: \"*\"}")),
+            )),
+            checks: vec![
+                dns("client", "a.example.com", "NOERROR"),
+                http_name("client", "a.example.com", 80, DENIED),
+                http("client", ECHO, 8080, DENIED),
+            ],
+        },
+        Scenario {
+            // Names under example.com resolve and their addresses open on 80; others are
+            // REFUSED and stay closed.
+            name: "client-egress-to-fqdns",
+            policy: leak(cnp(
+                "client-to-fqdns",
+                "client",
+                &format!(
+                    "  egress:\n{}  - toFQDNs:\n    - matchPattern: \"*.example.com\"\n    toPorts:\n    - ports: [{{port: \"80\", protocol: TCP}}]\n",
+                    dns_egress("{matchPattern: \"*.example.com\"}")
+                ),
+            )),
+            checks: vec![
+                http_name("client", "a.example.com", 80, Expect::Allowed),
+                // A name (and address) never seen before: open right after the lookup.
+                http_name("client", "fresh-fqdn.example.com", 80, Expect::Allowed),
+                dns("client", "b.example.org", "REFUSED"),
+                http("client", WORLD_B, 80, DENIED),
+                // The learned address, on a port the policy does not name.
+                http_name("client", "a.example.com", 81, DENIED),
+            ],
+        },
     ]
 }
 
@@ -545,6 +606,32 @@ impl Run {
                 }
                 (true, what, port)
             }
+            Probe::Dns { name } => {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &topology::pod_netns(&self.name, c.from),
+                        "dig",
+                        "+time=2",
+                        "+tries=1",
+                        name,
+                    ])
+                    .output()
+                    .map_err(|e| format!("run dig: {e}"))?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let status = text
+                    .split("status: ")
+                    .nth(1)
+                    .and_then(|s| s.split(',').next())
+                    .unwrap_or("no answer")
+                    .to_owned();
+                let what = format!("{} -> DNS {name}", c.from);
+                if !matches!(c.expect, Expect::Rcode(want) if want == status) {
+                    return Err(format!("{what}: expected {:?}, got {status}", c.expect));
+                }
+                (true, what, 53)
+            }
             Probe::Ping => {
                 let out = Command::new("ip")
                     .args([
@@ -568,7 +655,7 @@ impl Run {
             }
         };
         match (c.expect, connected) {
-            (Expect::Status(_), _) => {}
+            (Expect::Status(_) | Expect::Rcode(_), _) => {}
             (Expect::Allowed, false) => {
                 return Err(format!("{what}: expected allowed, got no answer"));
             }
@@ -594,7 +681,9 @@ impl Run {
             let found = match c.expect {
                 Expect::Allowed => matching.iter().any(|f| f["verdict"] != "Dropped"),
                 // Through the proxy: the datapath redirected the connection.
-                Expect::Status(_) => matching.iter().any(|f| f["verdict"] == "Redirected"),
+                Expect::Status(_) | Expect::Rcode(_) => {
+                    matching.iter().any(|f| f["verdict"] == "Redirected")
+                }
                 Expect::Dropped(reason) => matching.iter().any(|f| {
                     f["verdict"] == "Dropped" && f["drop_reason_desc"].as_str() == Some(reason)
                 }),

@@ -28,9 +28,15 @@ fn connectivity_test_passes_every_scenario_and_cleans_up() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(
-        last.ends_with("passed, 0 failed") && passed >= 16,
+        last.ends_with("passed, 0 failed") && passed >= 22,
         "{stdout}"
     );
+    for scenario in ["client-egress-dns-only", "client-egress-to-fqdns"] {
+        assert!(
+            stdout.contains(&format!("\u{2705} {scenario} (")),
+            "{scenario}: {stdout}"
+        );
+    }
     assert_eq!(stdout.matches('\u{2705}').count(), passed, "{stdout}");
     // Built by the lab's topology builder: world hosts behind the uplink and the cluster DNS,
     // and the no-policies scenario reached a pod, a world host and a pool name by name.
