@@ -365,31 +365,38 @@ fn start_dns(
     let handle = proxy.handle();
     let snapshot_path = settings.dns_snapshot.clone();
     let stop_watch = stop.clone();
+    let mut loaded: Option<SystemTime> = None;
+    let mut reload = move |path: &Path| {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified == loaded {
+            return;
+        }
+        // Once per file version, applied or not: the agent's next write is tried again.
+        loaded = modified;
+        match crate::dns_node::load(path)
+            .and_then(|s| crate::dns_node::compile(&s).map(|(p, by_ip)| (s.revision, p, by_ip)))
+        {
+            Ok((revision, policy, by_ip)) => {
+                handle.set_policy(policy);
+                *router.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_ip);
+                let _ = std::fs::write(applied_path(path), revision.to_string());
+                tracing::info!(revision, "DNS snapshot applied");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "DNS snapshot not applied; the previous one stays")
+            }
+        }
+    };
+    // The last snapshot is in force before the first query is read (a restarted proxy
+    // answers the queries that queued while it was away by the same rules).
+    if let Some(path) = &snapshot_path {
+        reload(path);
+    }
     tokio::spawn(async move {
         let Some(path) = snapshot_path else { return };
-        let mut loaded: Option<SystemTime> = None;
         while !stop_watch.load(Ordering::Relaxed) {
-            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            if modified.is_some() && modified != loaded {
-                match crate::dns_node::load(&path).and_then(|s| {
-                    crate::dns_node::compile(&s).map(|(p, by_ip)| (s.revision, p, by_ip))
-                }) {
-                    Ok((revision, policy, by_ip)) => {
-                        handle.set_policy(policy);
-                        *router.endpoints.write().unwrap_or_else(|e| e.into_inner()) =
-                            Arc::new(by_ip);
-                        loaded = modified;
-                        let _ = std::fs::write(applied_path(&path), revision.to_string());
-                        tracing::info!(revision, "DNS snapshot applied");
-                    }
-                    Err(e) => {
-                        // Once per file version; the agent's next write is tried again.
-                        loaded = modified;
-                        tracing::error!(error = %e, "DNS snapshot not applied; the previous one stays")
-                    }
-                }
-            }
             tokio::time::sleep(Duration::from_millis(50)).await;
+            reload(&path);
         }
     });
     Ok(Some(tokio::spawn(async move {

@@ -595,3 +595,103 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A DNS query for `name` (type A, class IN, recursion desired) with message ID `id`.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).expect("short label"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Issue #6 item 5: the proxy restarts (SIGTERM; the agent starts the next one) while a pod
+/// sends a steady stream of lookups through the DNS proxy, and no query is lost: the agent
+/// holds the listening sockets, so queries queue while no proxy reads them, the old proxy
+/// answers what it already read, and the new one answers the rest by the same rules.
+#[test]
+fn dns_proxy_restart_loses_no_query() {
+    require_root();
+    let lab = Lab::new("dnsr");
+    let up = lab.membrane(&["lab", "up"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let pid_file = format!("/run/membrane/{}/proxy.pid", lab.name);
+    let proxy_pid = || -> i32 {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let old = proxy_pid();
+    assert!(old > 0, "the agent started a proxy");
+
+    let pod = membrane_datapath::Netns::open(&format!("{}-external-client", lab.name))
+        .expect("external-client namespace");
+    // A socket made inside the pod keeps its namespace on any thread.
+    let socket = pod
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .expect("enter the pod")
+        .expect("bind");
+    socket.connect("10.200.0.53:53").expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    const TOTAL: u16 = 3000;
+    let sent_at: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![None; usize::from(TOTAL)]));
+    let receiver = {
+        let socket = socket.try_clone().unwrap();
+        let sent_at = sent_at.clone();
+        std::thread::spawn(move || {
+            // id -> (rcode, latency)
+            let mut answers = std::collections::BTreeMap::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut buf = [0u8; 1500];
+            while answers.len() < usize::from(TOTAL) && Instant::now() < deadline {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                if n < 4 {
+                    continue;
+                }
+                let id = u16::from_be_bytes([buf[0], buf[1]]);
+                let sent = sent_at.lock().unwrap()[usize::from(id)];
+                let latency = sent.map(|s| s.elapsed()).unwrap_or_default();
+                answers.entry(id).or_insert((buf[3] & 0x0f, latency));
+            }
+            answers
+        })
+    };
+    let started = Instant::now();
+    let mut restarted_at = None;
+    for id in 0..TOTAL {
+        if id == TOTAL / 3 {
+            // SAFETY: signalling a process of this run by pid.
+            assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0);
+            restarted_at = Some(Instant::now());
+        }
+        sent_at.lock().unwrap()[usize::from(id)] = Some(Instant::now());
+        socket.send(&dns_query(id, "api.github.com")).expect("send");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let answers = receiver.join().unwrap();
+    let lost: Vec<u16> = (0..TOTAL).filter(|id| !answers.contains_key(id)).collect();
+    let not_noerror = answers.values().filter(|(rcode, _)| *rcode != 0).count();
+    let worst = answers.values().map(|(_, l)| *l).max().unwrap_or_default();
+    let new = proxy_pid();
+    println!(
+        "{TOTAL} queries in {:?} across a proxy restart (pid {old} -> {new}, SIGTERM at {:?}): {} answered, {} lost, {not_noerror} not NOERROR, slowest answer {worst:?}",
+        started.elapsed(),
+        restarted_at.map(|t| t - started),
+        answers.len(),
+        lost.len()
+    );
+    assert!(new > 0 && new != old, "the agent started a new proxy");
+    assert!(lost.is_empty(), "lost queries: {lost:?}");
+    assert_eq!(not_noerror, 0, "every answer is the allowed name's");
+    lab.down_and_check_nothing_left();
+}
