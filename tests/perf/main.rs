@@ -31,6 +31,8 @@ use membrane_datapath::{
 };
 use membrane_tests::{NsGuard, PinGuard, packet, require_root, unique_name};
 
+mod dns;
+
 fn main() {
     require_root();
     membrane_tests::sweep_stale();
@@ -38,8 +40,9 @@ fn main() {
     match what.as_str() {
         "datapath" => datapath(),
         "veth" => veth(),
+        "dns" => dns::run(),
         _ => {
-            eprintln!("usage: membrane-perf datapath|veth");
+            eprintln!("usage: membrane-perf datapath|veth|dns");
             std::process::exit(2);
         }
     }
