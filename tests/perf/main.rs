@@ -32,6 +32,7 @@ use membrane_datapath::{
 use membrane_tests::{NsGuard, PinGuard, packet, require_root, unique_name};
 
 mod dns;
+mod events;
 
 fn main() {
     require_root();
@@ -41,8 +42,9 @@ fn main() {
         "datapath" => datapath(),
         "veth" => veth(),
         "dns" => dns::run(),
+        "events" => events::run(),
         _ => {
-            eprintln!("usage: membrane-perf datapath|veth|dns");
+            eprintln!("usage: membrane-perf datapath|veth|dns|events");
             std::process::exit(2);
         }
     }
