@@ -238,6 +238,13 @@ fn lab_with_agent_end_to_end() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 
+    // A name learned through the DNS proxy before the agent stops.
+    let github = lab.exec(
+        "external-client",
+        &["curl", "-s", "--max-time", "5", "http://api.github.com/"],
+    );
+    assert_eq!(stdout(&github), "hello from github", "{}", text(&github));
+
     // Enforcement continues with the agent stopped (pinned programs and maps).
     let pid = lab.agent_pid();
     // SAFETY: kill has no memory arguments.
@@ -297,9 +304,49 @@ fn lab_with_agent_end_to_end() {
         Some(28),
         "still dropped under the new agent"
     );
+    // The FQDN cache survived, and the new agent took the DNS listeners over from the
+    // running proxy: learning works, also through a proxy it starts itself.
+    let cache = json(&lab.membrane(&["fqdn", "cache", "list", "-o", "json"]));
+    assert!(
+        cache
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|e| e["name"] == "api.github.com." && e["identity"].is_u64()),
+        "{cache}"
+    );
+    let proxy_pid_file = format!("/run/membrane/{}/proxy.pid", lab.name);
+    let proxy_pid = || -> i32 {
+        std::fs::read_to_string(&proxy_pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for round in ["adopted proxy", "proxy started by the new agent"] {
+        let url = format!("http://after-restart-{}.github.com/", round.len());
+        let fresh = lab.exec("external-client", &["curl", "-s", "--max-time", "5", &url]);
+        assert_eq!(
+            stdout(&fresh),
+            "hello from github",
+            "{round}: {}",
+            text(&fresh)
+        );
+        let old = proxy_pid();
+        // SAFETY: kill has no memory arguments.
+        assert_eq!(unsafe { libc::kill(old, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (proxy_pid() == old || proxy_pid() == 0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_ne!(
+            proxy_pid(),
+            old,
+            "{round}: the new agent restarts its proxy"
+        );
+    }
 
-    // Without the two policies with DNS rules (their port 53 redirect needs the DNS proxy on
-    // the node), pods resolve through the cluster DNS: each other by short and full name,
+    // Without the two policies with DNS rules (no DNS proxy in the path), pods resolve
+    // through the cluster DNS directly: each other by short and full name,
     // the world hosts, and fresh names from a world host's pool, over UDP and TCP.
     for policy in [
         "CiliumClusterwideNetworkPolicy/default-deny-external",
