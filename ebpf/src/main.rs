@@ -304,24 +304,6 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     let from_proxy = direction == Direction::Ingress
         && (magic == mark::MAGIC_PROXY_EGRESS || magic == mark::MAGIC_PROXY_INGRESS);
 
-    let peer_addr = match direction {
-        Direction::Egress => flow.daddr_be,
-        Direction::Ingress => flow.saddr_be,
-    };
-    let peer = if from_proxy {
-        // The proxy speaks for the original source; the mark carries its identity.
-        mark::decode_identity(skb_mark)
-    } else {
-        lookup_identity(peer_addr)
-    };
-    let site = Site {
-        ctx,
-        ep: endpoint,
-        direction,
-        flow: &flow,
-        peer,
-    };
-
     // Conntrack ages in seconds: the coarse clock (jiffies resolution) is cheaper per packet.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -359,6 +341,25 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
             return Ok(Action::Pass);
         }
     }
+
+    // The peer's identity: not needed for replies (above), so looked up only here.
+    let peer_addr = match direction {
+        Direction::Egress => flow.daddr_be,
+        Direction::Ingress => flow.saddr_be,
+    };
+    let peer = if from_proxy {
+        // The proxy speaks for the original source; the mark carries its identity.
+        mark::decode_identity(skb_mark)
+    } else {
+        lookup_identity(peer_addr)
+    };
+    let site = Site {
+        ctx,
+        ep: endpoint,
+        direction,
+        flow: &flow,
+        peer,
+    };
 
     let existing = match CT_V4.get_ptr_mut(forward_key) {
         // SAFETY: as above.

@@ -156,6 +156,28 @@ fn datapath() {
         last.2 / first.2,
         last.3 / first.3
     );
+    // The floor: an ARP frame takes the endpoint lookup and the EtherType check, then
+    // passes: what BPF_PROG_TEST_RUN itself (skb setup per run) plus one hash lookup cost on
+    // this machine. The policy work of the rows above is what exceeds it.
+    let pins = PinGuard::new();
+    let mut dp = Datapath::load(pins.path(), MapSizes::default()).expect("load");
+    dp.endpoints()
+        .upsert(EndpointEntry {
+            ifindex: 1,
+            endpoint_id: EP,
+            identity: EP_IDENTITY,
+            enforce_ingress: true,
+            enforce_egress: true,
+        })
+        .expect("endpoint");
+    let arp = packet::ethertype(0x0806, 28);
+    let floor = avg_ns(&mut dp, names::PROG_TO_ENDPOINT, &arp, 200_000);
+    println!(
+        "floor (ARP: endpoint lookup, pass): {floor:.1} ns; above it: est. reply {:.1}, est. forward {:.1}, new flow {:.1} ns",
+        first.1 - floor,
+        first.2 - floor,
+        first.3 - floor
+    );
 }
 
 /// Request/response and connect/request/response rates between two pods. The three setups
