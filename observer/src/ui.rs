@@ -699,6 +699,15 @@ fn peer(ep: Option<&Endpoint>, names: &[String], ip: &str) -> (String, &'static 
         if let Some(name) = names::reserved_identity_name(ep.identity) {
             return (name.to_owned(), "reserved");
         }
+        // An address that is no pod but carries a pod's identity (the proxy speaking for
+        // it, with the identity in its mark): the workload by its app label.
+        let app = ep.labels.iter().find_map(|l| {
+            l.strip_prefix("k8s:app=")
+                .or_else(|| l.strip_prefix("k8s:k8s-app="))
+        });
+        if let (Some(app), false) = (app, ep.namespace.is_empty()) {
+            return (format!("{}/{app}", ep.namespace), "pod");
+        }
     }
     if ip.is_empty() {
         ("unknown".to_owned(), "reserved")
@@ -1218,6 +1227,41 @@ mod tests {
 
         let _ = stop.send(());
         within(server).await.expect("stops").expect("no panic");
+    }
+
+    #[test]
+    fn peers_are_named_by_pod_name_identity_or_address() {
+        let ep = |pod: &str, identity: u32, labels: &[&str]| Endpoint {
+            identity,
+            namespace: if labels.is_empty() { "" } else { "default" }.to_owned(),
+            pod_name: pod.to_owned(),
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            ..Endpoint::default()
+        };
+        let frontend = ep("frontend", 256, &["k8s:app=frontend"]);
+        assert_eq!(peer(Some(&frontend), &[], "10.0.0.1").0, "default/frontend");
+        // The DNS proxy's upstream query: the node's address with frontend's identity.
+        let proxied = ep("", 256, &["k8s:app=frontend"]);
+        assert_eq!(
+            peer(Some(&proxied), &[], "169.254.1.1"),
+            ("default/frontend".to_owned(), "pod")
+        );
+        let names = ["api.github.com".to_owned()];
+        assert_eq!(
+            peer(Some(&ep("", 2, &[])), &names, "192.0.2.10").0,
+            "api.github.com"
+        );
+        let fqdn = Endpoint {
+            identity: 16_777_300,
+            labels: vec!["fqdn:*.github.com".into()],
+            ..Endpoint::default()
+        };
+        assert_eq!(peer(Some(&fqdn), &[], "192.0.2.10").0, "*.github.com");
+        assert_eq!(peer(Some(&ep("", 1, &[])), &[], "169.254.1.1").0, "host");
+        assert_eq!(
+            peer(Some(&ep("", 16_777_301, &[])), &[], "192.0.2.9"),
+            ("192.0.2.9".to_owned(), "ip")
+        );
     }
 
     #[test]

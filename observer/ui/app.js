@@ -104,9 +104,6 @@ function row(f) {
   tr.appendChild(el("td", { title: f.time || "" }, clock(f.time_ms)));
   tr.appendChild(peerCell(f.source_text, f.source));
   tr.appendChild(peerCell(f.destination_text, f.destination));
-  const dir = { INGRESS: "in", EGRESS: "out" }[f.traffic_direction] || "";
-  tr.appendChild(el("td", { title: f.traffic_direction }, dir));
-  tr.appendChild(el("td", {}, f.flow_type));
   const verdict = el("td", { class: "verdict" });
   verdict.appendChild(el("span", { class: "badge c-" + f.class, title: f.verdict_text }, f.verdict));
   if (f.drop_reason_text) {
@@ -114,6 +111,9 @@ function row(f) {
     verdict.appendChild(el("small", { title: f.drop_reason }, f.drop_reason_text));
   }
   tr.appendChild(verdict);
+  tr.appendChild(el("td", {}, f.flow_type));
+  const dir = { INGRESS: "in", EGRESS: "out" }[f.traffic_direction] || "";
+  tr.appendChild(el("td", { title: f.traffic_direction }, dir));
   tr.appendChild(el("td", { class: "l7" }, l7Text(f.l7)));
   tr.appendChild(el("td", { class: "summary" }, (f.l4 ? f.l4 + " " : "") + f.summary));
   return tr;
