@@ -495,7 +495,9 @@ fn topology() -> Topology {
 
 fn build(name: &str) -> Result<Run, LabError> {
     let topology = topology();
-    let built = topology::build(name, &topology, &mut |line| println!("  \u{2713} {line}"))?;
+    let built = topology::build(name, &topology, None, &mut |line| {
+        println!("  \u{2713} {line}")
+    })?;
     let mut names = topology.names();
     names.push((HOST, "host".to_owned()));
     Ok(Run {

@@ -55,6 +55,9 @@ pub use fqdn::{CACHE_NAME as FQDN_CACHE_NAME, LearnedAddress};
 /// File name of the Hubble observer socket in the agent's state directory.
 pub const HUBBLE_SOCKET_NAME: &str = "hubble.sock";
 
+/// File in the agent's state directory holding the address the flow page listens on.
+pub const UI_ADDR_NAME: &str = "ui-addr";
+
 /// Cluster name for the `cluster` entity (Cilium's default).
 pub const CLUSTER_NAME: &str = "default";
 
@@ -76,6 +79,13 @@ pub struct AgentConfig {
     pub hubble_port: Option<u16>,
     /// Prometheus `/metrics` on TCP inside the node namespace (`None` = off).
     pub metrics_port: Option<u16>,
+    /// The flow page (`/ui` and its JSON) on this loopback address of the host's network
+    /// namespace, where a browser on the machine can reach it (`None` = off; port 0 = any,
+    /// the bound address is written to `ui-addr` in the state directory).
+    pub ui_listen: Option<std::net::SocketAddr>,
+    /// An inherited listening socket for the flow page instead of `ui_listen` (how
+    /// `membrane lab up`, which binds it first, hands it over).
+    pub ui_listen_fd: Option<i32>,
     /// Run and supervise `membrane-proxy` (the L7 proxy) for this node.
     pub proxy: bool,
     pub map_sizes: MapSizes,
@@ -92,6 +102,8 @@ impl AgentConfig {
             flow_capacity: 4095,
             hubble_port: Some(membrane_observer::DEFAULT_TCP_PORT),
             metrics_port: Some(9965),
+            ui_listen: None,
+            ui_listen_fd: None,
             proxy: cfg!(feature = "proxy"),
             map_sizes: MapSizes::default(),
         }
@@ -203,6 +215,7 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
     let state_dir = config.state_dir();
     std::fs::create_dir_all(&state_dir)
         .map_err(io_err(format!("create {}", state_dir.display())))?;
+    let ui_listener = bind_ui(&config)?;
     let node = Netns::open(&config.node_netns).map_err(dp_err("open the node namespace"))?;
     let pins =
         PinDir::under(Path::new(DEFAULT_BPFFS), &config.name).map_err(dp_err("pin directory"))?;
@@ -332,6 +345,18 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
                 }
             });
         }
+    }
+    if let Some(listener) = ui_listener {
+        let _context = runtime.enter();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(io_err("UI listener"))?;
+        let (obs, done) = (observer.clone(), stopped(serving_stopped.clone()));
+        runtime.spawn(membrane_observer::serve_ui(
+            obs,
+            listener,
+            membrane_observer::UiLimits::default(),
+            done,
+        ));
     }
     if let Some(port) = config.metrics_port {
         let listener = node_listener(&config.node_netns, port)?;
@@ -1282,6 +1307,41 @@ fn node_listener(node: &str, port: u16) -> Result<std::net::TcpListener, AgentEr
         .map_err(io_err(format!("bind 0.0.0.0:{port} in {node}")))?;
     listener.set_nonblocking(true).map_err(io_err("listener"))?;
     Ok(listener)
+}
+
+/// The flow page's listener, bound (or taken over) first so a taken port fails the start
+/// before the datapath is touched. Loopback only: the page has no authentication. The bound
+/// address goes to `ui-addr` in the state directory (how `membrane lab up` finds its URL).
+fn bind_ui(config: &AgentConfig) -> Result<Option<std::net::TcpListener>, AgentError> {
+    use std::os::fd::FromRawFd as _;
+    let file = config.state_dir().join(UI_ADDR_NAME);
+    let _ = std::fs::remove_file(&file);
+    let listener = match (config.ui_listen_fd, config.ui_listen) {
+        (Some(fd), _) => {
+            // SAFETY: the parent handed this descriptor over for the flow page and does not
+            // use it; nothing else in this process owns it. A descriptor that is not a TCP
+            // socket fails `local_addr` below.
+            unsafe { std::net::TcpListener::from_raw_fd(fd) }
+        }
+        (None, Some(addr)) => std::net::TcpListener::bind(addr)
+            .map_err(io_err(format!("bind the flow page to {addr}")))?,
+        (None, None) => return Ok(None),
+    };
+    let bound = listener
+        .local_addr()
+        .map_err(io_err("the flow page's listener (--ui-listen-fd)"))?;
+    if !bound.ip().is_loopback() {
+        return Err(AgentError::Invalid(format!(
+            "flow page on {bound}: it has no authentication; give a loopback address such as 127.0.0.1:9966"
+        )));
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("UI listener"))?;
+    std::fs::write(&file, format!("{bound}\n"))
+        .map_err(io_err(format!("write {}", file.display())))?;
+    tracing::info!(url = %format!("http://{bound}/ui"), "flow page serving");
+    Ok(Some(listener))
 }
 
 /// Prometheus text on `GET /metrics`, one short-lived connection at a time.

@@ -8,7 +8,9 @@
 //! the agent); registers the pods, which get identities from their labels and the programs on
 //! their veths; applies the four seed policies of `examples/policies/` over the agent's API
 //! (compiled in, so the binary works anywhere); and starts the pods' HTTP servers and the
-//! cluster DNS as background processes. Progress is printed step by step.
+//! cluster DNS as background processes. Progress is printed step by step. The agent serves
+//! the flow page on the host's loopback ([`DEFAULT_UI_LISTEN`] unless told otherwise) and
+//! `up` prints its URL.
 //!
 //! `membrane lab demo` brings the lab up if needed and shows the policies working with real
 //! traffic: allowed and dropped connections, HTTP requests the proxy allows or answers 403,
@@ -270,6 +272,22 @@ fn stop_processes(recorded: &str) -> Vec<String> {
     stopped
 }
 
+/// Where `membrane lab up` has the agent serve the flow page by default.
+pub const DEFAULT_UI_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9966));
+
+/// Where the lab's flow page listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UiListen {
+    /// [`DEFAULT_UI_LISTEN`], or any free loopback port when another process (another lab)
+    /// holds it.
+    Default,
+    /// Exactly this address (port 0: any); `up` fails if it is taken.
+    Addr(SocketAddr),
+    /// No flow page.
+    Off,
+}
+
 /// How `membrane lab up` builds the lab.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -277,6 +295,8 @@ pub struct UpOptions {
     pub topology: Option<PathBuf>,
     /// Apply the four seed policies (`--no-policies` turns this off).
     pub policies: bool,
+    /// The flow page (`--ui-listen`, `--no-ui`).
+    pub ui: UiListen,
 }
 
 impl Default for UpOptions {
@@ -284,7 +304,55 @@ impl Default for UpOptions {
         Self {
             topology: None,
             policies: true,
+            ui: UiListen::Default,
         }
+    }
+}
+
+/// The flow page's listening socket, bound by `up` before anything is built and handed to
+/// the agent (`--ui-listen-fd`), so two labs coming up at once never race for the port.
+fn ui_listener(ui: UiListen) -> Result<Option<TcpListener>> {
+    match ui {
+        UiListen::Off => Ok(None),
+        UiListen::Default => match TcpListener::bind(DEFAULT_UI_LISTEN) {
+            Ok(listener) => Ok(Some(listener)),
+            Err(e) => {
+                println!(
+                    "{DEFAULT_UI_LISTEN} is taken ({e}; another lab's flow page?): the flow page gets another loopback port"
+                );
+                TcpListener::bind(SocketAddr::new(DEFAULT_UI_LISTEN.ip(), 0))
+                    .map(Some)
+                    .map_err(step_err("bind the flow page to a loopback port"))
+            }
+        },
+        UiListen::Addr(addr) => {
+            if !addr.ip().is_loopback() {
+                return Err(LabError::Step {
+                    step: format!("serve the flow page on {addr}"),
+                    detail: "the flow page has no authentication: give a loopback address".into(),
+                });
+            }
+            TcpListener::bind(addr)
+                .map(Some)
+                .map_err(|e| LabError::Step {
+                    step: format!("serve the flow page on {addr}"),
+                    detail: format!("{e} (choose another with --ui-listen ADDR, or --no-ui)"),
+                })
+        }
+    }
+}
+
+/// The flow page's URL if the lab's agent serves one.
+pub fn ui_url() -> Option<String> {
+    let addr = std::fs::read_to_string(state_dir().join(crate::daemon::UI_ADDR_NAME)).ok()?;
+    Some(format!("http://{}/ui", addr.trim()))
+}
+
+fn print_ui_url() {
+    if let Some(url) = ui_url() {
+        println!(
+            "flow page: {url} (live flows and the service map; open it in a browser on this machine)"
+        );
     }
 }
 
@@ -305,8 +373,10 @@ pub fn up(options: &UpOptions) -> Result<()> {
             "membrane lab {} is up (membrane lab down to remove it, e.g. to build another topology)",
             lab_name()
         );
+        print_ui_url();
         return Ok(());
     }
+    let ui = ui_listener(options.ui)?;
     let stale = down()?;
     if !stale.is_empty() {
         println!("removed what an earlier lab run left: {}", stale.join(", "));
@@ -319,11 +389,12 @@ pub fn up(options: &UpOptions) -> Result<()> {
             |p| p.display().to_string()
         )
     );
-    match build(&topology, &text, options.policies) {
+    match build(&topology, &text, options.policies, ui.as_ref()) {
         Ok(()) => {
             println!(
                 "the lab is up: membrane lab exec POD -- CMD, membrane observe, membrane lab down"
             );
+            print_ui_url();
             Ok(())
         }
         Err(e) => {
@@ -334,9 +405,9 @@ pub fn up(options: &UpOptions) -> Result<()> {
     }
 }
 
-fn build(topology: &Topology, text: &str, policies: bool) -> Result<()> {
+fn build(topology: &Topology, text: &str, policies: bool, ui: Option<&TcpListener>) -> Result<()> {
     let name = lab_name();
-    let built = topology::build(&name, topology, &mut |line| ok(&line))?;
+    let built = topology::build(&name, topology, ui, &mut |line| ok(&line))?;
     std::fs::write(state_dir().join("topology.yaml"), text)
         .map_err(step_err("keep the topology"))?;
     if policies {
@@ -405,7 +476,12 @@ pub(crate) fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()
 }
 
 /// Starts `membrane-agent` for the node namespace, logging to the lab's state directory.
-pub(crate) fn spawn_agent(name: &str, node: &str, policy_dir: &Path) -> Result<u32> {
+pub(crate) fn spawn_agent(
+    name: &str,
+    node: &str,
+    policy_dir: &Path,
+    ui: Option<&TcpListener>,
+) -> Result<u32> {
     let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
     let agent = exe.with_file_name("membrane-agent");
     if !agent.exists() {
@@ -423,9 +499,28 @@ pub(crate) fn spawn_agent(name: &str, node: &str, policy_dir: &Path) -> Result<u
     // Not under `ip netns exec`: that gives the process a private mount namespace with a
     // fresh /sys, so its bpffs pins would vanish with it. The agent enters the node
     // namespace per operation instead (Netns::run).
-    let child = Command::new(agent)
+    let mut command = Command::new(agent);
+    command
         .args(["--name", name, "--node-netns", node, "--policy-dir"])
-        .arg(policy_dir)
+        .arg(policy_dir);
+    if let Some(listener) = ui {
+        use std::os::fd::AsRawFd as _;
+        let fd = listener.as_raw_fd();
+        command.arg("--ui-listen-fd").arg(fd.to_string());
+        // SAFETY: runs in the child between fork and exec and only calls fcntl, which is
+        // async-signal-safe; it clears close-on-exec on the child's copy of the fd, so the
+        // agent inherits the socket under the same number (the parent's stays close-on-exec).
+        unsafe {
+            command.pre_exec(move || {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

@@ -658,6 +658,7 @@ fn io(step: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
 pub(crate) fn build(
     name: &str,
     topology: &Topology,
+    ui: Option<&std::net::TcpListener>,
     progress: &mut dyn FnMut(String),
 ) -> Result<Built, LabError> {
     let state = Path::new(STATE_ROOT).join(name);
@@ -712,7 +713,7 @@ pub(crate) fn build(
     lab::check_interrupt()?;
 
     // The agent owns the datapath from here on; it runs inside the node namespace.
-    pids.push(lab::spawn_agent(name, name, &policy_dir)?);
+    pids.push(lab::spawn_agent(name, name, &policy_dir, ui)?);
     lab::record_pids_in(&state, &pids)?;
     let socket = state.join(api::SOCKET_NAME);
     lab::wait_for(&format!("agent API at {}", socket.display()), || {

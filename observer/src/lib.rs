@@ -14,7 +14,9 @@
 //!   or TCP;
 //! - [`metrics`]: Prometheus text with Hubble's metric names and labels;
 //! - [`printer`] and [`cli`]: `hubble observe` output formats and flag → filter mapping for
-//!   `membrane observe`.
+//!   `membrane observe`;
+//! - [`ui`]: the flow page (`/ui`, a live flow table with filters and a service map) and the
+//!   JSON it polls, over a small bounded HTTP server.
 //!
 //! Must not depend on aya or membrane-datapath, membrane-l7proxy, wasmtime or kube: it
 //! defines its own inputs, so it builds and tests without a kernel or a proxy.
@@ -38,6 +40,7 @@ mod ring;
 mod selector;
 pub mod server;
 pub mod timefmt;
+pub mod ui;
 
 pub use cli::{CliFilterError, FilterBuilder, ObserveFilters, filters_from_flags};
 pub use convert::{monitor_type, redact_url};
@@ -54,3 +57,4 @@ pub use server::{
     DEFAULT_TCP_PORT, DEFAULT_UNIX_SOCKET, HEALTH_SERVICE_NAME, ObserverService, ServeError,
     bind_unix, health_service, serve_tcp, serve_unix,
 };
+pub use ui::{UiLimits, serve_ui};

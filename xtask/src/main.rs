@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     // `dig`, the real DNS client of the DNS proxy tests.
     "dnsutils",
+    // Headless browser that renders the agent's flow page in `agent/tests/ui.rs`.
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -39,6 +39,16 @@ struct Args {
     /// Flow events kept in memory.
     #[arg(long, default_value_t = 4095)]
     flow_capacity: usize,
+    /// Serve the flow page (http://ADDR/ui: live flow table with filters, service map) and its
+    /// JSON (/api/flows, /api/map) on this loopback address of the host, e.g. 127.0.0.1:9966
+    /// (port 0 picks one; the address is written to /run/membrane/NAME/ui-addr). Off unless
+    /// given; `membrane lab up` turns it on.
+    #[arg(long, value_name = "ADDR", conflicts_with = "ui_listen_fd")]
+    ui_listen: Option<std::net::SocketAddr>,
+    /// The flow page on an inherited listening socket (how `membrane lab up` hands over the
+    /// one it bound).
+    #[arg(long, value_name = "FD", hide = true)]
+    ui_listen_fd: Option<i32>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -66,6 +76,8 @@ fn main() -> anyhow::Result<()> {
     config.http_proxy_port = args.http_proxy_port;
     config.dns_proxy_port = args.dns_proxy_port;
     config.flow_capacity = args.flow_capacity;
+    config.ui_listen = args.ui_listen;
+    config.ui_listen_fd = args.ui_listen_fd;
     // The flag is a static; hand the loop an Arc that mirrors it.
     let stop = Arc::new(AtomicBool::new(false));
     let mirror = stop.clone();

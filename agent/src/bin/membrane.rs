@@ -128,8 +128,8 @@ enum LabCommand {
     /// documentation ranges), the cluster DNS (pods resolve `backend`,
     /// `backend.default.svc.cluster.local`, `api.github.com`; under the seed policies only once
     /// the DNS proxy is on the node, see the README), the datapath (pinned, so it keeps
-    /// enforcing after this command exits) and the four seed policies of examples/policies/.
-    /// Idempotent. Needs root.
+    /// enforcing after this command exits), the four seed policies of examples/policies/ and
+    /// the flow page (its URL printed last). Idempotent. Needs root.
     Up {
         /// A topology file (YAML) instead of the built-in seed topology; see
         /// examples/lab/seed-topology.yaml for the format.
@@ -138,6 +138,15 @@ enum LabCommand {
         /// Apply no policy (everything is allowed until you apply some).
         #[arg(long)]
         no_policies: bool,
+        /// Where the agent serves the flow page (live flow table with filters, service map)
+        /// on this host's loopback; `up` prints its URL. Default 127.0.0.1:9966 (another free
+        /// loopback port when that one is taken, e.g. by another lab); an ADDR given here must
+        /// be free; port 0 picks one.
+        #[arg(long, value_name = "ADDR", conflicts_with = "no_ui")]
+        ui_listen: Option<std::net::SocketAddr>,
+        /// Serve no flow page.
+        #[arg(long)]
+        no_ui: bool,
     },
     /// Bring the lab up if needed, then show what the seed policies do to real traffic:
     /// connections allowed and dropped, HTTP requests the proxy allows or answers 403, the
@@ -203,9 +212,16 @@ fn main() -> anyhow::Result<ExitCode> {
             LabCommand::Up {
                 topology,
                 no_policies,
+                ui_listen,
+                no_ui,
             } => membrane_agent::lab::up(&membrane_agent::lab::UpOptions {
                 topology,
                 policies: !no_policies,
+                ui: match (ui_listen, no_ui) {
+                    (_, true) => membrane_agent::lab::UiListen::Off,
+                    (Some(addr), false) => membrane_agent::lab::UiListen::Addr(addr),
+                    (None, false) => membrane_agent::lab::UiListen::Default,
+                },
             })?,
             LabCommand::Demo => membrane_agent::lab::demo()?,
             LabCommand::Exec { pod, command } => {
