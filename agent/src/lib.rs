@@ -19,3 +19,5 @@ pub mod lab;
 pub mod policy_cmd;
 #[cfg(feature = "proxy")]
 pub mod proxy_process;
+#[cfg(feature = "proxy")]
+pub mod wasm_filters;

@@ -58,6 +58,6 @@ pub use filter::Filter;
 pub use host::FilterHost;
 pub use shared::{MetricKind, MetricSnapshot};
 pub use types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, LocalReply, PeerInfo, Phase,
-    StreamInfo,
+    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, HttpCall, HttpCallId,
+    HttpCallResponse, LocalReply, PeerInfo, Phase, StreamInfo,
 };

@@ -73,6 +73,7 @@ exports! {
     request_body: "proxy_on_request_body" => (u32, u32, u32) -> u32;
     response_headers: "proxy_on_response_headers" => (u32, u32, u32) -> u32;
     response_body: "proxy_on_response_body" => (u32, u32, u32) -> u32;
+    http_call_response: "proxy_on_http_call_response" => (u32, u32, u32, u32, u32) -> ();
     done: "proxy_on_done" => (u32) -> u32;
     log: "proxy_on_log" => (u32) -> ();
     delete: "proxy_on_delete" => (u32) -> ();
@@ -81,10 +82,31 @@ exports! {
 /// The stream callbacks the chain drives.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Callback {
-    RequestHeaders { count: u32, end_of_stream: bool },
-    RequestBody { size: u32, end_of_stream: bool },
-    ResponseHeaders { count: u32, end_of_stream: bool },
-    ResponseBody { size: u32, end_of_stream: bool },
+    RequestHeaders {
+        count: u32,
+        end_of_stream: bool,
+    },
+    RequestBody {
+        size: u32,
+        end_of_stream: bool,
+    },
+    ResponseHeaders {
+        count: u32,
+        end_of_stream: bool,
+    },
+    ResponseBody {
+        size: u32,
+        end_of_stream: bool,
+    },
+    /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`; the response
+    /// is in the stream's `call_response`. Runs with the root context current (as Envoy:
+    /// calls are owned by the root context; the SDK switches to the stream itself).
+    HttpCallResponse {
+        token: u32,
+        headers: u32,
+        body_size: u32,
+        trailers: u32,
+    },
 }
 
 const ROOT_CONTEXT_ID: u32 = 1;
@@ -141,6 +163,8 @@ impl Vm {
             tick_period_ms: 0,
             pending_done: Vec::new(),
             root_properties: HashMap::new(),
+            pending_calls: Vec::new(),
+            next_call_token: 1,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -353,6 +377,28 @@ impl Vm {
         let ticks = self.callback_ticks;
         let ex = self.exports.clone();
         self.with_stream(ctx, shared, own, |vm| {
+            if let Callback::HttpCallResponse {
+                token,
+                headers,
+                body_size,
+                trailers,
+            } = cb
+            {
+                return match ex.http_call_response {
+                    Some(f) => vm
+                        .call(
+                            f,
+                            (ROOT_CONTEXT_ID, token, headers, body_size, trailers),
+                            ROOT_CONTEXT_ID,
+                            ticks,
+                            limits,
+                        )
+                        // A call response returns nothing: the stream stays as it was
+                        // (paused) unless the guest continued, replied or closed it.
+                        .map(|()| crate::abi::action::PAUSE as u32),
+                    None => Ok(crate::abi::action::PAUSE as u32),
+                };
+            }
             let (f, a, b) = match cb {
                 Callback::RequestHeaders {
                     count,
@@ -370,6 +416,8 @@ impl Vm {
                     size,
                     end_of_stream,
                 } => (ex.response_body, size, end_of_stream),
+                // Delivered above; kept exhaustive so a new callback kind is not forgotten.
+                Callback::HttpCallResponse { .. } => return Ok(crate::abi::action::PAUSE as u32),
             };
             match f {
                 Some(f) => vm.call(f, (ctx, a, u32::from(b)), ctx, ticks, limits),
@@ -410,6 +458,11 @@ impl Vm {
         st.contexts.remove(&ctx);
         st.pending_done.retain(|c| *c != ctx);
         r
+    }
+
+    /// The `proxy_http_call`s made since the last take.
+    pub fn take_calls(&mut self) -> Vec<crate::state::PendingCall> {
+        std::mem::take(&mut self.store.data_mut().pending_calls)
     }
 
     /// Delivers `proxy_on_tick` to the root context.
