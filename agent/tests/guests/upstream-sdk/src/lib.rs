@@ -13,7 +13,7 @@
 //! | `/auth` | callout to upstream `authz` (`GET /check`, `x-token` copied); 200 ⇒ `x-auth: ok` added and the request resumes; other ⇒ 403 `denied by authz`; failed call ⇒ 503 |
 //! | `/ticks` | local reply 200 with the number of `on_tick`s this instance saw (period 10 ms) |
 //! | `/loop` | never returns (the host's deadline must stop it) |
-//! | `/bomb` | allocates without bound (the host's memory cap must stop it) |
+//! | `/bomb` | grows its memory without bound (the host's memory cap must stop it) |
 //! | `/trap` | panics (a trap) |
 
 use std::time::Duration;
@@ -130,10 +130,12 @@ impl HttpContext for Stream {
             #[expect(clippy::empty_loop, reason = "the deadline test needs a guest that never returns")]
             loop {}
         } else if path.starts_with("/bomb") {
-            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            // Grow linear memory 1 MiB at a time until refused (no memset: the cap, not the
+            // deadline, must be what stops it), then die as an allocator would.
             loop {
-                hoard.push(vec![1u8; 1 << 20]);
-                std::hint::black_box(&hoard);
+                if core::arch::wasm32::memory_grow(0, 16) == usize::MAX {
+                    panic!("out of memory");
+                }
             }
         } else if path.starts_with("/trap") {
             panic!("trap requested by {path}");
