@@ -433,3 +433,83 @@ impl Body for RequestBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut builder = Request::get(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn request_heads_round_trip_and_filters_may_rewrite_them() {
+        let mut p = parts(
+            "/a?b=1",
+            &[("host", "svc.test"), ("x-one", "1"), ("x-one", "2")],
+        );
+        let mut head = request_head(&p);
+        assert_eq!(head[0], (":authority".into(), b"svc.test".to_vec()));
+        assert_eq!(head[1], (":path".into(), b"/a?b=1".to_vec()));
+        assert_eq!(head[2], (":method".into(), b"GET".to_vec()));
+        assert_eq!(
+            head.iter().filter(|(n, _)| n == "x-one").count(),
+            2,
+            "repeated fields stay separate"
+        );
+        assert!(
+            !head.iter().any(|(n, _)| n == "host"),
+            "host travels as :authority"
+        );
+        for (name, value) in &mut head {
+            match name.as_str() {
+                ":path" => *value = b"/rewritten".to_vec(),
+                ":method" => *value = b"POST".to_vec(),
+                ":authority" => *value = b"other.test".to_vec(),
+                _ => {}
+            }
+        }
+        head.push(("x-added".into(), b"yes".to_vec()));
+        apply_request_head(&mut p, &head).expect("valid head");
+        assert_eq!(p.method, Method::POST);
+        assert_eq!(p.uri.path(), "/rewritten");
+        assert_eq!(
+            p.headers.get("host").map(|v| v.as_bytes()),
+            Some(&b"other.test"[..])
+        );
+        assert_eq!(p.headers.get_all("x-one").iter().count(), 2);
+        assert_eq!(
+            p.headers.get("x-added").map(|v| v.as_bytes()),
+            Some(&b"yes"[..])
+        );
+    }
+
+    #[test]
+    fn heads_http_cannot_carry_are_refused_with_the_reason() {
+        let mut p = parts("/", &[("host", "h")]);
+        let mut head = request_head(&p);
+        head.push(("x-evil".into(), b"a\r\nx-injected: 1".to_vec()));
+        let err = apply_request_head(&mut p, &head).expect_err("CR/LF in a value");
+        assert!(err.contains("x-evil"), "{err}");
+        let mut head = request_head(&p);
+        head.push(("bad name".into(), b"v".to_vec()));
+        assert!(apply_request_head(&mut p, &head).is_err());
+        let mut head = request_head(&p);
+        head[1].1 = b"no slash \x01".to_vec();
+        let err = apply_request_head(&mut p, &head).expect_err("bad path");
+        assert!(err.contains(":path"), "{err}");
+
+        let mut r = http::Response::new(()).into_parts().0;
+        let mut head = response_head(StatusCode::OK, &HeaderMap::new());
+        head[0].1 = b"99".to_vec();
+        let err = apply_response_head(&mut r, &head).expect_err("status 99");
+        assert!(err.contains(":status"), "{err}");
+        head[0].1 = b"418".to_vec();
+        apply_response_head(&mut r, &head).expect("valid status");
+        assert_eq!(r.status, StatusCode::IM_A_TEAPOT);
+    }
+}
