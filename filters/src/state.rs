@@ -167,7 +167,9 @@ pub(crate) struct HostState {
     pub instance_id: u64,
     pub limiter: Limiter,
     pub memory: Option<Memory>,
-    pub allocator: Option<TypedFunc<u32, u32>>,
+    /// Behind an `Arc`: hostcalls clone it per call, and cloning a `TypedFunc` itself copies
+    /// its `FuncType` through the engine's type registry.
+    pub allocator: Option<Arc<TypedFunc<u32, u32>>>,
     /// Live context ids → their root (0 for the root itself).
     pub contexts: HashMap<u32, u32>,
     /// The context whose callback is running, and the one `proxy_set_effective_context` chose.

@@ -15,7 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// Client connections (override with `MEMBRANE_PERF_CONNECTIONS`).
 const CONNECTIONS: usize = 4;
+
+fn connections() -> usize {
+    std::env::var("MEMBRANE_PERF_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(CONNECTIONS)
+}
 const ROUNDS: usize = 5;
 const ROUND: Duration = Duration::from_secs(2);
 const TARGET: &str = "wasm32-wasip1";
@@ -49,7 +58,8 @@ pub fn run() {
     };
     let (a, b) = (median(&mut a), median(&mut b));
     println!(
-        "standalone proxy, HTTP/1.1 keep-alive, {CONNECTIONS} connections, median of {ROUNDS} x {ROUND:?}"
+        "standalone proxy, HTTP/1.1 keep-alive, {} connections, median of {ROUNDS} x {ROUND:?}",
+        connections()
     );
     println!("no filter                         {a:>9.0} req/s");
     println!("filter: 20 set + 20 get + 20 remove {b:>9.0} req/s");
@@ -173,12 +183,12 @@ impl Drop for Proxy {
     }
 }
 
-/// Requests/s over `duration` with `CONNECTIONS` keep-alive clients.
+/// Requests/s over `duration` with `connections()` keep-alive clients.
 fn load(addr: SocketAddr, duration: Duration) -> f64 {
     let done = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let threads: Vec<_> = (0..CONNECTIONS)
+    let threads: Vec<_> = (0..connections())
         .map(|_| {
             let (done, count) = (done.clone(), count.clone());
             std::thread::spawn(move || client(addr, &done, &count))
