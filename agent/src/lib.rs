@@ -22,3 +22,5 @@ pub mod policy_cmd;
 #[cfg(feature = "proxy")]
 pub mod proxy_process;
 pub mod topology;
+#[cfg(feature = "proxy")]
+pub mod wasm_filters;

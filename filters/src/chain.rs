@@ -8,6 +8,8 @@
 //! ```text
 //! start_stream ── proxy_on_context_create(ctx, root)        (each filter)
 //! on_request_headers ── proxy_on_request_headers             → Continue | Pause | LocalReply | Close
+//!   (Pause) take_http_calls → proxy dispatches → on_http_call_response ── proxy_on_http_call_response
+//!                                  → resumes with the next filter on proxy_continue_stream
 //! on_request_body* ──── proxy_on_request_body (buffered size) → Continue(data) | Pause(buffered)
 //! on_response_headers ─ proxy_on_response_headers            (reverse order)
 //! on_response_body* ─── proxy_on_response_body              (reverse order)
@@ -32,9 +34,10 @@ use std::sync::atomic::Ordering;
 use crate::config::FailurePolicy;
 use crate::filter::{Filter, Generation, VmSlot};
 use crate::shared::lock;
-use crate::state::{FilterStreamState, PendingLocalReply, StreamShared};
+use crate::state::{CallResponseData, FilterStreamState, PendingLocalReply, StreamShared};
 use crate::types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, LocalReply, Phase, StreamInfo,
+    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, HttpCall, HttpCallId,
+    HttpCallResponse, LocalReply, Phase, StreamInfo,
 };
 use crate::vm::{Callback, VmFailure};
 
@@ -70,6 +73,8 @@ impl FilterChain {
             filters: Vec::with_capacity(self.filters.len()),
             decisions: Vec::new(),
             finished: false,
+            paused: None,
+            calls: Vec::new(),
         };
         for filter in self.filters.iter() {
             let generation = filter.current();
@@ -152,6 +157,10 @@ pub struct ChainStream {
     filters: Vec<FilterStream>,
     decisions: Vec<FilterDecision>,
     finished: bool,
+    /// The headers phase and filter that returned Pause (resumed by a callout response).
+    paused: Option<(Phase, usize)>,
+    /// Callouts made and not yet taken by the proxy.
+    calls: Vec<HttpCall>,
 }
 
 impl ChainStream {
@@ -171,10 +180,16 @@ impl ChainStream {
     }
 
     /// Runs `proxy_on_request_headers` through the chain. The chain keeps `headers`; on
-    /// `Continue` forward [`ChainStream::request_headers`].
+    /// `Continue` forward [`ChainStream::request_headers`]. On `Pause`, dispatch
+    /// [`ChainStream::take_http_calls`] and deliver their outcomes with
+    /// [`ChainStream::on_http_call_response`], which resumes the chain.
     pub fn on_request_headers(&mut self, headers: Headers, end_of_stream: bool) -> Action {
         self.shared.request_headers = headers;
-        for i in 0..self.filters.len() {
+        self.request_headers_from(0, end_of_stream)
+    }
+
+    fn request_headers_from(&mut self, first: usize, end_of_stream: bool) -> Action {
+        for i in first..self.filters.len() {
             let count = self.shared.request_headers.len() as u32;
             let cb = Callback::RequestHeaders {
                 count,
@@ -182,13 +197,99 @@ impl ChainStream {
             };
             match self.step(i, Phase::RequestHeaders, cb) {
                 Step::Continue => {}
-                Step::Pause => return Action::Pause,
+                Step::Pause => {
+                    self.paused = Some((Phase::RequestHeaders, i));
+                    return Action::Pause;
+                }
                 Step::Close => return Action::Close,
                 Step::Reject(status) => return self.reject(i, status),
                 Step::LocalReply(r) => return self.local_reply(i, Phase::RequestHeaders, r),
             }
         }
         Action::Continue
+    }
+
+    /// Callouts the filters made since the last call (`proxy_http_call`). The proxy
+    /// dispatches them and reports each outcome with [`ChainStream::on_http_call_response`];
+    /// a stream dropped meanwhile simply never delivers them (the calls are cancelled).
+    pub fn take_http_calls(&mut self) -> Vec<HttpCall> {
+        std::mem::take(&mut self.calls)
+    }
+
+    /// Whether a headers phase is paused (waiting for a callout to resume it).
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    /// Delivers a callout's outcome (`proxy_on_http_call_response`; `None`: the call failed)
+    /// to the filter that made it. If that filter paused a headers phase and now continues
+    /// (`proxy_continue_stream`), the phase resumes with the next filter and this returns
+    /// what the rest of the chain decided; a local reply or close is returned as usual;
+    /// otherwise the stream stays paused (`Action::Pause`) — or, if it was not paused,
+    /// `Action::Continue`.
+    pub fn on_http_call_response(
+        &mut self,
+        id: HttpCallId,
+        response: Option<HttpCallResponse>,
+    ) -> Action {
+        let i = id.filter;
+        if i >= self.filters.len() {
+            return self.resting_action();
+        }
+        let (headers, body_size, trailers) = response.as_ref().map_or((0, 0, 0), |r| {
+            (
+                r.headers.len() as u32,
+                r.body.len() as u32,
+                r.trailers.len() as u32,
+            )
+        });
+        let response = response.unwrap_or_default();
+        self.filters[i].own.call_response = Some(CallResponseData {
+            headers: response.headers,
+            body: response.body,
+            trailers: response.trailers,
+        });
+        let phase = self.paused.map_or(Phase::RequestHeaders, |(p, _)| p);
+        let cb = Callback::HttpCallResponse {
+            token: id.token,
+            headers,
+            body_size,
+            trailers,
+        };
+        let step = self.step(i, phase, cb);
+        self.filters[i].own.call_response = None;
+        let paused_here = self.paused.is_some_and(|(_, p)| p == i);
+        match step {
+            Step::Pause => self.resting_action(),
+            Step::Continue if paused_here => {
+                let (phase, _) = self.paused.take().unwrap_or((Phase::RequestHeaders, i));
+                match phase {
+                    Phase::ResponseHeaders => self.response_headers_below(i, false),
+                    _ => self.request_headers_from(i + 1, false),
+                }
+            }
+            Step::Continue => self.resting_action(),
+            Step::Close => {
+                self.paused = None;
+                Action::Close
+            }
+            Step::Reject(status) => {
+                self.paused = None;
+                self.reject(i, status)
+            }
+            Step::LocalReply(r) => {
+                self.paused = None;
+                self.local_reply(i, phase, r)
+            }
+        }
+    }
+
+    fn resting_action(&self) -> Action {
+        if self.paused.is_some() {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 
     /// Runs `proxy_on_request_body` through the chain. `data` is the new chunk on input and
@@ -207,7 +308,12 @@ impl ChainStream {
     /// Runs `proxy_on_response_headers` (filters in reverse order).
     pub fn on_response_headers(&mut self, headers: Headers, end_of_stream: bool) -> Action {
         self.shared.response_headers = headers;
-        for i in (0..self.filters.len()).rev() {
+        self.response_headers_below(self.filters.len(), end_of_stream)
+    }
+
+    /// Response headers through filters `end-1` down to 0.
+    fn response_headers_below(&mut self, end: usize, end_of_stream: bool) -> Action {
+        for i in (0..end).rev() {
             let count = self.shared.response_headers.len() as u32;
             let cb = Callback::ResponseHeaders {
                 count,
@@ -215,7 +321,10 @@ impl ChainStream {
             };
             match self.step(i, Phase::ResponseHeaders, cb) {
                 Step::Continue => {}
-                Step::Pause => return Action::Pause,
+                Step::Pause => {
+                    self.paused = Some((Phase::ResponseHeaders, i));
+                    return Action::Pause;
+                }
                 Step::Close => return Action::Close,
                 Step::Reject(status) => return self.reject(i, status),
                 Step::LocalReply(r) => return self.local_reply(i, Phase::ResponseHeaders, r),
@@ -288,19 +397,35 @@ impl ChainStream {
         fs.own.continue_requested = false;
         fs.own.headers_modified = false;
         fs.own.body_modified = false;
-        let result = {
+        let (result, calls) = {
             let mut vm = lock(&slot.vm);
             if slot.failed.load(Ordering::Relaxed) {
                 vm.failed = true;
             }
-            vm.run(
+            let result = vm.run(
                 fs.ctx,
                 cb,
                 &mut self.shared,
                 &mut fs.own,
                 &fs.generation.limits,
-            )
+            );
+            (result, vm.take_calls())
         };
+        if result.is_ok() {
+            let filter = fs.name();
+            self.calls.extend(calls.into_iter().map(|c| HttpCall {
+                id: HttpCallId {
+                    filter: i,
+                    token: c.token,
+                },
+                filter: filter.clone(),
+                upstream: c.upstream,
+                headers: c.headers,
+                body: c.body,
+                trailers: c.trailers,
+                timeout: std::time::Duration::from_millis(u64::from(c.timeout_ms)),
+            }));
+        }
         let action = match result {
             Ok(action) => action,
             Err(f) => {

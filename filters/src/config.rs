@@ -157,6 +157,10 @@ pub struct FilterSpec {
     pub env: Vec<(String, String)>,
     /// Lowest level forwarded from `proxy_log` (also what `proxy_get_log_level` returns).
     pub log_level: LogLevel,
+    /// Upstream names this filter may call with `proxy_http_call` (the proxy maps each name
+    /// to an address). Calls to other names get BAD_ARGUMENT, as Envoy answers for an unknown
+    /// cluster. Default: none.
+    pub callout_upstreams: Vec<String>,
 }
 
 impl FilterSpec {
@@ -173,7 +177,13 @@ impl FilterSpec {
             instances: std::thread::available_parallelism().map_or(2, |n| n.get()),
             env: Vec::new(),
             log_level: LogLevel::Info,
+            callout_upstreams: Vec::new(),
         }
+    }
+
+    pub fn with_callout_upstreams(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.callout_upstreams = names.into_iter().collect();
+        self
     }
 
     pub fn with_config(mut self, config: impl Into<Vec<u8>>) -> Self {

@@ -204,6 +204,7 @@ impl Generation {
             env: spec.env,
             log_level: spec.log_level,
             log_sink: host.config.log_sink.clone(),
+            callout_upstreams: spec.callout_upstreams,
         });
         let generation = Generation {
             settings,

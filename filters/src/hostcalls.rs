@@ -23,7 +23,10 @@ use crate::abi::{
 };
 use crate::config::LogLevel;
 use crate::properties;
-use crate::state::{HostState, PendingLocalReply};
+use crate::state::{HostState, PendingCall, PendingLocalReply};
+
+/// Most `proxy_http_call`s one callback may make (bounds what a guest makes the proxy do).
+const MAX_CALLS_PER_CALLBACK: usize = 16;
 use crate::types::Headers;
 
 type C<'a> = Caller<'a, HostState>;
@@ -114,6 +117,15 @@ fn utf8_lossy(bytes: &[u8]) -> String {
 
 /// The header map `map_type` of the loaded stream (effective context only).
 fn header_map(state: &HostState, map_type: u32) -> Option<&Headers> {
+    if let map::HTTP_CALL_RESPONSE_HEADERS | map::HTTP_CALL_RESPONSE_TRAILERS = map_type {
+        // The callout response belongs to the callback, whatever the effective context.
+        let r = state.stream.as_ref()?.own.call_response.as_ref()?;
+        return Some(if map_type == map::HTTP_CALL_RESPONSE_HEADERS {
+            &r.headers
+        } else {
+            &r.trailers
+        });
+    }
     let s = state.stream()?;
     Some(match map_type {
         map::HTTP_REQUEST_HEADERS => &s.shared.request_headers,
@@ -125,15 +137,23 @@ fn header_map(state: &HostState, map_type: u32) -> Option<&Headers> {
 }
 
 fn header_map_mut(state: &mut HostState, map_type: u32) -> Option<&mut Headers> {
+    if map_type > map::HTTP_RESPONSE_TRAILERS {
+        return None;
+    }
     let s = state.stream_mut()?;
     s.own.headers_modified = true;
     Some(match map_type {
         map::HTTP_REQUEST_HEADERS => &mut s.shared.request_headers,
         map::HTTP_REQUEST_TRAILERS => &mut s.shared.request_trailers,
         map::HTTP_RESPONSE_HEADERS => &mut s.shared.response_headers,
-        map::HTTP_RESPONSE_TRAILERS => &mut s.shared.response_trailers,
-        _ => return None,
+        _ => &mut s.shared.response_trailers,
     })
+}
+
+/// The body of the callout response being delivered.
+fn call_body(state: &HostState) -> Option<&[u8]> {
+    let r = state.stream.as_ref()?.own.call_response.as_ref()?;
+    Some(&r.body)
 }
 
 fn valid_map_type(map_type: u32) -> bool {
@@ -230,9 +250,9 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     buffer::PLUGIN_CONFIGURATION => Some(&st.settings.plugin_config),
                     buffer::HTTP_REQUEST_BODY => st.stream().map(|s| &s.own.request_body[..]),
                     buffer::HTTP_RESPONSE_BODY => st.stream().map(|s| &s.own.response_body[..]),
+                    buffer::HTTP_CALL_RESPONSE_BODY => call_body(st),
                     buffer::DOWNSTREAM_DATA
                     | buffer::UPSTREAM_DATA
-                    | buffer::HTTP_CALL_RESPONSE_BODY
                     | buffer::GRPC_RECEIVE_BUFFER
                     | buffer::FOREIGN_FUNCTION_ARGUMENTS => None,
                     _ => return Ok(status::BAD_ARGUMENT),
@@ -258,6 +278,7 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 buffer::PLUGIN_CONFIGURATION => Some(st.settings.plugin_config.len()),
                 buffer::HTTP_REQUEST_BODY => st.stream().map(|s| s.own.request_body.len()),
                 buffer::HTTP_RESPONSE_BODY => st.stream().map(|s| s.own.response_body.len()),
+                buffer::HTTP_CALL_RESPONSE_BODY => call_body(st).map(<[u8]>::len),
                 k if k <= buffer::FOREIGN_FUNCTION_ARGUMENTS => None,
                 _ => return Ok(status::BAD_ARGUMENT),
             };
@@ -519,30 +540,69 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
          ul: u32,
          hp: u32,
          hl: u32,
-         _bp: u32,
-         _bl: u32,
-         _tp: u32,
-         _tl: u32,
-         _timeout: u32,
-         _ret: u32|
+         bp: u32,
+         bl: u32,
+         tp: u32,
+         tl: u32,
+         timeout_ms: u32,
+         ret: u32|
          -> R {
-            let upstream = match read(&mut c, up, ul) {
-                Ok(u) => u,
-                Err(s) => return Ok(s),
+            let (upstream, headers, body, trailers) = match (
+                read(&mut c, up, ul),
+                read(&mut c, hp, hl),
+                read(&mut c, bp, bl),
+                read(&mut c, tp, tl),
+            ) {
+                (Ok(u), Ok(h), Ok(b), Ok(t)) => (utf8_lossy(&u), h, b, t),
+                (Err(s), _, _, _) | (_, Err(s), _, _) | (_, _, Err(s), _) | (_, _, _, Err(s)) => {
+                    return Ok(s);
+                }
             };
-            if let Err(s) = read(&mut c, hp, hl) {
+            let st = c.data();
+            let refuse = |why: String| {
+                st.log(LogLevel::Debug, format!("proxy_http_call: {why}"));
+                Ok(status::BAD_ARGUMENT)
+            };
+            // Envoy answers BAD_ARGUMENT for an upstream (cluster) it does not know.
+            if !st.settings.callout_upstreams.contains(&upstream) {
+                return refuse(format!("upstream {upstream:?} is not configured"));
+            }
+            // Calls are dispatched by the proxy for a stream; a root context (on_tick,
+            // on_configure) has no stream to carry one.
+            if st.stream.is_none() {
+                return refuse("only streams can make callouts in this host".into());
+            }
+            if st.pending_calls.len() >= MAX_CALLS_PER_CALLBACK {
+                return refuse(format!(
+                    "more than {MAX_CALLS_PER_CALLBACK} calls in one callback"
+                ));
+            }
+            let (headers, trailers) = match (decode_pairs(&headers), decode_pairs(&trailers)) {
+                (Ok(h), Ok(t)) => (Headers::from_pairs(h), Headers::from_pairs(t)),
+                (Err(e), _) | (_, Err(e)) => return refuse(format!("pairs: {e}")),
+            };
+            // Envoy requires these three (and answers BAD_ARGUMENT without them).
+            for required in [":method", ":path", ":authority"] {
+                if headers.get(required).is_none_or(|v| v.is_empty()) {
+                    return refuse(format!("header {required} is missing"));
+                }
+            }
+            let st = c.data_mut();
+            let token = st.next_call_token;
+            st.next_call_token = st.next_call_token.wrapping_add(1).max(1);
+            st.pending_calls.push(PendingCall {
+                token,
+                upstream,
+                headers,
+                body,
+                trailers,
+                timeout_ms,
+            });
+            if let Err(s) = write_u32(&mut c, ret, token) {
+                c.data_mut().pending_calls.pop();
                 return Ok(s);
             }
-            // Envoy answers BAD_ARGUMENT for an upstream (cluster) it does not know. No
-            // upstream is configured for callouts in this version.
-            c.data().log(
-                LogLevel::Debug,
-                format!(
-                    "proxy_http_call: upstream {:?} is not configured",
-                    utf8_lossy(&upstream)
-                ),
-            );
-            Ok(status::BAD_ARGUMENT)
+            Ok(status::OK)
         },
     )?;
     l.func_wrap(

@@ -2,7 +2,8 @@
 //! 0.2.0), instance pools with stream affinity, per-callback deadlines, memory caps, failure
 //! policies and atomic hot reload. The proxy drives it through [`FilterChain`] /
 //! [`ChainStream`] with plain Rust types (no wasmtime types cross this crate's API), and the
-//! lead adapts that to `membrane-l7proxy`'s filter-chain trait.
+//! agent (`membrane_agent::wasm_filters`) adapts that to `membrane-l7proxy`'s filter-chain
+//! trait; HTTP callouts leave as [`HttpCall`]s for the proxy to send.
 //!
 //! The only crate allowed to depend on `wasmtime`. Must not depend on the datapath, the agent
 //! or the proxy.
@@ -58,6 +59,6 @@ pub use filter::Filter;
 pub use host::FilterHost;
 pub use shared::{MetricKind, MetricSnapshot};
 pub use types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, LocalReply, PeerInfo, Phase,
-    StreamInfo,
+    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, HttpCall, HttpCallId,
+    HttpCallResponse, LocalReply, PeerInfo, Phase, StreamInfo,
 };

@@ -25,6 +25,9 @@ pub(crate) struct FilterSettings {
     pub env: Vec<(String, String)>,
     pub log_level: LogLevel,
     pub log_sink: Option<LogSink>,
+    /// Upstream names `proxy_http_call` may target (Envoy: cluster names); others get
+    /// BAD_ARGUMENT, Envoy's answer for an unknown cluster.
+    pub callout_upstreams: Vec<String>,
 }
 
 impl FilterSettings {
@@ -77,6 +80,27 @@ pub(crate) struct FilterStreamState {
     pub body_modified: bool,
     /// `proxy_set_property` values for this stream (Envoy: filter state `wasm.<path>`).
     pub properties: HashMap<Vec<u8>, Vec<u8>>,
+    /// The callout response being delivered (`proxy_on_http_call_response`): map 6/7 and
+    /// buffer 4 read it.
+    pub call_response: Option<CallResponseData>,
+}
+
+/// A callout's response as the guest reads it during `proxy_on_http_call_response`.
+#[derive(Default)]
+pub(crate) struct CallResponseData {
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
+}
+
+/// A `proxy_http_call` the guest made, waiting for the proxy to dispatch it.
+pub(crate) struct PendingCall {
+    pub token: u32,
+    pub upstream: String,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
+    pub timeout_ms: u32,
 }
 
 pub(crate) struct PendingLocalReply {
@@ -143,7 +167,9 @@ pub(crate) struct HostState {
     pub instance_id: u64,
     pub limiter: Limiter,
     pub memory: Option<Memory>,
-    pub allocator: Option<TypedFunc<u32, u32>>,
+    /// Behind an `Arc`: hostcalls clone it per call, and cloning a `TypedFunc` itself copies
+    /// its `FuncType` through the engine's type registry.
+    pub allocator: Option<Arc<TypedFunc<u32, u32>>>,
     /// Live context ids → their root (0 for the root itself).
     pub contexts: HashMap<u32, u32>,
     /// The context whose callback is running, and the one `proxy_set_effective_context` chose.
@@ -157,6 +183,10 @@ pub(crate) struct HostState {
     pub pending_done: Vec<u32>,
     /// `proxy_set_property` outside a stream (per instance).
     pub root_properties: HashMap<Vec<u8>, Vec<u8>>,
+    /// `proxy_http_call`s made during the current callback, collected by the chain after it.
+    pub pending_calls: Vec<PendingCall>,
+    /// Next callout token (unique per instance: the SDK panics on a token it does not know).
+    pub next_call_token: u32,
 }
 
 impl HostState {

@@ -216,6 +216,42 @@ pub enum Action {
     Close,
 }
 
+/// Identifies one callout of one stream (which filter made it, and its token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HttpCallId {
+    pub(crate) filter: usize,
+    pub(crate) token: u32,
+}
+
+/// An HTTP callout a filter made (`proxy_http_call`) for the proxy to dispatch. The proxy
+/// sends it to the address it maps `upstream` to and hands the outcome back with
+/// [`crate::ChainStream::on_http_call_response`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub id: HttpCallId,
+    /// The filter that made it.
+    pub filter: Arc<str>,
+    /// The upstream name (one of the filter's `callout_upstreams`).
+    pub upstream: String,
+    /// Request head: `:method`, `:path`, `:authority` (always present) and the other headers.
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
+    /// 0 means none (Envoy); the proxy should still bound it.
+    pub timeout: std::time::Duration,
+}
+
+/// A callout's response (`None` in [`crate::ChainStream::on_http_call_response`] means it
+/// failed: connect error, reset or timeout; the filter then sees 0 headers and an empty body,
+/// as in Envoy).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpCallResponse {
+    /// Response head with `:status` first.
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
+}
+
 /// One filter decision for the flow record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterDecision {

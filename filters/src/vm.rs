@@ -73,6 +73,7 @@ exports! {
     request_body: "proxy_on_request_body" => (u32, u32, u32) -> u32;
     response_headers: "proxy_on_response_headers" => (u32, u32, u32) -> u32;
     response_body: "proxy_on_response_body" => (u32, u32, u32) -> u32;
+    http_call_response: "proxy_on_http_call_response" => (u32, u32, u32, u32, u32) -> ();
     done: "proxy_on_done" => (u32) -> u32;
     log: "proxy_on_log" => (u32) -> ();
     delete: "proxy_on_delete" => (u32) -> ();
@@ -81,10 +82,31 @@ exports! {
 /// The stream callbacks the chain drives.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Callback {
-    RequestHeaders { count: u32, end_of_stream: bool },
-    RequestBody { size: u32, end_of_stream: bool },
-    ResponseHeaders { count: u32, end_of_stream: bool },
-    ResponseBody { size: u32, end_of_stream: bool },
+    RequestHeaders {
+        count: u32,
+        end_of_stream: bool,
+    },
+    RequestBody {
+        size: u32,
+        end_of_stream: bool,
+    },
+    ResponseHeaders {
+        count: u32,
+        end_of_stream: bool,
+    },
+    ResponseBody {
+        size: u32,
+        end_of_stream: bool,
+    },
+    /// `proxy_on_http_call_response(root, token, headers, body_size, trailers)`; the response
+    /// is in the stream's `call_response`. Runs with the root context current (as Envoy:
+    /// calls are owned by the root context; the SDK switches to the stream itself).
+    HttpCallResponse {
+        token: u32,
+        headers: u32,
+        body_size: u32,
+        trailers: u32,
+    },
 }
 
 const ROOT_CONTEXT_ID: u32 = 1;
@@ -92,7 +114,9 @@ const ROOT_CONTEXT_ID: u32 = 1;
 pub(crate) struct Vm {
     pub id: u64,
     store: Store<HostState>,
-    exports: Exports,
+    /// Shared so a callback borrows a `TypedFunc` instead of cloning it (a clone copies its
+    /// `FuncType`, which takes the engine's type registry: measurable per request).
+    exports: Arc<Exports>,
     next_context: u32,
     callback_ticks: u64,
     /// Set when a callback failed: the instance must not run again.
@@ -141,6 +165,8 @@ impl Vm {
             tick_period_ms: 0,
             pending_done: Vec::new(),
             root_properties: HashMap::new(),
+            pending_calls: Vec::new(),
+            next_call_token: 1,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -149,20 +175,21 @@ impl Vm {
             .pre
             .instantiate(&mut store)
             .map_err(|e| boot_err("instantiate", failure(&store, &e, limits).reason))?;
-        let exports = Exports::load(&mut store, &instance).map_err(|(export, reason)| {
-            FilterError::Export {
-                filter: settings.name.to_string(),
-                sha256: module.sha256.clone(),
-                export,
-                reason,
-            }
-        })?;
+        let exports =
+            Exports::load(&mut store, &instance)
+                .map(Arc::new)
+                .map_err(|(export, reason)| FilterError::Export {
+                    filter: settings.name.to_string(),
+                    sha256: module.sha256.clone(),
+                    export,
+                    reason,
+                })?;
         let memory = instance.get_memory(&mut store, "memory");
         let allocator = ["proxy_on_memory_allocate", "malloc"]
             .into_iter()
             .find_map(|name| instance.get_typed_func::<u32, u32>(&mut store, name).ok());
         store.data_mut().memory = memory;
-        store.data_mut().allocator = allocator;
+        store.data_mut().allocator = allocator.map(Arc::new);
 
         let mut vm = Vm {
             id,
@@ -175,14 +202,14 @@ impl Vm {
         };
         let boot_ticks = ticks(limits.boot_deadline, epoch_tick);
         let fail = |stage, f: VmFailure| boot_err(stage, f.reason);
-        if let Some(init) = exports.initialize.clone() {
+        if let Some(init) = &exports.initialize {
             vm.call(init, (), 0, boot_ticks, limits)
                 .map_err(|f| fail("_initialize", f))?;
-            if let Some(main) = exports.main.clone() {
+            if let Some(main) = &exports.main {
                 vm.call(main, (0, 0), 0, boot_ticks, limits)
                     .map_err(|f| fail("main", f))?;
             }
-        } else if let Some(start) = exports.start.clone() {
+        } else if let Some(start) = &exports.start {
             match vm.call(start, (), 0, boot_ticks, limits) {
                 Ok(()) => {}
                 // A command module's `_start` may end with proc_exit(0): a clean start.
@@ -191,7 +218,7 @@ impl Vm {
             }
         }
         vm.store.data_mut().contexts.insert(ROOT_CONTEXT_ID, 0);
-        if let Some(create) = exports.context_create.clone() {
+        if let Some(create) = &exports.context_create {
             vm.call(
                 create,
                 (ROOT_CONTEXT_ID, 0),
@@ -206,7 +233,7 @@ impl Vm {
             sha256: module.sha256.clone(),
             stage,
         };
-        if let Some(start) = exports.vm_start.clone() {
+        if let Some(start) = &exports.vm_start {
             let len = settings.vm_config.len() as u32;
             let ok = vm
                 .call(
@@ -221,7 +248,7 @@ impl Vm {
                 return Err(rejected("vm_start"));
             }
         }
-        if let Some(configure) = exports.configure.clone() {
+        if let Some(configure) = &exports.configure {
             let len = settings.plugin_config.len() as u32;
             let ok = vm
                 .call(
@@ -251,7 +278,7 @@ impl Vm {
     /// Any error poisons the instance.
     fn call<P, R>(
         &mut self,
-        f: TypedFunc<P, R>,
+        f: &TypedFunc<P, R>,
         args: P,
         ctx: u32,
         deadline_ticks: u64,
@@ -306,7 +333,8 @@ impl Vm {
         let ctx = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT_ID + 1);
         self.store.data_mut().contexts.insert(ctx, ROOT_CONTEXT_ID);
-        if let Some(create) = self.exports.context_create.clone() {
+        let ex = self.exports.clone();
+        if let Some(create) = &ex.context_create {
             self.call(
                 create,
                 (ctx, ROOT_CONTEXT_ID),
@@ -353,23 +381,47 @@ impl Vm {
         let ticks = self.callback_ticks;
         let ex = self.exports.clone();
         self.with_stream(ctx, shared, own, |vm| {
+            if let Callback::HttpCallResponse {
+                token,
+                headers,
+                body_size,
+                trailers,
+            } = cb
+            {
+                return match &ex.http_call_response {
+                    Some(f) => vm
+                        .call(
+                            f,
+                            (ROOT_CONTEXT_ID, token, headers, body_size, trailers),
+                            ROOT_CONTEXT_ID,
+                            ticks,
+                            limits,
+                        )
+                        // A call response returns nothing: the stream stays as it was
+                        // (paused) unless the guest continued, replied or closed it.
+                        .map(|()| crate::abi::action::PAUSE as u32),
+                    None => Ok(crate::abi::action::PAUSE as u32),
+                };
+            }
             let (f, a, b) = match cb {
                 Callback::RequestHeaders {
                     count,
                     end_of_stream,
-                } => (ex.request_headers, count, end_of_stream),
+                } => (&ex.request_headers, count, end_of_stream),
                 Callback::RequestBody {
                     size,
                     end_of_stream,
-                } => (ex.request_body, size, end_of_stream),
+                } => (&ex.request_body, size, end_of_stream),
                 Callback::ResponseHeaders {
                     count,
                     end_of_stream,
-                } => (ex.response_headers, count, end_of_stream),
+                } => (&ex.response_headers, count, end_of_stream),
                 Callback::ResponseBody {
                     size,
                     end_of_stream,
-                } => (ex.response_body, size, end_of_stream),
+                } => (&ex.response_body, size, end_of_stream),
+                // Delivered above; kept exhaustive so a new callback kind is not forgotten.
+                Callback::HttpCallResponse { .. } => return Ok(crate::abi::action::PAUSE as u32),
             };
             match f {
                 Some(f) => vm.call(f, (ctx, a, u32::from(b)), ctx, ticks, limits),
@@ -390,7 +442,7 @@ impl Vm {
         let ticks = self.callback_ticks;
         let ex = self.exports.clone();
         let r = self.with_stream(ctx, shared, own, |vm| {
-            if let Some(done) = ex.done {
+            if let Some(done) = &ex.done {
                 let finished = vm.call(done, (ctx,), ctx, ticks, limits)?;
                 if finished == 0 {
                     // The context asked to finish later (proxy_done); we have no later for a
@@ -398,10 +450,10 @@ impl Vm {
                     vm.store.data_mut().pending_done.push(ctx);
                 }
             }
-            if let Some(log) = ex.log {
+            if let Some(log) = &ex.log {
                 vm.call(log, (ctx,), ctx, ticks, limits)?;
             }
-            if let Some(delete) = ex.delete {
+            if let Some(delete) = &ex.delete {
                 vm.call(delete, (ctx,), ctx, ticks, limits)?;
             }
             Ok(())
@@ -412,10 +464,16 @@ impl Vm {
         r
     }
 
+    /// The `proxy_http_call`s made since the last take.
+    pub fn take_calls(&mut self) -> Vec<crate::state::PendingCall> {
+        std::mem::take(&mut self.store.data_mut().pending_calls)
+    }
+
     /// Delivers `proxy_on_tick` to the root context.
     pub fn tick(&mut self, limits: &FilterLimits) -> Result<(), VmFailure> {
         self.last_tick = Instant::now();
-        match self.exports.tick.clone() {
+        let ex = self.exports.clone();
+        match &ex.tick {
             Some(t) => self.call(
                 t,
                 (ROOT_CONTEXT_ID,),

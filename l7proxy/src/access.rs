@@ -73,6 +73,50 @@ pub struct AccessRecord {
     pub header_log: Vec<HeaderLog>,
     /// Why the proxy answered by itself: an upstream failure or a malformed request.
     pub error: Option<String>,
+    /// What HTTP filters did to this request so far (empty without filters): a `Response`
+    /// record lists the decisions made up to the response head.
+    pub filters: Vec<FilterRecord>,
+}
+
+/// One filter decision: which filter, in which phase, did what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterRecord {
+    /// The filter's name (the `WasmFilter` resource, or the module file stem standalone).
+    pub filter: String,
+    /// `request_headers`, `request_body`, `response_headers`, `response_body`, ...
+    pub phase: &'static str,
+    pub outcome: FilterOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterOutcome {
+    /// The filter answered by itself with this status.
+    LocalReply {
+        status: u16,
+    },
+    HeadersModified,
+    BodyModified,
+    /// The filter reset the stream.
+    Closed,
+    /// The filter failed (trap, deadline, memory cap); `action` is what its failure policy
+    /// did (`rejected 503`, `bypassed`).
+    Failed {
+        reason: String,
+        action: String,
+    },
+}
+
+impl fmt::Display for FilterRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: ", self.filter, self.phase)?;
+        match &self.outcome {
+            FilterOutcome::LocalReply { status } => write!(f, "local reply {status}"),
+            FilterOutcome::HeadersModified => f.write_str("headers modified"),
+            FilterOutcome::BodyModified => f.write_str("body modified"),
+            FilterOutcome::Closed => f.write_str("stream closed"),
+            FilterOutcome::Failed { reason, action } => write!(f, "failed ({reason}), {action}"),
+        }
+    }
 }
 
 impl fmt::Display for AccessRecord {
@@ -98,6 +142,13 @@ impl fmt::Display for AccessRecord {
         write!(f, " ({} {})", self.method, self.url)?;
         if let Some(rule) = self.rule {
             write!(f, " {rule}")?;
+        }
+        for (i, filter) in self.filters.iter().enumerate() {
+            f.write_str(if i == 0 { " [filter " } else { "; " })?;
+            write!(f, "{filter}")?;
+        }
+        if !self.filters.is_empty() {
+            f.write_str("]")?;
         }
         if let Some(error) = &self.error {
             write!(f, ": {error}")?;
@@ -197,6 +248,7 @@ mod tests {
             rule: Some(RuleRef::Rule(0)),
             header_log: Vec::new(),
             error: None,
+            filters: Vec::new(),
         }
     }
 
@@ -235,6 +287,25 @@ mod tests {
         assert_eq!(
             with_identities.to_string(),
             "10.0.0.1:5000 (ID:1000) -> 10.0.0.2:80 (ID:2000) denied HTTP/1.1 200 3ms (GET http://h/p) rule 0"
+        );
+        let mut filtered = record(RecordKind::Response);
+        filtered.status = Some(403);
+        filtered.filters = vec![
+            FilterRecord {
+                filter: "add-header".into(),
+                phase: "request_headers",
+                outcome: FilterOutcome::HeadersModified,
+            },
+            FilterRecord {
+                filter: "deny-path".into(),
+                phase: "request_headers",
+                outcome: FilterOutcome::LocalReply { status: 403 },
+            },
+        ];
+        assert_eq!(
+            filtered.to_string(),
+            "10.0.0.1:5000 -> 10.0.0.2:80 response HTTP/1.1 403 3ms (GET http://h/p) rule 0 \
+             [filter add-header request_headers: headers modified; deny-path request_headers: local reply 403]"
         );
     }
 }

@@ -16,6 +16,8 @@
 //! - [`policy`]: the compiled HTTP policy (Cilium `rules.http` semantics).
 //! - `proxy` (private): per-request handling shared by all listener modes: policy, 403,
 //!   hop-by-hop headers, pooled upstream, upstream failure replies, upgrade tunnels.
+//! - [`filter`]: the HTTP filter-chain trait ([`filter::HttpFilters`]) with its phase chart;
+//!   `filter_path` (private) drives it: head conversions, the callout loop, filtered bodies.
 //! - [`access`]: access records on a bounded channel that never blocks traffic.
 //! - [`standalone`]: the reverse-proxy mode (`membrane proxy --listen --upstream --policy`).
 //! - [`policy_file`]: the standalone mode's YAML policy file.
@@ -29,10 +31,12 @@
 //! name, bounded by a deadline whose overruns are counted. Its records (`DnsRecord`) use
 //! their own bounded, never-blocking channel in the style of [`access`].
 //!
-//! Not yet: the filter-chain trait, TLS.
+//! Not yet: TLS.
 
 pub mod access;
 pub mod dns;
+pub mod filter;
+mod filter_path;
 pub mod policy;
 pub mod policy_file;
 mod proxy;

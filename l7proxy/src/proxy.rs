@@ -42,6 +42,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::access::{AccessLog, AccessRecord, RecordKind};
+use crate::filter::{FilterAction, FilterReply, HttpFilters, PeerMeta, StreamMeta};
+use crate::filter_path::{
+    BoxError, CalloutClient, FilteredBody, RequestBody, SharedFilters, apply_request_head,
+    apply_response_head, callout_client, request_head, response_head, settle,
+};
 use crate::policy::{HttpPolicy, RequestParts, RuleRef, Verdict};
 use crate::strict::{Activity, HeaderLimits, StrictIo};
 
@@ -71,7 +76,7 @@ pub(crate) struct ConnInfo {
 
 /// The upstream HTTP client: hyper-util's pool (keyed by scheme and authority, i.e. the
 /// destination address) over [`UpstreamConnector`].
-pub(crate) type UpstreamClient = Client<UpstreamConnector, Incoming>;
+pub(crate) type UpstreamClient = Client<UpstreamConnector, RequestBody>;
 
 /// What one request needs to know about the connection it came on, looked up per request.
 pub(crate) struct Route {
@@ -83,6 +88,8 @@ pub(crate) struct Route {
     pub destination_identity: Option<u32>,
     /// Carries allowed requests upstream.
     pub upstream: UpstreamClient,
+    /// HTTP filters run after the policy allowed a request (`None`: no filters).
+    pub filters: Option<Arc<dyn HttpFilters>>,
 }
 
 /// Chooses the [`Route`] of each request of one connection.
@@ -100,6 +107,8 @@ pub(crate) struct ProxyCore {
     /// Client connections with no bytes moving and no request in flight close after this.
     idle_timeout: Duration,
     builder: auto::Builder<TokioExecutor>,
+    /// Carries filters' callouts.
+    callouts: CalloutClient,
 }
 
 /// Counts a request as in flight until dropped (with the response body).
@@ -127,19 +136,30 @@ pub(crate) struct ProxyBody {
 enum BodyKind {
     Upstream(Incoming),
     Local(Option<Bytes>),
+    /// The upstream's, through the filters' response body phase.
+    Filtered(FilteredBody),
+    /// A filter closed the stream: fail the body so hyper resets it.
+    Reset(bool),
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            BodyKind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            BodyKind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             BodyKind::Local(data) => Poll::Ready(data.take().map(|data| Ok(Frame::data(data)))),
+            BodyKind::Filtered(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            BodyKind::Reset(done) => {
+                if std::mem::replace(done, true) {
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err("a filter closed the stream".into())))
+            }
         }
     }
 
@@ -147,12 +167,16 @@ impl Body for ProxyBody {
         match &self.kind {
             BodyKind::Upstream(body) => body.is_end_stream(),
             BodyKind::Local(data) => data.is_none(),
+            BodyKind::Filtered(body) => body.is_end_stream(),
+            BodyKind::Reset(done) => *done,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             BodyKind::Upstream(body) => body.size_hint(),
+            BodyKind::Filtered(body) => body.size_hint(),
+            BodyKind::Reset(_) => SizeHint::default(),
             BodyKind::Local(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -252,6 +276,41 @@ fn local_reply(
     if close {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    response
+}
+
+/// A filter's local reply. Framing is ours: the body is sent whole with its length.
+fn filter_reply(
+    reply: FilterReply,
+    close: bool,
+    inflight: Option<InflightGuard>,
+) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody {
+        kind: BodyKind::Local(Some(reply.body)),
+        _inflight: inflight,
+    });
+    *response.status_mut() = reply.status;
+    let mut headers = reply.headers;
+    strip_hop_by_hop(&mut headers, false);
+    headers.remove(header::CONTENT_LENGTH);
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    *response.headers_mut() = headers;
+    response
+}
+
+/// A filter closed the stream: a head, then a failing body, so hyper aborts the response
+/// (HTTP/1: the connection closes mid-response; HTTP/2: the stream is reset).
+fn reset_reply(inflight: Option<InflightGuard>) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody {
+        kind: BodyKind::Reset(false),
+        _inflight: inflight,
+    });
+    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -367,6 +426,7 @@ impl RecordBase {
             rule: Some(self.rule),
             header_log: self.header_log.clone(),
             error,
+            filters: Vec::new(),
         }
     }
 }
@@ -378,6 +438,7 @@ impl ProxyCore {
             limits,
             idle_timeout,
             builder: http_builder(limits, idle_timeout),
+            callouts: callout_client(Duration::from_secs(5)),
         }
     }
 
@@ -418,6 +479,31 @@ impl ProxyCore {
             },
         };
         let mut request = Request::from_parts(parts, body);
+        // Filters run only on what the policy allowed: a denied request never reaches filter
+        // code, and a filter cannot rewrite a request into one the policy would have denied
+        // (Cilium's cilium.l7policy precedes every other HTTP filter in the same way).
+        let filters = match (&route.filters, verdict.allowed) {
+            (Some(chain), true) => chain
+                .start(StreamMeta {
+                    source: PeerMeta {
+                        address: Some(conn.source),
+                        identity: route.source_identity,
+                        ..PeerMeta::default()
+                    },
+                    destination: PeerMeta {
+                        address: Some(conn.destination),
+                        identity: route.destination_identity,
+                        ..PeerMeta::default()
+                    },
+                    protocol: match version {
+                        Version::HTTP_10 => "HTTP/1.0",
+                        Version::HTTP_2 => "HTTP/2",
+                        _ => "HTTP/1.1",
+                    },
+                })
+                .map(|stream| SharedFilters::new(stream, chain.clone())),
+            _ => None,
+        };
         let base = self.access.is_enabled().then(|| RecordBase {
             version,
             method: request.method().as_str().to_owned(),
@@ -431,8 +517,11 @@ impl ProxyCore {
         });
         let record = |kind, status, latency, error| {
             if let Some(base) = &base {
-                self.access
-                    .record(base.record(kind, status, latency, error));
+                let mut record = base.record(kind, status, latency, error);
+                if let Some(filters) = &filters {
+                    record.filters = filters.stream().records();
+                }
+                self.access.record(record);
             }
         };
 
@@ -517,6 +606,69 @@ impl ProxyCore {
         if let Some(host) = host {
             request.headers_mut().insert(header::HOST, host);
         }
+        let expects_continue = request
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let mut request = match &filters {
+            None => request.map(RequestBody::Plain),
+            Some(shared) => {
+                let (mut parts, body) = request.into_parts();
+                let mut head = request_head(&parts);
+                let end = body.is_end_stream();
+                let action = shared.stream().on_request_headers(&mut head, end);
+                match settle(shared, &self.callouts, action, &mut head).await {
+                    FilterAction::Continue | FilterAction::Pause => {
+                        if let Err(error) = apply_request_head(&mut parts, &head) {
+                            record(
+                                RecordKind::Response,
+                                Some(StatusCode::INTERNAL_SERVER_ERROR),
+                                Some(start.elapsed()),
+                                Some(error),
+                            );
+                            return Ok(local_reply(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "filter produced an invalid request\r\n",
+                                http1,
+                                Some(inflight),
+                            ));
+                        }
+                        // Upgraded requests carry no body phase (their bytes become a tunnel).
+                        let body = if end || upgrade {
+                            RequestBody::Plain(body)
+                        } else {
+                            RequestBody::Filtered(FilteredBody::new(body, shared.clone(), true))
+                        };
+                        Request::from_parts(parts, body)
+                    }
+                    FilterAction::LocalReply(reply) => {
+                        let status = reply.status;
+                        // As for a denial: keep the HTTP/1 connection only if the unread body
+                        // can be drained quickly (reading it would invite a 100-continue).
+                        let close = http1
+                            && (requested_upgrade
+                                || expects_continue
+                                || !(body.is_end_stream() || drain_body(body).await));
+                        record(
+                            RecordKind::Response,
+                            Some(status),
+                            Some(start.elapsed()),
+                            None,
+                        );
+                        return Ok(filter_reply(reply, close, Some(inflight)));
+                    }
+                    FilterAction::Close => {
+                        record(
+                            RecordKind::Response,
+                            None,
+                            Some(start.elapsed()),
+                            Some("a filter closed the stream".into()),
+                        );
+                        return Ok(reset_reply(Some(inflight)));
+                    }
+                }
+            }
+        };
         let path = request
             .uri()
             .path_and_query()
@@ -552,6 +704,16 @@ impl ProxyCore {
         let mut response = match route.upstream.request(request).await {
             Ok(response) => response,
             Err(error) => {
+                // A request-body filter answered locally (the body failed on purpose).
+                if let Some(reply) = filters.as_ref().and_then(|f| f.take_reply()) {
+                    record(
+                        RecordKind::Response,
+                        Some(reply.status),
+                        Some(start.elapsed()),
+                        None,
+                    );
+                    return Ok(filter_reply(reply, http1, Some(inflight)));
+                }
                 let (status, body, detail) = classify_upstream_error(&error);
                 tracing::debug!(%detail, %status, "upstream request failed");
                 record(
@@ -564,12 +726,17 @@ impl ProxyCore {
             }
         };
         let status = response.status();
-        record(
-            RecordKind::Response,
-            Some(status),
-            Some(start.elapsed()),
-            None,
-        );
+        let filtered = filters
+            .as_ref()
+            .filter(|_| status != StatusCode::SWITCHING_PROTOCOLS);
+        if filtered.is_none() {
+            record(
+                RecordKind::Response,
+                Some(status),
+                Some(start.elapsed()),
+                None,
+            );
+        }
 
         if status == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -593,6 +760,65 @@ impl ProxyCore {
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+        }
+        if let Some(shared) = filtered {
+            let (mut parts, body) = response.into_parts();
+            let mut head = response_head(parts.status, &parts.headers);
+            let end = body.is_end_stream();
+            let action = shared.stream().on_response_headers(&mut head, end);
+            let action = settle(shared, &self.callouts, action, &mut head).await;
+            let applied = match action {
+                FilterAction::Continue | FilterAction::Pause => {
+                    apply_response_head(&mut parts, &head).map_err(|error| {
+                        FilterAction::LocalReply(FilterReply {
+                            status: StatusCode::BAD_GATEWAY,
+                            headers: HeaderMap::new(),
+                            body: Bytes::from(format!("{error}\r\n")),
+                        })
+                    })
+                }
+                other => Err(other),
+            };
+            return Ok(match applied {
+                Ok(()) => {
+                    record(
+                        RecordKind::Response,
+                        Some(parts.status),
+                        Some(start.elapsed()),
+                        None,
+                    );
+                    let kind = if end {
+                        BodyKind::Upstream(body)
+                    } else {
+                        BodyKind::Filtered(FilteredBody::new(body, shared.clone(), false))
+                    };
+                    Response::from_parts(
+                        parts,
+                        ProxyBody {
+                            kind,
+                            _inflight: Some(inflight),
+                        },
+                    )
+                }
+                Err(FilterAction::LocalReply(reply)) => {
+                    record(
+                        RecordKind::Response,
+                        Some(reply.status),
+                        Some(start.elapsed()),
+                        None,
+                    );
+                    filter_reply(reply, requested_upgrade, Some(inflight))
+                }
+                Err(_) => {
+                    record(
+                        RecordKind::Response,
+                        None,
+                        Some(start.elapsed()),
+                        Some("a filter closed the stream".into()),
+                    );
+                    reset_reply(Some(inflight))
+                }
+            });
         }
         Ok(response.map(|body| ProxyBody {
             kind: BodyKind::Upstream(body),
@@ -790,6 +1016,7 @@ pub(crate) async fn serve_connection(
                 rule: None,
                 header_log: Vec::new(),
                 error: Some(violation.to_string()),
+                filters: Vec::new(),
             });
         }));
     }

@@ -280,6 +280,7 @@ impl Router for ConnRouter {
             source_identity: Some(source_identity),
             destination_identity: Some(destination_identity),
             upstream: self.shared.pools.client(self.direction, source_identity),
+            filters: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Standalone reverse-proxy mode: one listener, one upstream, one HTTP policy.
+//! Standalone reverse-proxy mode: one listener, one upstream, one HTTP policy, optional
+//! HTTP filters (run after the policy, see [`crate::filter`]).
 //!
 //! Owns the listener loop and graceful shutdown. Connections are served by the driver in
 //! `proxy` (HTTP/1.1 and HTTP/2 cleartext with prior knowledge on the same port, the strict
@@ -27,13 +28,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::access::AccessLog;
+use crate::filter::HttpFilters;
 use crate::policy::HttpPolicy;
 use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection, upstream_client};
 use crate::strict::HeaderLimits;
 
 /// Configuration of the standalone proxy. Build it with [`StandaloneConfig::new`] and
 /// change the fields that differ from the defaults.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StandaloneConfig {
     /// Address to listen on (port 0 picks a free port; see [`StandaloneProxy::local_addr`]).
     pub listen: SocketAddr,
@@ -53,6 +55,25 @@ pub struct StandaloneConfig {
     pub access_log: AccessLog,
     /// On shutdown, how long open connections may finish their requests. Default 5 s.
     pub shutdown_grace: Duration,
+    /// HTTP filters every allowed request runs through (after the policy). Default none.
+    /// The implementation may swap its chain at any time (hot reload); each request uses
+    /// the chain it started with.
+    pub filters: Option<Arc<dyn HttpFilters>>,
+}
+
+impl std::fmt::Debug for StandaloneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandaloneConfig")
+            .field("listen", &self.listen)
+            .field("upstream", &self.upstream)
+            .field("policy", &self.policy)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("header_limits", &self.header_limits)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("filters", &self.filters.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StandaloneConfig {
@@ -66,6 +87,7 @@ impl StandaloneConfig {
             header_limits: HeaderLimits::default(),
             access_log: AccessLog::disabled(),
             shutdown_grace: Duration::from_secs(5),
+            filters: None,
         }
     }
 }
@@ -93,6 +115,7 @@ pub struct StandaloneProxy {
 struct StandaloneRouter {
     policy: Arc<HttpPolicy>,
     upstream: UpstreamClient,
+    filters: Option<Arc<dyn HttpFilters>>,
 }
 
 impl Router for StandaloneRouter {
@@ -102,6 +125,7 @@ impl Router for StandaloneRouter {
             source_identity: None,
             destination_identity: None,
             upstream: self.upstream.clone(),
+            filters: self.filters.clone(),
         }
     }
 
@@ -140,6 +164,7 @@ impl StandaloneProxy {
                 config.idle_timeout,
                 usize::MAX,
             ),
+            filters: config.filters.clone(),
         });
         Ok(Self {
             listener,

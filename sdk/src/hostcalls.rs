@@ -7,6 +7,20 @@
 unsafe extern "C" {
     pub fn proxy_log(level: u32, message: *const u8, size: usize) -> u32;
     pub fn proxy_get_current_time_nanoseconds(ret: *mut u64) -> u32;
+    pub fn proxy_get_shared_data(
+        key: *const u8,
+        key_size: usize,
+        ret_data: *mut *mut u8,
+        ret_size: *mut usize,
+        ret_cas: *mut u32,
+    ) -> u32;
+    pub fn proxy_set_shared_data(
+        key: *const u8,
+        key_size: usize,
+        value: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
     pub fn proxy_get_buffer_bytes(
         kind: u32,
         start: usize,
@@ -97,6 +111,24 @@ mod stubs {
         UNIMPLEMENTED
     }
     pub unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_get_shared_data(
+        _: *const u8,
+        _: usize,
+        _: *mut *mut u8,
+        _: *mut usize,
+        _: *mut u32,
+    ) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_set_shared_data(
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: u32,
+    ) -> u32 {
         UNIMPLEMENTED
     }
     pub unsafe fn proxy_get_buffer_bytes(

@@ -202,6 +202,44 @@ pub fn now() -> Result<std::time::SystemTime, Error> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Shared data
+
+/// Reads `key` from the host's shared data (shared by every instance of the filter, and of
+/// other filters with the same VM id): `(value, cas)`, `None` when the key is absent. Pass
+/// the `cas` to [`set_shared_data`] to update only if nobody wrote in between.
+pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Error> {
+    let mut ptr = std::ptr::null_mut();
+    let mut len = 0usize;
+    let mut cas = 0u32;
+    // SAFETY: pointer/length describe `key`; out-pointers are valid locals.
+    let code = unsafe {
+        hostcalls::proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut len, &mut cas)
+    };
+    if code == 1 {
+        return Ok(None); // NOT_FOUND
+    }
+    check("proxy_get_shared_data", code)?;
+    // SAFETY: the call returned OK with a host-allocated buffer.
+    Ok(Some((unsafe { take_buffer(ptr, len) }, cas)))
+}
+
+/// Writes `key`. With `cas: Some(c)` the write happens only if the value's cas is still `c`
+/// (else `Err(Error::Host { status: Status::CasMismatch, .. })`); `None` writes
+/// unconditionally.
+pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Error> {
+    // SAFETY: pointer/length pairs describe `key` and `value`.
+    check("proxy_set_shared_data", unsafe {
+        hostcalls::proxy_set_shared_data(
+            key.as_ptr(),
+            key.len(),
+            value.as_ptr(),
+            value.len(),
+            cas.unwrap_or(0),
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Buffers, configuration
 
 const BUFFER_REQUEST_BODY: u32 = 0;
@@ -406,7 +444,9 @@ impl Metric {
 }
 
 /// Starts an HTTP callout to a named upstream; returns the call token. Hosts answer
-/// `BadArgument` for an upstream they do not know (membrane configures none yet).
+/// `BadArgument` for an upstream they do not know (membrane: the names given with
+/// `membrane proxy --filter-upstream NAME=IP:PORT`). This SDK has no callout-response phase
+/// yet; filters that pause and resume on a callout use the upstream `proxy-wasm` crate.
 pub fn dispatch_http_call(
     upstream: &str,
     headers: &[(&str, &str)],

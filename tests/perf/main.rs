@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p membrane-tests --bin membrane-perf -- datapath   # BPF_PROG_TEST_RUN ns/packet
 //! cargo run --release -p membrane-tests --bin membrane-perf -- veth       # TCP_RR / TCP_CRR between pods
+//! cargo run --release -p membrane-tests --bin membrane-perf -- proxy      # req/s with vs without a Wasm filter
 //! ```
 //!
 //! `datapath` loads the programs with 100, 10k and 100k ipcache and policy entries and reports
@@ -33,18 +34,24 @@ use membrane_tests::{NsGuard, PinGuard, packet, require_root, unique_name};
 
 mod dns;
 mod events;
+mod proxy;
 
 fn main() {
+    let what = std::env::args().nth(1).unwrap_or_default();
+    if what == "proxy" {
+        // Loopback only: no root, no namespaces.
+        proxy::run();
+        return;
+    }
     require_root();
     membrane_tests::sweep_stale();
-    let what = std::env::args().nth(1).unwrap_or_default();
     match what.as_str() {
         "datapath" => datapath(),
         "veth" => veth(),
         "dns" => dns::run(),
         "events" => events::run(),
         _ => {
-            eprintln!("usage: membrane-perf datapath|veth|dns|events");
+            eprintln!("usage: membrane-perf datapath|veth|dns|events|proxy");
             std::process::exit(2);
         }
     }

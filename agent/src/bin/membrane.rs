@@ -66,8 +66,9 @@ enum Command {
     /// Run the L7 proxy in standalone reverse-proxy mode (no eBPF needed): every request to
     /// LISTEN is checked against the HTTP rules of --policy (CiliumNetworkPolicy
     /// `rules.http` syntax, or a whole CNP) and forwarded to UPSTREAM, or answered
-    /// `403 Access denied`. Without --policy every request is allowed. One access record
-    /// per request is printed to stdout.
+    /// `403 Access denied`. Without --policy every request is allowed. Allowed requests
+    /// then run through the --filter Wasm modules (proxy-wasm), in order. One access record
+    /// per request is printed to stdout, naming what each filter did.
     Proxy(ProxyArgs),
     /// Policies: validate, resolve and trace files offline; list, apply and delete the
     /// agent's policies.
@@ -118,6 +119,18 @@ struct ProxyArgs {
     /// documents whose `toPorts[].rules.http` are collected).
     #[arg(long)]
     policy: Option<std::path::PathBuf>,
+    /// A proxy-wasm filter (ABI 0.2.1/0.2.0, e.g. built for wasm32-wasip1) every allowed
+    /// request runs through; repeatable, applied in the order given. `=CONFIG_FILE` passes
+    /// the file's bytes as the plugin configuration (`proxy_on_configure`). On SIGHUP, or
+    /// when a module or configuration file changes, the whole chain is rebuilt off the data
+    /// path and swapped in only if every filter loads; otherwise the last good one keeps
+    /// serving.
+    #[arg(long = "filter", value_name = "MODULE.wasm[=CONFIG_FILE]")]
+    filters: Vec<String>,
+    /// Names an upstream filters may call with `proxy_http_call` (Envoy's cluster name):
+    /// NAME=IP:PORT, repeatable. Calls to other names fail with BAD_ARGUMENT.
+    #[arg(long = "filter-upstream", value_name = "NAME=IP:PORT")]
+    filter_upstreams: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -249,12 +262,24 @@ fn main() -> anyhow::Result<ExitCode> {
 #[cfg(feature = "proxy")]
 fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     use membrane_l7proxy::{access, policy_file, standalone};
+    // Filter logs, reload results and proxy warnings go to stderr (records go to stdout).
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEMBRANE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
     let mut config = standalone::StandaloneConfig::new(args.listen, args.upstream);
     if let Some(path) = &args.policy {
         config.policy = Some(policy_file::load_policy_file(path)?);
     }
     let (log, mut records) = access::AccessLog::channel(access::DEFAULT_CHANNEL_CAPACITY);
     config.access_log = log;
+    let filters = membrane_agent::wasm_filters::from_args(&args.filters, &args.filter_upstreams)?;
+    if let Some(set) = &filters {
+        config.filters = Some(set.clone());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -264,10 +289,14 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
                 println!("{record}");
             }
         });
+        if let Some(set) = filters {
+            membrane_agent::wasm_filters::reload_on_sighup(set)?;
+        }
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        standalone::run(config, shutdown).await
+        standalone::run(config, shutdown).await?;
+        anyhow::Ok(())
     })?;
     Ok(())
 }

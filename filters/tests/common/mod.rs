@@ -76,6 +76,10 @@ pub fn guest(crate_name: &str) -> Vec<u8> {
             "examples/filters/add-header",
             "examples/filters/deny-path",
             "examples/filters/identity-gate",
+            "examples/filters/rate-limit",
+            "examples/filters/body-redact",
+            "examples/filters/api-key",
+            "examples/filters/authz-callout",
             "filters/tests/guests/chaos",
             "filters/tests/guests/sdk-compat",
         ] {

@@ -73,8 +73,11 @@ fn full(text: impl Into<Bytes>) -> UpBody {
         .boxed()
 }
 
-/// Upstream behaviour by path: `/echo` streams the request body back frame by frame,
-/// `/ws` accepts an upgrade and echoes bytes, anything else answers `ok METHOD TARGET`.
+/// Upstream behaviour by path: `/echo` (and `/upper...`) streams the request body back frame
+/// by frame, `/ws` accepts an upgrade and echoes bytes, `/redact...` answers
+/// `top secret|, more secret|, the end` in three frames, `/check` answers 200 `alice` when
+/// `x-token: good` and 401 otherwise (an authorization service for filter callouts), anything
+/// else answers `ok METHOD TARGET`.
 async fn upstream_service(
     count: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -87,8 +90,36 @@ async fn upstream_service(
         version: request.version(),
         headers: request.headers().clone(),
     });
-    match request.uri().path() {
-        "/echo" => Ok(Response::new(request.into_body().boxed())),
+    let path = request.uri().path().to_owned();
+    match path.as_str() {
+        p if p == "/echo" || p.starts_with("/upper") => {
+            Ok(Response::new(request.into_body().boxed()))
+        }
+        p if p.starts_with("/redact") => {
+            let (mut tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(1);
+            tokio::spawn(async move {
+                for chunk in ["top secret|", ", more secret|", ", the end"] {
+                    if tx.send_data(Bytes::from(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(body.boxed()))
+        }
+        "/check" => {
+            let good = request
+                .headers()
+                .get("x-token")
+                .is_some_and(|t| t.as_bytes() == b"good");
+            Ok(Response::builder()
+                .status(if good {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNAUTHORIZED
+                })
+                .body(full(if good { "alice" } else { "no" }))
+                .expect("check response"))
+        }
         "/ws" if request.headers().contains_key(http::header::UPGRADE) => {
             let upgrade = hyper::upgrade::on(&mut request);
             tokio::spawn(async move {

@@ -1,0 +1,133 @@
+//! The filter-chain hook: how HTTP filters (the Wasm host in `membrane-filters`, adapted by
+//! the agent) plug into the proxy's request path without this crate knowing wasmtime.
+//!
+//! Phase chart, per request (driven by `proxy`):
+//!
+//! ```text
+//! L7 policy ── denied ──▶ 403 (no filter sees it: policy runs first, as Cilium's
+//!    │                         cilium.l7policy filter precedes any other HTTP filter)
+//!    ▼ allowed (headers as the policy left them)
+//! on_request_headers ──▶ Continue | LocalReply | Close
+//!    │  Pause: take_callouts → the proxy sends them to the named upstreams →
+//!    │         on_callout_response (repeat until not paused)
+//!    ▼
+//! request body chunks ──▶ on_request_body (streamed; a filter that pauses buffers)
+//!    ▼ upstream response head
+//! on_response_headers ──▶ Continue | LocalReply | Close  (Pause: as above)
+//!    ▼
+//! response body chunks ─▶ on_response_body (streamed; buffering only on Pause)
+//!    ▼
+//! finish ──▶ the filters' decisions (records)
+//! ```
+//!
+//! Callbacks are synchronous and bounded by the filter host's deadline (10 ms by default), so
+//! the proxy calls them inline; only callouts are awaited. Body framing is the filter's job,
+//! as in Envoy: a filter that changes a body's length removes `content-length` in its headers
+//! phase (the upstream SDK's `http_body` example does); otherwise the proxy would send a
+//! mismatched length, so it resets the stream instead.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use crate::access::FilterRecord;
+
+/// What the proxy knows about a request's peers, handed to the filters (`source.*`,
+/// `destination.*` properties).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerMeta {
+    pub address: Option<SocketAddr>,
+    pub identity: Option<u32>,
+    /// `key=value` labels of the identity, when the route knows them.
+    pub labels: Vec<(String, String)>,
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+}
+
+/// Per-request facts for [`HttpFilters::start`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamMeta {
+    pub source: PeerMeta,
+    pub destination: PeerMeta,
+    /// `HTTP/1.0`, `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+}
+
+/// A request or response head as filters see it: pseudo-headers (`:method`, `:path`,
+/// `:authority`, `:scheme` / `:status`) plus the header fields, names lower-case, values raw.
+pub type HeadPairs = Vec<(String, Vec<u8>)>;
+
+/// A reply a filter produced instead of forwarding (or instead of the upstream's response).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterReply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What a phase decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterAction {
+    /// Go on with the (possibly modified) head or chunk.
+    Continue,
+    /// Headers: wait for callouts. Body: the chunk was buffered by a filter.
+    Pause,
+    /// Answer with this reply.
+    LocalReply(FilterReply),
+    /// Reset the stream.
+    Close,
+}
+
+/// An HTTP call a filter asked for; the proxy sends it to the address of `upstream`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    /// Opaque; hand it back with [`FilterStream::on_callout_response`].
+    pub id: u64,
+    pub upstream: String,
+    /// Request head, pseudo-headers included.
+    pub head: HeadPairs,
+    pub body: Bytes,
+    /// `None`: the proxy's own bound applies.
+    pub timeout: Option<Duration>,
+}
+
+/// A callout's response (`None` where it is passed means the call failed or timed out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutResponse {
+    /// `:status` first.
+    pub head: HeadPairs,
+    pub body: Bytes,
+}
+
+/// One request through a filter chain. The head methods take and give back the head as
+/// [`HeadPairs`] so the proxy owns the conversion to and from `http` types.
+pub trait FilterStream: Send {
+    fn on_request_headers(&mut self, head: &mut HeadPairs, end_of_stream: bool) -> FilterAction;
+    /// `data` in: the chunk; out: what to forward now.
+    fn on_request_body(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> FilterAction;
+    fn on_response_headers(&mut self, head: &mut HeadPairs, end_of_stream: bool) -> FilterAction;
+    fn on_response_body(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> FilterAction;
+    /// Callouts made since the last call.
+    fn take_callouts(&mut self) -> Vec<Callout>;
+    /// Delivers a callout outcome; when this resumes the paused headers phase, `head` is the
+    /// head of that phase (request or response) as the filters left it.
+    fn on_callout_response(
+        &mut self,
+        id: u64,
+        response: Option<CalloutResponse>,
+        head: &mut HeadPairs,
+    ) -> FilterAction;
+    /// What the filters did so far, for access records.
+    fn records(&self) -> Vec<FilterRecord>;
+}
+
+/// A filter chain the proxy runs for each request of a route.
+pub trait HttpFilters: Send + Sync {
+    /// Starts one request; `None` when no filter applies to it.
+    fn start(&self, meta: StreamMeta) -> Option<Box<dyn FilterStream>>;
+    /// The address of a callout upstream name (`--filter-upstream NAME=ADDR`); calls to a
+    /// name without one fail (the filter sees a failed call).
+    fn callout_upstream(&self, name: &str) -> Option<SocketAddr>;
+}
