@@ -102,6 +102,8 @@ enum Probe {
         method: &'static str,
         path: &'static str,
         header: Option<&'static str>,
+        /// Text the response body must contain (who answered).
+        body: Option<&'static str>,
     },
     Ping,
     /// `dig NAME` in the pod (its resolv.conf: the cluster DNS), UDP.
@@ -162,6 +164,30 @@ const fn request(
             method,
             path,
             header,
+            body: None,
+        },
+        expect: Expect::Status(status),
+    }
+}
+
+/// [`request`] whose response body must contain `body`.
+const fn request_body(
+    from: &'static str,
+    to: Ipv4Addr,
+    method: &'static str,
+    path: &'static str,
+    status: u16,
+    body: &'static str,
+) -> Check {
+    Check {
+        from,
+        to: Target::Ip(to),
+        probe: Probe::Request {
+            port: 8080,
+            method,
+            path,
+            header: None,
+            body: Some(body),
         },
         expect: Expect::Status(status),
     }
@@ -442,6 +468,38 @@ fn scenarios() -> Vec<Scenario> {
             ],
         },
         Scenario {
+            // A Wasm filter on echo's ingress answers /admin itself (deny-path, an example
+            // filter); the HTTP policy allows every request, so only the filter can say 403.
+            name: "echo-ingress-wasm-local-reply",
+            policy: leak(format!(
+                "{}---\napiVersion: membrane.io/v1alpha1\nkind: WasmFilter\nmetadata:\n  name: echo-deny-admin\n  namespace: default\nspec:\n  endpointSelector:\n    matchLabels: {{app: echo}}\n  direction: Ingress\n  ports: [8080]\n  module: {{MODULE}}\n  sha256: {{SHA256}}\n  config: \"/admin\"\n",
+                cnp(
+                    "echo-ingress-l7-any",
+                    "echo",
+                    "  ingress:\n  - fromEndpoints:\n    - matchLabels: {app: client}\n    toPorts:\n    - ports: [{port: \"8080\", protocol: TCP}]\n      rules:\n        http: [{}]\n",
+                )
+            )),
+            checks: vec![
+                request_body("client", ECHO, "GET", "/", 200, "echo"),
+                request_body(
+                    "client",
+                    ECHO,
+                    "GET",
+                    "/admin/users",
+                    403,
+                    "Access to /admin/users is denied by policy",
+                ),
+                request_body(
+                    "client",
+                    ECHO,
+                    "POST",
+                    "/admin",
+                    403,
+                    "Access to /admin is denied by policy",
+                ),
+            ],
+        },
+        Scenario {
             // DNS allowed (every name, through the proxy), nothing else.
             name: "client-egress-dns-only",
             policy: leak(cnp(
@@ -485,6 +543,9 @@ struct Run {
     name: String,
     socket: std::path::PathBuf,
     names: Vec<(Ipv4Addr, String)>,
+    /// The example filter's module (written into the run's state) and its sha256, for the
+    /// `{MODULE}` and `{SHA256}` of the Wasm scenario.
+    module: (std::path::PathBuf, String),
 }
 
 fn topology() -> Topology {
@@ -500,10 +561,20 @@ fn build(name: &str) -> Result<Run, LabError> {
     })?;
     let mut names = topology.names();
     names.push((HOST, "host".to_owned()));
+    let module = crate::wasm_resource::install_deny_path(
+        &std::path::Path::new(crate::bpf_cmd::STATE_ROOT)
+            .join(name)
+            .join("filters"),
+    )
+    .map_err(|e| LabError::Step {
+        step: "install the example filter".into(),
+        detail: e,
+    })?;
     Ok(Run {
         name: name.to_owned(),
         socket: built.socket,
         names,
+        module,
     })
 }
 
@@ -574,6 +645,7 @@ impl Run {
                 method,
                 path,
                 header,
+                body,
             } => {
                 let mut cmd = Command::new("ip");
                 cmd.args([
@@ -582,10 +654,8 @@ impl Run {
                     &topology::pod_netns(&self.name, c.from),
                     "curl",
                     "-s",
-                    "-o",
-                    "/dev/null",
                 ])
-                .args(["-w", "%{http_code}", "--max-time", "5", "-X", method]);
+                .args(["-w", "\n%{http_code}", "--max-time", "5", "-X", method]);
                 if let Some(h) = header {
                     cmd.args(["-H", h]);
                 }
@@ -593,10 +663,9 @@ impl Run {
                     .arg(format!("http://{to}:{port}{path}"))
                     .output()
                     .map_err(|e| format!("run curl: {e}"))?;
-                let code: u16 = String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .unwrap_or(0);
+                let text = String::from_utf8_lossy(&out.stdout);
+                let (answer, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+                let code: u16 = code.trim().parse().unwrap_or(0);
                 let what = format!(
                     "{} -> {}:{port} {method} {path}{}",
                     c.from,
@@ -605,6 +674,13 @@ impl Run {
                 );
                 if Expect::Status(code) != c.expect {
                     return Err(format!("{what}: expected {:?}, got HTTP {code}", c.expect));
+                }
+                if let Some(body) = body
+                    && !answer.contains(body)
+                {
+                    return Err(format!(
+                        "{what}: HTTP {code} without {body:?} in the body: {answer:?}"
+                    ));
                 }
                 (true, what, port)
             }
@@ -747,10 +823,13 @@ impl Run {
         if policy.is_empty() {
             return Ok(Vec::new());
         }
+        let text = policy
+            .replace("{MODULE}", &self.module.0.display().to_string())
+            .replace("{SHA256}", &self.module.1);
         let out = api::call(
             &self.socket,
             &Request::PolicyApply {
-                text: policy.to_owned(),
+                text,
                 source: format!("scenario {scenario}"),
             },
         )

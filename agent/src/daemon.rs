@@ -166,6 +166,24 @@ struct PolicyFile {
     modified: SystemTime,
     len: u64,
     refs: Vec<PolicyRef>,
+    /// Keys of the `WasmFilter` resources it holds.
+    wasm: Vec<String>,
+}
+
+/// Policies and `WasmFilter` resources of one input (file or API text).
+fn parse_all(
+    text: &str,
+    source: &str,
+) -> Result<
+    (
+        Vec<membrane_policy::Policy>,
+        Vec<crate::wasm_resource::WasmFilterResource>,
+    ),
+    String,
+> {
+    let (rest, filters) = crate::wasm_resource::split_documents(text, source)?;
+    let policies = parse_documents(&rest, source).map_err(|e| e.to_string())?;
+    Ok((policies, filters))
 }
 
 struct State {
@@ -193,12 +211,17 @@ struct State {
     cookies: BTreeMap<u32, String>,
     /// Names the DNS proxy learned, their addresses' identities (see `fqdn`).
     fqdn: fqdn::FqdnState,
+    /// `WasmFilter` resources in force, by key (`WasmFilter NAMESPACE/NAME`).
+    wasm_filters: BTreeMap<String, crate::wasm_resource::WasmFilterResource>,
     /// The proxy policy snapshot last written (to write only changes).
     #[cfg(feature = "proxy")]
     proxy_snapshot: Option<membrane_l7proxy::redirect::store::PolicySnapshot>,
     /// The DNS snapshot last written.
     #[cfg(feature = "proxy")]
     dns_snapshot: Option<crate::dns_node::DnsSnapshot>,
+    /// The filter snapshot last written.
+    #[cfg(feature = "proxy")]
+    filter_snapshot: Option<crate::wasm_node::FilterSnapshot>,
 }
 
 /// One `policy apply`: its text and which of its policies are still in force (later
@@ -261,10 +284,13 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         enricher,
         cookies: BTreeMap::new(),
         fqdn: fqdn::FqdnState::load(&state_dir),
+        wasm_filters: BTreeMap::new(),
         #[cfg(feature = "proxy")]
         proxy_snapshot: None,
         #[cfg(feature = "proxy")]
         dns_snapshot: None,
+        #[cfg(feature = "proxy")]
+        filter_snapshot: None,
     };
     state.restore_applied();
     // A restart: take over the endpoints the previous agent registered, in identity order so
@@ -604,13 +630,16 @@ impl State {
                 Response::ok(json!(rows))
             }
             Request::PolicyList => {
-                let rows: Vec<_> = self
+                let mut rows: Vec<_> = self
                     .repo
                     .iter()
                     .map(
                         |p| json!({ "policy": p.policy_ref().to_string(), "rules": p.rules.len() }),
                     )
                     .collect();
+                rows.extend(self.wasm_filters.values().map(|f| {
+                    json!({ "policy": f.key(), "rules": 1, "module": f.module.display().to_string(), "direction": format!("{:?}", f.direction), "ports": f.ports, "order": f.order })
+                }));
                 Response::ok(json!(rows))
             }
             Request::PolicyApply { text, source } => self.apply_text(&text, &source),
@@ -619,6 +648,21 @@ impl State {
                 namespace,
                 name,
             } => {
+                if kind == crate::wasm_resource::KIND {
+                    let key = format!(
+                        "{kind} {}/{name}",
+                        namespace.as_deref().unwrap_or("default")
+                    );
+                    return match self.wasm_filters.remove(&key) {
+                        Some(_) => {
+                            match self.forget_applied(&key).and_then(|()| self.reconcile()) {
+                                Ok(()) => Response::ok(json!({ "deleted": key })),
+                                Err(e) => Response::err(e.to_string()),
+                            }
+                        }
+                        None => Response::err(format!("no {key}")),
+                    };
+                }
                 let Some(kind) = kind_from_str(&kind) else {
                     return Response::err(format!(
                         "unknown policy kind `{kind}` (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy)"
@@ -700,17 +744,21 @@ impl State {
     }
 
     fn apply_text(&mut self, text: &str, source: &str) -> Response {
-        let policies = match parse_documents(text, source) {
+        let (policies, filters) = match parse_all(text, source) {
             Ok(p) => p,
             // Nothing of a bad input is applied: the repository is untouched.
-            Err(e) => return Response::err(e.to_string()),
+            Err(e) => return Response::err(e),
         };
-        let names: Vec<String> = policies
+        let mut names: Vec<String> = policies
             .iter()
             .map(|p| p.policy_ref().to_string())
             .collect();
+        names.extend(filters.iter().map(|f| f.key()));
         for p in policies {
             self.repo.replace(p);
+        }
+        for f in filters {
+            self.wasm_filters.insert(f.key(), f);
         }
         for entry in &mut self.applied {
             entry.live.retain(|r| !names.contains(r));
@@ -753,11 +801,16 @@ impl State {
             return;
         };
         for entry in &applied {
-            match parse_documents(&entry.text, &entry.source) {
-                Ok(policies) => {
+            match parse_all(&entry.text, &entry.source) {
+                Ok((policies, filters)) => {
                     for p in policies {
                         if entry.live.contains(&p.policy_ref().to_string()) {
                             self.repo.replace(p);
+                        }
+                    }
+                    for f in filters {
+                        if entry.live.contains(&f.key()) {
+                            self.wasm_filters.insert(f.key(), f);
                         }
                     }
                 }
@@ -938,16 +991,23 @@ impl State {
                     continue;
                 }
             };
-            match parse_documents(&text, &path.display().to_string()) {
-                Ok(policies) => {
+            match parse_all(&text, &path.display().to_string()) {
+                Ok((policies, filters)) => {
                     if let Some(old) = self.files.remove(&path) {
                         for r in old.refs {
                             self.repo.remove(&r);
+                        }
+                        for k in old.wasm {
+                            self.wasm_filters.remove(&k);
                         }
                     }
                     let refs = policies.iter().map(|p| p.policy_ref()).collect();
                     for p in policies {
                         self.repo.replace(p);
+                    }
+                    let wasm = filters.iter().map(|f| f.key()).collect();
+                    for f in filters {
+                        self.wasm_filters.insert(f.key(), f);
                     }
                     self.files.insert(
                         path.clone(),
@@ -955,6 +1015,7 @@ impl State {
                             modified,
                             len: meta.len(),
                             refs,
+                            wasm,
                         },
                     );
                     self.file_errors.remove(&path);
@@ -976,6 +1037,9 @@ impl State {
             if let Some(old) = self.files.remove(&path) {
                 for r in old.refs {
                     self.repo.remove(&r);
+                }
+                for k in old.wasm {
+                    self.wasm_filters.remove(&k);
                 }
                 changed = true;
             }
@@ -1189,6 +1253,7 @@ impl State {
             })
             .collect();
         self.write_dns_snapshot(&endpoints)?;
+        self.write_filter_snapshot()?;
         let mut snapshot = crate::proxy_process::snapshot_of(endpoints, 0);
         if let Some(previous) = &self.proxy_snapshot {
             snapshot.revision = previous.revision;
@@ -1248,6 +1313,44 @@ impl State {
             tracing::warn!(
                 revision,
                 "the proxy has not applied the DNS snapshot within 2 s"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes the filter snapshot (`WasmFilter` resources per endpoint) when it changed, and
+    /// waits (bounded) for a running proxy to apply it.
+    #[cfg(feature = "proxy")]
+    fn write_filter_snapshot(&mut self) -> Result<(), AgentError> {
+        let endpoints: Vec<(u64, std::net::Ipv4Addr, &Labels)> = self
+            .endpoints
+            .values()
+            .map(|e| (u64::from(e.id), e.spec.ipv4, &e.labels))
+            .collect();
+        let resources: Vec<&crate::wasm_resource::WasmFilterResource> =
+            self.wasm_filters.values().collect();
+        let mut snapshot = crate::wasm_node::snapshot_of(endpoints, &resources);
+        if let Some(previous) = &self.filter_snapshot {
+            snapshot.revision = previous.revision;
+            if previous == &snapshot {
+                return Ok(());
+            }
+        }
+        snapshot.revision += 1;
+        let path = self
+            .config
+            .state_dir()
+            .join(crate::wasm_node::FILTER_SNAPSHOT_NAME);
+        crate::wasm_node::save(&path, &snapshot).map_err(AgentError::Invalid)?;
+        let revision = snapshot.revision;
+        self.filter_snapshot = Some(snapshot);
+        // Compiling modules takes a moment: a longer bound than the policy snapshots'.
+        if self.proxy_running()
+            && !crate::proxy_process::wait_applied(&path, revision, Duration::from_secs(10))
+        {
+            tracing::warn!(
+                revision,
+                "the proxy has not applied the filter snapshot within 10 s (see proxy.log)"
             );
         }
         Ok(())
@@ -1587,6 +1690,8 @@ fn spawn_proxy(
         .arg(config.socket_path())
         .arg("--dns-snapshot")
         .arg(state.join(crate::dns_node::DNS_SNAPSHOT_NAME))
+        .arg("--filter-snapshot")
+        .arg(state.join(crate::wasm_node::FILTER_SNAPSHOT_NAME))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

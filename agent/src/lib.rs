@@ -24,3 +24,6 @@ pub mod proxy_process;
 pub mod topology;
 #[cfg(feature = "proxy")]
 pub mod wasm_filters;
+#[cfg(feature = "proxy")]
+pub mod wasm_node;
+pub mod wasm_resource;

@@ -186,6 +186,55 @@ pub struct ProxySettings {
     /// The agent's API socket, for FQDN learning; without it answers are released at once
     /// and nothing is learned.
     pub agent_socket: Option<PathBuf>,
+    /// The `WasmFilter` snapshot written by the agent (see `wasm_node`).
+    pub filter_snapshot: Option<PathBuf>,
+}
+
+/// The node's policy source: HTTP rules from the snapshot store, filters per endpoint.
+struct NodePolicies {
+    store: Arc<PolicyStore>,
+    filters: Option<Arc<crate::wasm_node::NodeFilters>>,
+}
+
+impl redirect::PolicySource for NodePolicies {
+    fn http_policy(
+        &self,
+        query: &redirect::PolicyQuery,
+    ) -> Option<Arc<membrane_l7proxy::policy::HttpPolicy>> {
+        self.store.http_policy(query)
+    }
+
+    fn http_filters(
+        &self,
+        query: &redirect::PolicyQuery,
+    ) -> Option<Arc<dyn membrane_l7proxy::filter::HttpFilters>> {
+        self.filters
+            .as_ref()?
+            .lookup(query.endpoint_ip, query.direction, query.port)
+    }
+}
+
+/// Applies the filter snapshot at `path` when it changed since `loaded`; acknowledges the
+/// revision on success. Blocking (compiles modules).
+fn reload_filters(
+    filters: &crate::wasm_node::NodeFilters,
+    path: &Path,
+    loaded: &mut Option<SystemTime>,
+) {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if modified.is_none() || modified == *loaded {
+        return;
+    }
+    *loaded = modified;
+    match crate::wasm_node::load(path).and_then(|s| filters.install(&s).map(|()| s.revision)) {
+        Ok(revision) => {
+            let _ = std::fs::write(applied_path(path), revision.to_string());
+            tracing::info!(revision, "filter snapshot applied");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "filter snapshot not applied; the previous filters keep serving")
+        }
+    }
 }
 
 /// Where the DNS proxy listens.
@@ -255,7 +304,30 @@ pub fn run(
         access_log: log,
         ..TransparentConfig::default()
     };
-    let policies: Arc<dyn redirect::PolicySource> = store.clone();
+    // Filters are loaded before the first request is served (a restarted proxy applies the
+    // same ones), then follow the snapshot.
+    let node_filters = match &settings.filter_snapshot {
+        Some(path) => {
+            let filters = crate::wasm_node::NodeFilters::new().map_err(anyhow::Error::msg)?;
+            let mut loaded = None;
+            reload_filters(&filters, path, &mut loaded);
+            let (watched, path, stop) = (filters.clone(), path.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("membrane-filter-watch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        reload_filters(&watched, &path, &mut loaded);
+                    }
+                })?;
+            Some(filters)
+        }
+        None => None,
+    };
+    let policies: Arc<dyn redirect::PolicySource> = Arc::new(NodePolicies {
+        store: store.clone(),
+        filters: node_filters,
+    });
     let identities: Arc<dyn IdentitySource> = Arc::new(PinnedIpcache(Mutex::new(ipcache)));
     let (dns_log, mut dns_records) =
         membrane_l7proxy::dns::DnsLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);

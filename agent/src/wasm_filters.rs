@@ -300,7 +300,31 @@ pub fn reload_on_sighup(set: Arc<WasmFilterSet>) -> std::io::Result<()> {
 
 impl HttpFilters for WasmFilterSet {
     fn start(&self, meta: StreamMeta) -> Option<Box<dyn FilterStream>> {
-        let chain = self.chain();
+        start_stream(&self.chain(), meta)
+    }
+
+    fn callout_upstream(&self, name: &str) -> Option<SocketAddr> {
+        self.upstreams.get(name).copied()
+    }
+}
+
+/// A fixed chain as the proxy's filters (transparent mode: one per endpoint, direction and
+/// port; no callout upstreams).
+pub struct ChainFilters(pub FilterChain);
+
+impl HttpFilters for ChainFilters {
+    fn start(&self, meta: StreamMeta) -> Option<Box<dyn FilterStream>> {
+        start_stream(&self.0, meta)
+    }
+
+    fn callout_upstream(&self, _name: &str) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// One request through `chain` (`None` when the chain is empty).
+pub fn start_stream(chain: &FilterChain, meta: StreamMeta) -> Option<Box<dyn FilterStream>> {
+    {
         if chain.is_empty() {
             return None;
         }
@@ -324,10 +348,6 @@ impl HttpFilters for WasmFilterSet {
             next_call: 0,
             paused_response: false,
         }))
-    }
-
-    fn callout_upstream(&self, name: &str) -> Option<SocketAddr> {
-        self.upstreams.get(name).copied()
     }
 }
 

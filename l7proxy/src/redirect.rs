@@ -114,6 +114,12 @@ pub struct PolicyQuery {
 pub trait PolicySource: Send + Sync {
     /// `None`: no L7 policy covers this flow, so the request is denied (403).
     fn http_policy(&self, query: &PolicyQuery) -> Option<Arc<HttpPolicy>>;
+
+    /// The filters that run on allowed requests of this flow (`WasmFilter` resources on a
+    /// node). Default: none.
+    fn http_filters(&self, _query: &PolicyQuery) -> Option<Arc<dyn crate::filter::HttpFilters>> {
+        None
+    }
 }
 
 /// Configuration of the transparent proxy. [`TransparentConfig::default`] gives the values
@@ -269,18 +275,20 @@ impl Router for ConnRouter {
             Direction::Egress => (self.source.ip(), destination_identity),
             Direction::Ingress => (self.destination.ip(), source_identity),
         };
-        let policy = self.shared.policies.http_policy(&PolicyQuery {
+        let query = PolicyQuery {
             direction: self.direction,
             endpoint_ip,
             port: self.destination.port(),
             remote_identity,
-        });
+        };
+        let policy = self.shared.policies.http_policy(&query);
+        let filters = self.shared.policies.http_filters(&query);
         Route {
             policy,
             source_identity: Some(source_identity),
             destination_identity: Some(destination_identity),
             upstream: self.shared.pools.client(self.direction, source_identity),
-            filters: None,
+            filters,
         }
     }
 

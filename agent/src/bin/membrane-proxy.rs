@@ -48,6 +48,9 @@ struct Args {
     /// DNS policy snapshot written by the agent; watched, re-read when it changes.
     #[arg(long)]
     dns_snapshot: Option<PathBuf>,
+    /// `WasmFilter` snapshot written by the agent; watched, re-read when it changes.
+    #[arg(long)]
+    filter_snapshot: Option<PathBuf>,
     /// The agent's API socket: answers with addresses are held until the agent has mapped
     /// them to `fqdn:` identities. Without it, nothing is learned.
     #[arg(long)]
@@ -98,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             },
             dns_snapshot: args.dns_snapshot,
             agent_socket: args.agent_socket,
+            filter_snapshot: args.filter_snapshot,
         },
         stop,
     )
