@@ -434,7 +434,40 @@ fn build(topology: &Topology, text: &str, policies: bool, ui: Option<&TcpListene
     } else {
         ok("no policies applied (--no-policies): every connection is allowed");
     }
+    let filter = write_example_filter(&state_dir())?;
+    ok(&format!(
+        "example Wasm filter ready, not applied: membrane policy apply -f {}",
+        filter.display()
+    ));
     check_interrupt()
+}
+
+/// File name of the lab's example `WasmFilter` in its state directory.
+pub const EXAMPLE_FILTER: &str = "filters/deny-internal.yaml";
+
+/// Writes the example filter (`examples/filters/deny-path`, compiled in) and a `WasmFilter`
+/// resource attaching it to `api`'s ingress on 8080 with the prefix `/api/v1/internal`: paths
+/// `api-l7` allows (`GET /api/v1/...`) that the filter then answers with its own 403.
+fn write_example_filter(state: &Path) -> Result<PathBuf> {
+    let dir = state.join("filters");
+    let (module, sha256) =
+        crate::wasm_resource::install_deny_path(&dir).map_err(|e| LabError::Step {
+            step: "write the example Wasm filter".into(),
+            detail: e,
+        })?;
+    let resource = format!(
+        "# The example filter examples/filters/deny-path on api's ingress (8080): requests the\n\
+         # HTTP policy allowed whose path starts with /api/v1/internal get the filter's own 403.\n\
+         apiVersion: membrane.io/v1alpha1\n\
+         kind: WasmFilter\n\
+         metadata:\n  name: deny-internal\n  namespace: default\n\
+         spec:\n  endpointSelector:\n    matchLabels:\n      app: api\n  direction: Ingress\n  ports: [8080]\n\
+         \x20 module: {}\n  sha256: {sha256}\n  config: \"/api/v1/internal\"\n  failurePolicy: FailClosed\n",
+        module.display()
+    );
+    let path = state.join(EXAMPLE_FILTER);
+    std::fs::write(&path, resource).map_err(step_err("write the example WasmFilter"))?;
+    Ok(path)
 }
 
 /// The topology the lab was built from (the seed if it left no copy).

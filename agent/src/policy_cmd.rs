@@ -263,6 +263,18 @@ fn validate_text(
 ) {
     let (docs, syntax) = split_documents(text);
     for (index, doc) in docs.iter().enumerate() {
+        if doc.get("kind").and_then(Value::as_str) == Some(crate::wasm_resource::KIND) {
+            // A WasmFilter (membrane's own resource): its checks, module and sha256 included.
+            let checked = serde_yaml_ng::to_value(doc)
+                .map_err(|e| e.to_string())
+                .and_then(|v| {
+                    crate::wasm_resource::parse(&v, &format!("{name}: document {}", index + 1))
+                });
+            if let Err(e) = checked {
+                report.problems.push(one_line(&e));
+            }
+            continue;
+        }
         match parse_value(doc, index, name, opts) {
             Ok(policies) => {
                 for p in policies {
@@ -451,6 +463,9 @@ fn load_repository(files: &[PathBuf]) -> anyhow::Result<(Repository, Vec<String>
     for file in files {
         let name = file.display().to_string();
         let text = std::fs::read_to_string(file).with_context(|| format!("{name}: cannot read"))?;
+        // WasmFilter resources do not take part in policy resolution.
+        let (text, _filters) = crate::wasm_resource::split_documents(&text, &name)
+            .map_err(|e| anyhow!("{e} (run `membrane policy validate` to list every problem)"))?;
         let policies = parse_documents_with(&text, &name, &ParseOptions::default())
             .map_err(|e| anyhow!("{e} (run `membrane policy validate` to list every problem)"))?;
         for p in policies {
