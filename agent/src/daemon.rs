@@ -88,7 +88,46 @@ pub struct AgentConfig {
     pub ui_listen_fd: Option<i32>,
     /// Run and supervise `membrane-proxy` (the L7 proxy) for this node.
     pub proxy: bool,
+    /// The DNS proxy's knobs, passed to `membrane-proxy`.
+    pub dns: DnsSettings,
     pub map_sizes: MapSizes,
+}
+
+/// DNS proxy settings (Cilium's `tofqdns-*` flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// `refused` or `nxdomain`.
+    pub deny_response: String,
+    pub min_ttl: u32,
+    pub max_ips_per_name: usize,
+    pub response_max_delay_ms: u64,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            deny_response: "refused".into(),
+            min_ttl: 0,
+            max_ips_per_name: 1000,
+            response_max_delay_ms: 100,
+        }
+    }
+}
+
+impl DnsSettings {
+    /// As `membrane-proxy` flags.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--dns-deny-response".into(),
+            self.deny_response.clone(),
+            "--fqdn-min-ttl".into(),
+            self.min_ttl.to_string(),
+            "--fqdn-max-ips-per-name".into(),
+            self.max_ips_per_name.to_string(),
+            "--fqdn-response-max-delay-ms".into(),
+            self.response_max_delay_ms.to_string(),
+        ]
+    }
 }
 
 impl AgentConfig {
@@ -105,6 +144,7 @@ impl AgentConfig {
             ui_listen: None,
             ui_listen_fd: None,
             proxy: cfg!(feature = "proxy"),
+            dns: DnsSettings::default(),
             map_sizes: MapSizes::default(),
         }
     }
@@ -1692,6 +1732,7 @@ fn spawn_proxy(
         .arg(state.join(crate::dns_node::DNS_SNAPSHOT_NAME))
         .arg("--filter-snapshot")
         .arg(state.join(crate::wasm_node::FILTER_SNAPSHOT_NAME))
+        .args(config.dns.args())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

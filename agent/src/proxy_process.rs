@@ -188,6 +188,8 @@ pub struct ProxySettings {
     pub agent_socket: Option<PathBuf>,
     /// The `WasmFilter` snapshot written by the agent (see `wasm_node`).
     pub filter_snapshot: Option<PathBuf>,
+    /// Deny reply, FQDN learning bounds.
+    pub dns_settings: crate::daemon::DnsSettings,
 }
 
 /// The node's policy source: HTTP rules from the snapshot store, filters per endpoint.
@@ -418,6 +420,13 @@ fn start_dns(
     );
     config.transparent = true;
     config.records = records;
+    config.deny_response = match settings.dns_settings.deny_response.as_str() {
+        "nxdomain" => membrane_l7proxy::dns::DenyResponse::NameError,
+        _ => membrane_l7proxy::dns::DenyResponse::Refused,
+    };
+    config.fqdn.min_ttl = settings.dns_settings.min_ttl;
+    config.fqdn.max_ips_per_name = settings.dns_settings.max_ips_per_name.max(1);
+    config.fqdn.deadline = Duration::from_millis(settings.dns_settings.response_max_delay_ms);
     if let Some(agent) = &settings.agent_socket {
         config = config.with_observer(AgentObserver::new(agent.clone(), Duration::from_secs(2)));
     }
