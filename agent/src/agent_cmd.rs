@@ -121,6 +121,31 @@ pub fn status(target: &AgentTarget) -> anyhow::Result<()> {
             s["flows"]["lost_in_kernel"]
         );
         println!("Proxy:       {}", s["proxy"].as_str().unwrap_or_default());
+        let d = &s["dns_proxy"];
+        println!(
+            "DNS proxy:   port {} (UDP, TCP; denied names get {}), {} endpoint(s) with DNS rules, revision {} applied",
+            d["port"],
+            d["deny_response"]
+                .as_str()
+                .unwrap_or_default()
+                .to_uppercase(),
+            d["endpoints_with_dns_rules"],
+            d["revision_applied"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+                .unwrap_or("-")
+        );
+        let w = &s["filters"];
+        println!(
+            "Filters:     {} WasmFilter resource(s), {} attachment(s), revision {} ({} applied by the proxy)",
+            w["resources"],
+            w["attachments"],
+            w["revision"],
+            w["revision_applied"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+                .unwrap_or("-")
+        );
         let f = &s["fqdn"];
         let us = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| format!("{n} µs"));
         println!(

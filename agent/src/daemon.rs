@@ -755,7 +755,46 @@ impl State {
             "reconciles": self.reconciles,
             "flows": { "kept": self.flows.len(), "capacity": self.config.flow_capacity, "seen": self.flows_seen, "lost_in_kernel": lost },
             "proxy": self.proxy_status(),
+            "dns_proxy": self.dns_proxy_status(),
             "fqdn": self.fqdn_status(),
+            "filters": self.filters_status(),
+        })
+    }
+
+    /// The DNS proxy: its port, what it answers on deny, the endpoints with DNS rules and the
+    /// revision the proxy applied.
+    fn dns_proxy_status(&self) -> serde_json::Value {
+        let state = self.config.state_dir();
+        let applied = std::fs::read_to_string(state.join("proxy-dns.applied")).unwrap_or_default();
+        #[cfg(feature = "proxy")]
+        let endpoints = self.dns_snapshot.as_ref().map_or(0, |s| s.endpoints.len());
+        #[cfg(not(feature = "proxy"))]
+        let endpoints = 0;
+        json!({
+            "port": self.config.dns_proxy_port,
+            "deny_response": self.config.dns.deny_response,
+            "endpoints_with_dns_rules": endpoints,
+            "revision_applied": applied.trim(),
+        })
+    }
+
+    /// `WasmFilter` resources and where they are attached.
+    fn filters_status(&self) -> serde_json::Value {
+        #[cfg(feature = "proxy")]
+        let (attachments, revision) = self
+            .filter_snapshot
+            .as_ref()
+            .map_or((0, 0), |s| (s.attachments.len(), s.revision));
+        #[cfg(not(feature = "proxy"))]
+        let (attachments, revision) = (0usize, 0u64);
+        let applied =
+            std::fs::read_to_string(self.config.state_dir().join("proxy-filters.applied"))
+                .unwrap_or_default();
+        json!({
+            "resources": self.wasm_filters.len(),
+            "attachments": attachments,
+            "revision": revision,
+            "revision_applied": applied.trim(),
         })
     }
 
