@@ -65,7 +65,7 @@ pub fn snapshot_of<'a>(
                     },
                     http: match &peer.rules {
                         L7Rules::Http(rules) => rules.iter().filter_map(http_rule).collect(),
-                        L7Rules::Dns(_) => Vec::new(),
+                        L7Rules::Dns(_) | L7Rules::Tls(_) => Vec::new(),
                     },
                 })
                 .collect();
