@@ -168,6 +168,10 @@ pub struct TraceArgs {
     /// DNS query name, to evaluate DNS rules when the connection is redirected to the DNS proxy.
     #[arg(long, value_name = "NAME")]
     pub dns_name: Option<String>,
+    /// TLS server name (the ClientHello's SNI), to evaluate `serverNames` when the connection
+    /// is redirected to the proxy.
+    #[arg(long, value_name = "NAME")]
+    pub tls_sni: Option<String>,
     /// Trace only one side (default: the source's egress and the destination's ingress).
     #[arg(long, value_enum)]
     pub direction: Option<TraceDirection>,
@@ -632,6 +636,14 @@ fn describe_l7(rules: &L7Rules) -> String {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
+        L7Rules::Tls(s) if s.is_empty() => "any connection (L7 wildcard)".to_owned(),
+        L7Rules::Tls(s) => format!(
+            "server name {}",
+            s.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -639,6 +651,7 @@ fn parser_name(p: L7Parser) -> &'static str {
     match p {
         L7Parser::Http => "HTTP",
         L7Parser::Dns => "DNS",
+        L7Parser::Tls => "TLS",
     }
 }
 
@@ -1184,6 +1197,7 @@ fn peer_labels(list: Vec<Label>, namespace: &str, cluster: &str) -> (Labels, boo
 struct L7Request<'a> {
     http: Option<HttpRequestView<'a>>,
     dns: Option<&'a str>,
+    tls: Option<&'a str>,
 }
 
 fn trace(args: &TraceArgs) -> anyhow::Result<String> {
@@ -1278,6 +1292,7 @@ fn trace(args: &TraceArgs) -> anyhow::Result<String> {
     let request = L7Request {
         http,
         dns: args.dns_name.as_deref(),
+        tls: args.tls_sni.as_deref(),
     };
 
     let mut out = String::new();
@@ -1563,7 +1578,7 @@ fn trace_side(
 }
 
 /// Evaluates the proxy's decision for a redirected connection. Without request details
-/// (`--http-*` / `--dns-name`) the L7 rules are listed, not evaluated, and the connection
+/// (`--http-*` / `--dns-name` / `--tls-sni`) the L7 rules are listed, not evaluated, and the connection
 /// counts as allowed (it reaches the proxy).
 #[expect(
     clippy::too_many_arguments,
@@ -1696,6 +1711,43 @@ fn trace_l7(
                         "allowed"
                     } else {
                         "refused (REFUSED)"
+                    }
+                );
+            }
+            L7Parser::Tls => {
+                let Some(sni) = request.tls else {
+                    let _ = writeln!(
+                        out,
+                        "  L7: not evaluated: pass --tls-sni to evaluate the server names (counted as allowed: the connection reaches the proxy)"
+                    );
+                    allowed = true;
+                    continue;
+                };
+                let _ = writeln!(
+                    out,
+                    "  L7 evaluation of TLS server name {sni} (rules that apply to identity {}):",
+                    remote.identity
+                );
+                for r in applicable {
+                    let L7Rules::Tls(names) = &r.rules else {
+                        continue;
+                    };
+                    let m = names.is_empty() || names.iter().any(|n| n.matches(sni));
+                    allowed |= m;
+                    let _ = writeln!(
+                        out,
+                        "    {}: {}",
+                        describe_l7(&r.rules),
+                        if m { "match" } else { "no match" }
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "  L7: TLS server name {sni} -> {}",
+                    if allowed {
+                        "allowed"
+                    } else {
+                        "denied (connection reset)"
                     }
                 );
             }

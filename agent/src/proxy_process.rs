@@ -26,8 +26,9 @@ use membrane_l7proxy::{
     redirect::{
         self, Direction as ProxyDirection, IdentitySource, TransparentConfig,
         store::{
-            PolicySnapshot, PolicyStore, Remotes, SnapshotEndpoint, SnapshotHeaderMatch,
-            SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot, write_snapshot,
+            L7Protocol, PolicySnapshot, PolicyStore, Remotes, SnapshotEndpoint,
+            SnapshotHeaderMatch, SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot,
+            write_snapshot,
         },
     },
 };
@@ -36,8 +37,9 @@ use membrane_policy::{EndpointPolicy, L7Parser, L7Rules, RemoteIdentities};
 /// File name of the proxy policy snapshot in the run's state directory.
 pub const SNAPSHOT_NAME: &str = "proxy-policy.json";
 
-/// The proxy's HTTP rules from the endpoints' resolved policies (HTTP rule sets only; DNS
-/// rule sets belong to the DNS proxy).
+/// The proxy's rules from the endpoints' resolved policies: HTTP rule sets, and TLS
+/// (`serverNames`) rule sets, which share the HTTP proxy port (the proxy tells them apart per
+/// connection by the port's `l7`). DNS rule sets belong to the DNS proxy.
 pub fn snapshot_of<'a>(
     endpoints: impl IntoIterator<Item = (u64, Ipv4Addr, &'a EndpointPolicy)>,
     revision: u64,
@@ -48,7 +50,12 @@ pub fn snapshot_of<'a>(
     };
     for (id, ip, policy) in endpoints {
         let mut ports = Vec::new();
-        for set in policy.l7.iter().filter(|s| s.parser == L7Parser::Http) {
+        for set in &policy.l7 {
+            let l7 = match set.parser {
+                L7Parser::Http => L7Protocol::Http,
+                L7Parser::Tls => L7Protocol::Tls,
+                L7Parser::Dns => continue,
+            };
             let direction = match set.direction {
                 membrane_policy::Direction::Ingress => ProxyDirection::Ingress,
                 membrane_policy::Direction::Egress => ProxyDirection::Egress,
@@ -56,23 +63,38 @@ pub fn snapshot_of<'a>(
             let peers = set
                 .rules
                 .iter()
-                .map(|peer| SnapshotPeer {
-                    remotes: match &peer.remote {
-                        RemoteIdentities::Any => Remotes::Any,
-                        RemoteIdentities::Set(ids) => {
-                            Remotes::Identities(ids.iter().map(|i| i.0).collect())
-                        }
-                    },
-                    http: match &peer.rules {
+                .filter_map(|peer| {
+                    let http: Vec<SnapshotHttpRule> = match &peer.rules {
                         L7Rules::Http(rules) => rules.iter().filter_map(http_rule).collect(),
-                        L7Rules::Dns(_) => Vec::new(),
-                    },
+                        L7Rules::Dns(_) | L7Rules::Tls(_) => Vec::new(),
+                    };
+                    // Every rule left out: the peer allows nothing, so it is left out too
+                    // (with an empty `http` it would be the wildcard).
+                    if matches!(&peer.rules, L7Rules::Http(rules) if !rules.is_empty())
+                        && http.is_empty()
+                    {
+                        return None;
+                    }
+                    Some(SnapshotPeer {
+                        remotes: match &peer.remote {
+                            RemoteIdentities::Any => Remotes::Any,
+                            RemoteIdentities::Set(ids) => {
+                                Remotes::Identities(ids.iter().map(|i| i.0).collect())
+                            }
+                        },
+                        http,
+                        server_names: match &peer.rules {
+                            L7Rules::Tls(names) => names.iter().map(ToString::to_string).collect(),
+                            L7Rules::Http(_) | L7Rules::Dns(_) => Vec::new(),
+                        },
+                    })
                 })
                 .collect();
             ports.push(SnapshotPort {
                 direction,
                 port: set.port,
                 end_port: set.end_port,
+                l7,
                 peers,
             });
         }
@@ -204,6 +226,13 @@ impl redirect::PolicySource for NodePolicies {
         query: &redirect::PolicyQuery,
     ) -> Option<Arc<membrane_l7proxy::policy::HttpPolicy>> {
         self.store.http_policy(query)
+    }
+
+    fn tls_policy(
+        &self,
+        query: &redirect::PolicyQuery,
+    ) -> Option<Arc<membrane_l7proxy::redirect::tls_sni::TlsPolicy>> {
+        self.store.tls_policy(query)
     }
 
     fn http_filters(
@@ -703,4 +732,92 @@ pub fn dns_record_to_flow(
         latency: v["latency_ns"].as_u64().map(Duration::from_nanos),
         policy: None,
     })
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use membrane_policy::{
+        EndpointInfo, IdentitySet, Labels, Repository, ResolveOptions, parse_documents,
+        resolve_endpoint,
+    };
+
+    fn resolved(yaml: &str) -> EndpointPolicy {
+        let mut repo = Repository::new();
+        for policy in parse_documents(yaml, "test.yaml").expect("parse") {
+            repo.add(policy).expect("add");
+        }
+        let labels = Labels::parse(["k8s:app=client", "k8s:io.kubernetes.pod.namespace=default"])
+            .expect("labels");
+        resolve_endpoint(
+            &repo,
+            &EndpointInfo::new(1, labels),
+            &IdentitySet::with_reserved(),
+            &ResolveOptions::new(15001, 15053),
+        )
+    }
+
+    #[test]
+    fn tls_rule_sets_become_tls_ports_with_server_names() {
+        let policy = resolved(
+            "
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tls}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      serverNames: [API.example.com, '*.cdn.example.com']
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: '80', protocol: TCP}]
+      rules: {http: [{method: GET}]}
+",
+        );
+        let snapshot = snapshot_of([(1, Ipv4Addr::new(10, 0, 0, 1), &policy)], 3);
+        let ports = &snapshot.endpoints[0].ports;
+        let tls = ports.iter().find(|p| p.port == 443).expect("port 443");
+        assert_eq!(tls.l7, L7Protocol::Tls);
+        // One peer per selector of `world` (world, world-ipv4, world-ipv6).
+        assert!(!tls.peers.is_empty());
+        for peer in &tls.peers {
+            assert_eq!(peer.server_names, ["api.example.com", "*.cdn.example.com"]);
+            assert!(peer.http.is_empty());
+        }
+        let http = ports.iter().find(|p| p.port == 80).expect("port 80");
+        assert_eq!(http.l7, L7Protocol::Http);
+        assert!(http.peers[0].server_names.is_empty());
+        // The proxy installs it and answers per port.
+        let store = PolicyStore::new();
+        assert_eq!(store.install(snapshot).expect("install"), []);
+    }
+
+    #[test]
+    fn a_peer_whose_every_http_rule_is_left_out_allows_nothing() {
+        let policy = resolved(
+            "
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: secret}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: '80', protocol: TCP}]
+      rules:
+        http:
+        - headerMatches: [{name: x-token, secret: {namespace: default, name: token}}]
+",
+        );
+        let snapshot = snapshot_of([(1, Ipv4Addr::new(10, 0, 0, 1), &policy)], 1);
+        let port = &snapshot.endpoints[0].ports[0];
+        assert!(
+            port.peers.is_empty(),
+            "never an empty (wildcard) peer: {port:?}"
+        );
+    }
 }

@@ -485,3 +485,75 @@ fn bad_input_is_an_error_that_names_it() {
         "{err}"
     );
 }
+
+/// `serverNames`: `resolve` shows a TLS rule set on the HTTP proxy port, `trace --tls-sni`
+/// evaluates it like the proxy (allowed names, a reset for the others).
+#[test]
+fn server_names_resolve_and_trace() {
+    let dir = TempDir::new("server-names");
+    let policy = dir.write(
+        "tls.yaml",
+        "\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: frontend-tls, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      serverNames: [api.example.com, '*.cdn.example.com']
+",
+    );
+    let endpoints = examples().join("endpoints.yaml");
+    let o = membrane(
+        &["policy", "resolve", "--endpoints", &display(&endpoints)],
+        std::slice::from_ref(&policy),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "egress TCP/443 -> TLS proxy port 15001",
+        "server name api.example.com, *.cdn.example.com",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+
+    let trace = |sni: &str| {
+        let policy = display(&policy);
+        let o = membrane(
+            &[
+                "policy",
+                "trace",
+                "--policy",
+                &policy,
+                "--src-labels",
+                "app=frontend",
+                "--dst-cidr",
+                "192.0.2.10",
+                "--dport",
+                "443/TCP",
+                "--direction",
+                "egress",
+                "--tls-sni",
+                sni,
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+        let out = stdout(&o);
+        let last = out.lines().last().unwrap_or_default().to_owned();
+        (out, last)
+    };
+    let (out, last) = trace("API.example.com");
+    assert_eq!(last, ALLOWED, "{out}");
+    let (out, last) = trace("img.cdn.example.com");
+    assert_eq!(last, ALLOWED, "{out}");
+    let (out, last) = trace("evil.example.com");
+    assert_eq!(last, DENIED, "{out}");
+    assert!(
+        out.contains("TLS server name evil.example.com -> denied (connection reset)"),
+        "{out}"
+    );
+}

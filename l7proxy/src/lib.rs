@@ -11,7 +11,9 @@
 //! - [`transparent`]: `IP_TRANSPARENT` listener sockets and the original destination.
 //! - [`redirect`]: the transparent mode: egress and ingress listeners for flows the datapath
 //!   redirects, identities and per-endpoint policy looked up per request, upstream pools per
-//!   source identity with `SO_MARK`; [`redirect::store`]: the policy snapshot, its file form.
+//!   source identity with `SO_MARK`; [`redirect::store`]: the policy snapshot, its file form;
+//!   [`redirect::tls_sni`]: `serverNames` ports, the ClientHello's SNI checked without
+//!   terminating TLS, then a byte relay (or a reset).
 //! - [`strict`]: HTTP/1 framing checks on the raw client bytes (request smuggling → 400).
 //! - [`policy`]: the compiled HTTP policy (Cilium `rules.http` semantics).
 //! - `proxy` (private): per-request handling shared by all listener modes: policy, 403,
@@ -31,7 +33,7 @@
 //! name, bounded by a deadline whose overruns are counted. Its records (`DnsRecord`) use
 //! their own bounded, never-blocking channel in the style of [`access`].
 //!
-//! Not yet: TLS.
+//! Not yet: TLS termination and origination (`terminatingTLS`/`originatingTLS`).
 
 pub mod access;
 pub mod dns;

@@ -18,7 +18,8 @@
 //!   the traffic is the proxy's and attributes it to the original source identity.
 //!
 //! Request handling itself (strict parsing, 403 `Access denied\r\n`, upstream failures as
-//! 502/503/504, upgrades, access records) is the shared `proxy` module's.
+//! 502/503/504, upgrades, access records) is the shared `proxy` module's. A connection to a
+//! `serverNames` port is not HTTP: [`tls_sni`] checks its ClientHello and relays it.
 //!
 //! Must not depend on the datapath crate or aya: identities and policies come in through the
 //! two traits (the agent implements them; tests use maps), the mark layout from
@@ -29,6 +30,7 @@
 //! namespace (where the datapath's policy routing delivers redirected packets).
 
 pub mod store;
+pub mod tls_sni;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -118,6 +120,15 @@ pub trait PolicySource: Send + Sync {
     /// The filters that run on allowed requests of this flow (`WasmFilter` resources on a
     /// node). Default: none.
     fn http_filters(&self, _query: &PolicyQuery) -> Option<Arc<dyn crate::filter::HttpFilters>> {
+        None
+    }
+
+    /// The TLS server-name policy when the flow's port is a `serverNames` port (then the
+    /// connection is never parsed as HTTP; a policy that allows nothing resets it), `None`
+    /// when it is not (HTTP). Asked once per connection, before any byte is read. The default
+    /// knows no TLS ports.
+    fn tls_policy(&self, query: &PolicyQuery) -> Option<Arc<tls_sni::TlsPolicy>> {
+        let _ = query;
         None
     }
 }
@@ -243,14 +254,14 @@ impl RedirectHandler {
             source,
             destination,
         });
-        serve_connection(
-            self.core.clone(),
-            stream,
-            source,
-            destination,
-            router,
-            self.stop.subscribe(),
-        )
+        let tls = router.tls_route(self.core.access());
+        let (core, stop) = (self.core.clone(), self.stop.subscribe());
+        async move {
+            match tls {
+                Some((connection, policy)) => connection.serve(stream, policy).await,
+                None => serve_connection(core, stream, source, destination, router, stop).await,
+            }
+        }
     }
 
     /// Asks every connection to finish its in-flight requests and close.

@@ -27,8 +27,8 @@ use membrane_l7proxy::ACCESS_DENIED_BODY;
 use membrane_l7proxy::access::{AccessLog, AccessRecord, RecordKind};
 use membrane_l7proxy::policy::{HttpPolicy, RequestParts, RuleRef};
 use membrane_l7proxy::redirect::store::{
-    PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint, SnapshotError,
-    SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot,
+    L7Protocol, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
+    SnapshotError, SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot,
 };
 use membrane_l7proxy::redirect::{
     Direction, IdentitySource, PolicyQuery, PolicySource, RedirectHandler, TransparentConfig,
@@ -80,6 +80,7 @@ fn peer(remotes: &[u32], rules: Vec<SnapshotHttpRule>) -> SnapshotPeer {
             Remotes::Identities(remotes.iter().copied().collect())
         },
         http: rules,
+        server_names: Vec::new(),
     }
 }
 
@@ -88,6 +89,7 @@ fn port(direction: Direction, port: u16, peers: Vec<SnapshotPeer>) -> SnapshotPo
         direction,
         port,
         end_port: 0,
+        l7: L7Protocol::Http,
         peers,
     }
 }

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use membrane_l7proxy::redirect::store::{
-    PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint, SnapshotPeer,
-    SnapshotPort,
+    L7Protocol, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
+    SnapshotPeer, SnapshotPort,
 };
 use membrane_l7proxy::redirect::{Direction, IdentitySource, RedirectHandler, TransparentConfig};
 use tokio::net::TcpListener;
@@ -265,9 +265,11 @@ async fn transparent_idle_connection_memory() -> Result<()> {
                 direction: Direction::Egress,
                 port: upstream.addr.port(),
                 end_port: 0,
+                l7: L7Protocol::Http,
                 peers: vec![SnapshotPeer {
                     remotes: Remotes::Any,
                     http: Vec::new(),
+                    server_names: Vec::new(),
                 }],
             }],
         }],

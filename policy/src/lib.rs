@@ -18,7 +18,8 @@
 //!   [`ParseOptions`] (default namespace); [`parse_value`] takes a decoded document.
 //! - [`Policy`] { kind, namespace, name, uid, labels, rules: Vec<[`Rule`]>, warnings }.
 //!   Rules hold [`PeerRule`]s with [`Peers`] (nil/empty distinctions explicit),
-//!   [`PortRule`]s, [`L7Rules`] ([`HttpRule`] / [`FqdnSelector`]) and [`IcmpField`]s.
+//!   [`PortRule`]s, [`L7Rules`] ([`HttpRule`] / [`FqdnSelector`] / TLS [`ServerName`]s
+//!   from `serverNames`) and [`IcmpField`]s.
 //! - Errors: [`PolicyError`] names source, document index, `Kind namespace/name` and the
 //!   field path (`specs[1].egress[0].toPorts[0].rules.kafka: unsupported field`).
 //!
@@ -52,8 +53,9 @@
 //! # Not implemented (rejected or reported, never silently ignored)
 //! `toServices` resolution (parsed and validated; resolves to nothing with a warning),
 //! `fromNodes`/`toNodes`, `fromGroups`/`toGroups`, `cidrGroupRef`/`cidrGroupSelector`,
-//! Kafka and generic `l7proto` rules, TLS (`terminatingTLS`, `originatingTLS`,
-//! `serverNames`), `listener`, `authentication`, extended IP protocols (VRRP/IGMP), the
+//! Kafka and generic `l7proto` rules, TLS termination and origination (`terminatingTLS`,
+//! `originatingTLS`, hence `serverNames` together with `rules`), `serverNames` on ingress
+//! and in host policies, `listener`, `authentication`, extended IP protocols (VRRP/IGMP), the
 //! clustermesh cluster filter (§1.5 point 5) and policy priorities/tiers (the high 24
 //! bits of [`PolicyEntry::precedence`] are always 0).
 //!
@@ -61,6 +63,8 @@
 //! - Integer `port` values are accepted (the CRD wants strings); `endPort` on a named port,
 //!   L7 rules without ports, and an `except` not fully inside its `cidr` (Cilium checks
 //!   only the address) are errors; a CCNP with `metadata.namespace` is an error.
+//! - `serverNames` wildcards: only a leading `*.` label (one label, as a `matchPattern` `*`);
+//!   `serverNames` next to an empty rule list (`rules: {http: []}`) is an error.
 //! - `rules.dns: []` is an allow-all DNS rule set on any of TCP/UDP/ANY (Cilium's nil-based
 //!   checks make it TCP-only by accident).
 //! - A CIDR identity is labelled `cidr:<prefix>` + `reserved:world` (no dual-stack
@@ -85,6 +89,7 @@ pub mod resolve;
 pub mod resolver;
 pub mod selector;
 mod selector_cache;
+pub mod server_name;
 
 pub use cidr::IpPrefix;
 pub use error::{IdentityError, LabelError, PolicyError, SelectorError};
@@ -109,3 +114,4 @@ pub use resolve::{
 };
 pub use resolver::{Change, EndpointChange, Resolver, ResolverDiff};
 pub use selector::EndpointSelector;
+pub use server_name::ServerName;

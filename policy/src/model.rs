@@ -15,6 +15,7 @@ use crate::fqdn::FqdnSelector;
 use crate::http::HttpRule;
 use crate::labels::Labels;
 use crate::selector::EndpointSelector;
+use crate::server_name::ServerName;
 
 /// The resource kinds this crate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -257,6 +258,8 @@ pub struct PortRule {
     /// `ports` (at most 40). Empty: all ports.
     pub ports: Vec<PortProtocol>,
     /// `rules` (L7), if any type was given (nil-based: `http: []` is an allow-all HTTP rule set).
+    /// A non-empty `serverNames` is [`L7Rules::Tls`] here: it cannot be combined with `rules`
+    /// (that needs `terminatingTLS`), and it is enforced by the proxy like an L7 rule set.
     pub rules: Option<L7Rules>,
 }
 
@@ -332,6 +335,10 @@ pub enum L7Rules {
     Http(Vec<HttpRule>),
     /// `rules.dns`; empty = allow all names (still proxied).
     Dns(Vec<FqdnSelector>),
+    /// `serverNames`: the TLS ClientHello's server name must match one (checked by the proxy
+    /// without terminating TLS). Empty only as the L7 wildcard an L4-only rule on the same
+    /// port becomes (any connection, TLS or not, still proxied).
+    Tls(Vec<ServerName>),
 }
 
 /// ICMP address family.

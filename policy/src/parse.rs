@@ -24,6 +24,7 @@ use crate::model::{
     ServiceSelector, Subject,
 };
 use crate::selector::{EndpointSelector, Operator, Requirement};
+use crate::server_name::ServerName;
 
 /// Maximum `ports` per `toPorts` entry and fields per `icmps` entry (CRD `MaxItems`).
 const MAX_PORTS: usize = 40;
@@ -1265,6 +1266,7 @@ fn parse_port_rule(
     host_policy: bool,
 ) -> Result<PortRule, FieldError> {
     const DENY_L7: &str = "not allowed in deny rules (deny policies do not support L7)";
+    const TLS_UNSUPPORTED: &str = "unsupported field: membrane does not terminate or originate TLS (serverNames is enforced on the ClientHello without it)";
     let mut o = if deny {
         Obj::new(
             v,
@@ -1282,11 +1284,10 @@ fn parse_port_rule(
         Obj::new(
             v,
             path,
-            &["ports", "rules"],
+            &["ports", "rules", "serverNames"],
             &[
-                ("terminatingTLS", UNSUPPORTED),
-                ("originatingTLS", UNSUPPORTED),
-                ("serverNames", UNSUPPORTED),
+                ("terminatingTLS", TLS_UNSUPPORTED),
+                ("originatingTLS", TLS_UNSUPPORTED),
                 ("listener", UNSUPPORTED),
             ],
         )?
@@ -1305,10 +1306,69 @@ fn parse_port_rule(
         }
     }
     let rules_path = o.path("rules");
-    let rules = match o.get("rules") {
+    let mut rules = match o.get("rules") {
         None => None,
         Some(r) => parse_l7_rules(r, &rules_path)?,
     };
+    let names_path = o.path("serverNames");
+    if let Some((list, lp)) = o.list("serverNames")?
+        // Cilium: "If not empty, then TLS must be present": an empty list restricts nothing.
+        && !list.is_empty()
+    {
+        // Stricter than Cilium, which accepts empty rule lists (`http: []`) here.
+        if rules.is_some() {
+            return Err(FieldError::new(
+                names_path,
+                "serverNames together with L7 rules requires terminatingTLS, which membrane does not support",
+            ));
+        }
+        if dir == Dir::Ingress {
+            return Err(FieldError::new(
+                names_path,
+                "serverNames on ingress is not supported yet (egress only)",
+            ));
+        }
+        if host_policy {
+            return Err(FieldError::new(
+                names_path,
+                "host policies do not support serverNames",
+            ));
+        }
+        let mut names = Vec::with_capacity(list.len());
+        for (i, n) in list.iter().enumerate() {
+            let p = idx(&lp, i);
+            let name = ServerName::parse(as_str(n, &p)?).map_err(|e| FieldError::new(&p, e))?;
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        if ports.is_empty() {
+            return Err(FieldError::new(
+                ports_path,
+                "serverNames require at least one port",
+            ));
+        }
+        for (i, pp) in ports.iter().enumerate() {
+            let p = idx(&ports_path, i);
+            if pp.protocol != Protocol::Tcp {
+                return Err(FieldError::new(
+                    join(&p, "protocol"),
+                    format!(
+                        "serverNames can only apply to TCP (not {})",
+                        pp.protocol.as_str()
+                    ),
+                ));
+            }
+            if pp.port == Port::Number(0) {
+                return Err(FieldError::new(
+                    join(&p, "port"),
+                    "serverNames can not be used when a port is 0",
+                ));
+            }
+        }
+        rules = Some(L7Rules::Tls(names));
+        return Ok(PortRule { ports, rules });
+    }
     if let Some(rules) = &rules {
         let is_dns = matches!(rules, L7Rules::Dns(_));
         if dir == Dir::Ingress && is_dns {
@@ -2251,6 +2311,134 @@ specs:
                 },
             ]
         );
+    }
+
+    /// `toPorts[].serverNames`: accepted on egress TCP ports alone; every misuse is an error
+    /// naming the field.
+    #[test]
+    fn server_names() {
+        let egress = |port_rule: Value| {
+            cnp(
+                json!({"endpointSelector": web(), "egress": [{"toEntities": ["world"], "toPorts": [port_rule]}]}),
+            )
+        };
+        let tcp443 = json!([{"port": "443", "protocol": "TCP"}]);
+        let p = parse1(&egress(json!({
+            "ports": tcp443,
+            "serverNames": ["API.example.com.", "*.cdn.example.com", "api.example.com"]
+        })))
+        .unwrap();
+        assert_eq!(
+            p.rules[0].egress[0].to_ports[0].rules,
+            Some(L7Rules::Tls(vec![
+                ServerName::Exact("api.example.com".into()),
+                ServerName::Wildcard("cdn.example.com".into()),
+            ])),
+            "lower-cased, trailing dot dropped, duplicates merged"
+        );
+        // An empty list restricts nothing (Cilium: "if not empty, then TLS must be present").
+        let p = parse1(&egress(json!({"ports": tcp443, "serverNames": []}))).unwrap();
+        assert_eq!(p.rules[0].egress[0].to_ports[0].rules, None);
+        // `rules: {}` has no rule type: allowed next to serverNames.
+        let p = parse1(&egress(
+            json!({"ports": tcp443, "rules": {}, "serverNames": ["a.io"]}),
+        ))
+        .unwrap();
+        assert!(matches!(
+            p.rules[0].egress[0].to_ports[0].rules,
+            Some(L7Rules::Tls(_))
+        ));
+
+        let cases: Vec<(Value, &str, &str)> = vec![
+            (
+                egress(json!({"ports": tcp443, "serverNames": ["a.io"], "rules": {"http": [{}]}})),
+                "spec.egress[0].toPorts[0].serverNames",
+                "serverNames together with L7 rules requires terminatingTLS, which membrane does not support",
+            ),
+            (
+                cnp(
+                    json!({"endpointSelector": web(), "ingress": [{"toPorts": [{"ports": tcp443, "serverNames": ["a.io"]}]}]}),
+                ),
+                "spec.ingress[0].toPorts[0].serverNames",
+                "serverNames on ingress is not supported yet",
+            ),
+            (
+                cnp(
+                    json!({"endpointSelector": web(), "egressDeny": [{"toPorts": [{"ports": tcp443, "serverNames": ["a.io"]}]}]}),
+                ),
+                "spec.egressDeny[0].toPorts[0].serverNames",
+                "not allowed in deny rules",
+            ),
+            (
+                ccnp(
+                    json!({"nodeSelector": {}, "egress": [{"toPorts": [{"ports": tcp443, "serverNames": ["a.io"]}]}]}),
+                ),
+                "spec.egress[0].toPorts[0].serverNames",
+                "host policies do not support serverNames",
+            ),
+            (
+                egress(
+                    json!({"ports": [{"port": "443", "protocol": "UDP"}], "serverNames": ["a.io"]}),
+                ),
+                "spec.egress[0].toPorts[0].ports[0].protocol",
+                "serverNames can only apply to TCP (not UDP)",
+            ),
+            (
+                egress(json!({"ports": [{"port": "443"}], "serverNames": ["a.io"]})),
+                "spec.egress[0].toPorts[0].ports[0].protocol",
+                "serverNames can only apply to TCP (not ANY)",
+            ),
+            (
+                egress(
+                    json!({"ports": [{"port": "0", "protocol": "TCP"}], "serverNames": ["a.io"]}),
+                ),
+                "spec.egress[0].toPorts[0].ports[0].port",
+                "serverNames can not be used when a port is 0",
+            ),
+            (
+                egress(json!({"serverNames": ["a.io"]})),
+                "spec.egress[0].toPorts[0].ports",
+                "serverNames require at least one port",
+            ),
+            (
+                egress(json!({"ports": tcp443, "serverNames": ["a.io", "a b.io"]})),
+                "spec.egress[0].toPorts[0].serverNames[1]",
+                "invalid characters in server name \"a b.io\"",
+            ),
+            (
+                egress(json!({"ports": tcp443, "serverNames": ["**.a.io"]})),
+                "spec.egress[0].toPorts[0].serverNames[0]",
+                "server name \"**.a.io\": a wildcard is only supported as the whole first label",
+            ),
+            (
+                egress(json!({"ports": tcp443, "serverNames": [7]})),
+                "spec.egress[0].toPorts[0].serverNames[0]",
+                "expected a string",
+            ),
+            (
+                egress(json!({"ports": tcp443, "serverNames": "a.io"})),
+                "spec.egress[0].toPorts[0].serverNames",
+                "expected a list",
+            ),
+            (
+                egress(json!({"ports": tcp443, "terminatingTLS": {"secret": {"name": "x"}}})),
+                "spec.egress[0].toPorts[0].terminatingTLS",
+                "unsupported field: membrane does not terminate or originate TLS",
+            ),
+            (
+                egress(json!({"ports": tcp443, "originatingTLS": {"secret": {"name": "x"}}})),
+                "spec.egress[0].toPorts[0].originatingTLS",
+                "unsupported field",
+            ),
+        ];
+        for (i, (doc, path, msg)) in cases.into_iter().enumerate() {
+            let (p, m) = err(&doc);
+            assert_eq!(p, path, "case {i}: {m}");
+            assert!(
+                m.starts_with(msg),
+                "case {i}: got {m:?}, want prefix {msg:?}"
+            );
+        }
     }
 
     #[test]

@@ -318,6 +318,9 @@ pub enum L7Parser {
     Http,
     /// DNS rules.
     Dns,
+    /// TLS server names (`serverNames`), checked on the ClientHello by the HTTP proxy, which
+    /// decides per connection whether it speaks HTTP or relays TLS.
+    Tls,
 }
 
 /// Remote identities an L7 rule applies to.
@@ -363,7 +366,7 @@ pub struct L7RuleSet {
     pub port: u16,
     /// Last port (equal to `port` for a single port).
     pub end_port: u16,
-    /// HTTP or DNS.
+    /// HTTP, DNS or TLS (server names).
     pub parser: L7Parser,
     /// Proxy port the datapath redirects to.
     pub proxy_port: u16,
@@ -699,6 +702,7 @@ fn parser_of(r: &L7Rules) -> L7Parser {
     match r {
         L7Rules::Http(_) => L7Parser::Http,
         L7Rules::Dns(_) => L7Parser::Dns,
+        L7Rules::Tls(_) => L7Parser::Tls,
     }
 }
 
@@ -976,7 +980,7 @@ impl<'a> Builder<'a> {
                 continue;
             };
             let proxy_port = match parser {
-                L7Parser::Http => self.opts.http_proxy_port,
+                L7Parser::Http | L7Parser::Tls => self.opts.http_proxy_port,
                 L7Parser::Dns => self.opts.dns_proxy_port,
             };
             let mut t = L7Template {
@@ -1009,6 +1013,7 @@ impl<'a> Builder<'a> {
                         match parser {
                             L7Parser::Http => L7Rules::Http(Vec::new()),
                             L7Parser::Dns => L7Rules::Dns(Vec::new()),
+                            L7Parser::Tls => L7Rules::Tls(Vec::new()),
                         },
                         PolicyEntry::allow(m.cookie),
                     ),

@@ -964,3 +964,128 @@ mod diff_props {
         }
     }
 }
+
+/// `serverNames` on egress: a TLS rule set redirected to the HTTP proxy port; an L4-only
+/// allow of the same port for the same peer is the L7 wildcard (any connection); a TLS
+/// rule set and an HTTP rule set on one port follow the "different types" warning path.
+#[test]
+fn server_names_resolve_to_a_tls_rule_set_on_the_http_proxy_port() {
+    let p = resolve(
+        "
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tls}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      serverNames: [api.example.com, '*.cdn.example.com']
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      serverNames: [other.example.com]
+  - toEndpoints: [{matchLabels: {k8s-app: kube-dns, k8s:io.kubernetes.pod.namespace: kube-system}}]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+",
+        &client_ep(),
+    );
+    let e = p.lookup(SERVER, Direction::Egress, TCP, 443).unwrap();
+    assert_eq!(
+        (e.action, e.proxy_port, e.precedence),
+        (Action::Redirect, HTTP_PORT, PRECEDENCE_REDIRECT)
+    );
+    // An L4-only peer that no TLS rule names is a plain allow (never proxied).
+    let e = p.lookup(KUBE_DNS, Direction::Egress, TCP, 443).unwrap();
+    assert_eq!((e.action, e.proxy_port), (Action::Allow, 0));
+    assert_eq!(verdict(&p, OTHER_NS, Direction::Egress, TCP, 443), "drop");
+    let sets: Vec<&L7RuleSet> = p.l7_for(Direction::Egress, TCP, 443).collect();
+    assert_eq!(sets.len(), 1);
+    let set = sets[0];
+    assert_eq!(
+        (set.parser, set.proxy_port, set.port, set.end_port),
+        (L7Parser::Tls, HTTP_PORT, 443, 443)
+    );
+    // Both name lists for the server (OR'ed by the proxy), the wildcard for kube-dns.
+    let names = |id: Identity| -> Vec<String> {
+        set.rules
+            .iter()
+            .filter(|r| r.remote.contains(id))
+            .flat_map(|r| match &r.rules {
+                L7Rules::Tls(names) if names.is_empty() => vec!["<any>".to_owned()],
+                L7Rules::Tls(names) => names.iter().map(ToString::to_string).collect(),
+                other => panic!("not a TLS rule: {other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(
+        names(SERVER),
+        ["api.example.com", "*.cdn.example.com", "other.example.com"]
+    );
+    assert_eq!(names(KUBE_DNS), ["<any>"]);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+
+    // The same peer with an L4-only allow too: it passes the proxy through the wildcard.
+    let p = resolve(
+        "
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tls}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      serverNames: [api.example.com]
+  - toEntities: [cluster]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+",
+        &client_ep(),
+    );
+    let e = p.lookup(SERVER, Direction::Egress, TCP, 443).unwrap();
+    assert_eq!((e.action, e.proxy_port), (Action::Redirect, HTTP_PORT));
+    let set = p.l7_for(Direction::Egress, TCP, 443).next().unwrap();
+    assert!(
+        set.rules
+            .iter()
+            .any(|r| r.remote.contains(SERVER) && r.rules == L7Rules::Tls(vec![]))
+    );
+
+    // TLS and HTTP rule sets on one port: one type wins, the other is dropped with a warning.
+    let p = resolve(
+        "
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: mixed}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      serverNames: [api.example.com]
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts:
+    - ports: [{port: '443', protocol: TCP}]
+      rules: {http: [{method: GET}]}
+",
+        &client_ep(),
+    );
+    let set = p.l7_for(Direction::Egress, TCP, 443).next().unwrap();
+    assert_eq!(set.parser, L7Parser::Http);
+    assert!(
+        set.rules
+            .iter()
+            .all(|r| matches!(r.rules, L7Rules::Http(_)))
+    );
+    assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+    assert!(
+        p.warnings[0].contains("L7 rules of different types") && p.warnings[0].contains("Tls"),
+        "{}",
+        p.warnings[0]
+    );
+}

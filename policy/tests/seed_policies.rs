@@ -155,7 +155,7 @@ fn http_allows(
                         .iter()
                         .any(|h| h.compile().is_ok_and(|c| c.matches(&req)))
             }
-            L7Rules::Dns(_) => false,
+            L7Rules::Dns(_) | L7Rules::Tls(_) => false,
         })
 }
 
@@ -166,7 +166,7 @@ fn dns_allows(p: &EndpointPolicy, server: Identity, proto: u8, qname: &str) -> b
         .filter(|r| r.remote.contains(server))
         .any(|r| match &r.rules {
             L7Rules::Dns(sels) => DnsMatcher::new(sels).is_ok_and(|m| m.allows(qname)),
-            L7Rules::Http(_) => false,
+            L7Rules::Http(_) | L7Rules::Tls(_) => false,
         })
 }
 

@@ -26,7 +26,7 @@ use membrane_l7proxy::{
     redirect::{
         Direction, IdentitySource, PolicySource, TransparentConfig, TransparentProxy,
         store::{
-            PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
+            L7Protocol, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
             SnapshotHttpRule, SnapshotPeer, SnapshotPort,
         },
     },
@@ -74,6 +74,7 @@ fn api_snapshot(endpoint: &TestPod, direction: Direction, remote: u32) -> Policy
                 direction,
                 port: BACKEND_PORT,
                 end_port: 0,
+                l7: L7Protocol::Http,
                 peers: vec![SnapshotPeer {
                     remotes: Remotes::Identities([remote].into()),
                     http: vec![SnapshotHttpRule {
@@ -81,6 +82,7 @@ fn api_snapshot(endpoint: &TestPod, direction: Direction, remote: u32) -> Policy
                         path: Some("/api/v1/.*".into()),
                         ..SnapshotHttpRule::default()
                     }],
+                    server_names: Vec::new(),
                 }],
             }],
         }],

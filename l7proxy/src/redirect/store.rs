@@ -11,7 +11,10 @@
 //!
 //! Semantics (cilium-semantics.md §1.8): the peer rules of a port are OR'ed; a peer rule with
 //! no HTTP rules is the L7 wildcard (everything allowed); a flow that no peer rule covers has
-//! no policy, and the proxy denies all of its requests. A rule that does not compile is
+//! no policy, and the proxy denies all of its requests. A port marked `l7: tls` holds
+//! `serverNames` instead ([`PolicySource::tls_policy`]): a peer rule without names is the
+//! wildcard (any connection); where a TLS and an HTTP port range overlap, HTTP wins and the
+//! TLS peer rules are dropped there (the policy engine's "different types" rule). A rule that does not compile is
 //! dropped alone (never the whole snapshot, cilium#41314) and reported; dropping it can only
 //! narrow what is allowed: a peer rule whose every rule was dropped allows nothing (it never
 //! becomes a wildcard).
@@ -28,6 +31,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use membrane_policy::ServerName;
+
+use super::tls_sni::TlsPolicy;
 use super::{Direction, PolicyQuery, PolicySource};
 use crate::policy::{HeaderMatchSpec, HttpPolicy, HttpRuleSpec, MismatchAction};
 
@@ -82,6 +88,9 @@ pub struct SnapshotPort {
     /// Last port of a range; `0` (or equal to `port`) means the single port `port`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub end_port: u16,
+    /// What the proxy enforces here; absent (older snapshots) is HTTP.
+    #[serde(default, skip_serializing_if = "L7Protocol::is_http")]
+    pub l7: L7Protocol,
     /// Peer rules, OR'ed.
     #[serde(default)]
     pub peers: Vec<SnapshotPeer>,
@@ -89,6 +98,23 @@ pub struct SnapshotPort {
 
 fn is_zero(value: &u16) -> bool {
     *value == 0
+}
+
+/// What a [`SnapshotPort`]'s peer rules hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L7Protocol {
+    /// HTTP requests (`http` rules).
+    #[default]
+    Http,
+    /// TLS connections, by the ClientHello's server name (`server_names`); never terminated.
+    Tls,
+}
+
+impl L7Protocol {
+    fn is_http(&self) -> bool {
+        *self == Self::Http
+    }
 }
 
 impl SnapshotPort {
@@ -103,9 +129,13 @@ impl SnapshotPort {
 pub struct SnapshotPeer {
     /// The remote side: the destination's identity for egress, the source's for ingress.
     pub remotes: Remotes,
-    /// OR'ed; empty is the L7 wildcard (every request allowed).
+    /// OR'ed; empty is the L7 wildcard (every request allowed). HTTP ports only.
     #[serde(default)]
     pub http: Vec<SnapshotHttpRule>,
+    /// TLS ports only: allowed server names (`api.example.com`, `*.example.com`), OR'ed;
+    /// empty is the L7 wildcard (any connection).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
 }
 
 /// Which remote identities a [`SnapshotPeer`] applies to.
@@ -214,7 +244,9 @@ pub struct RejectedRule {
     pub port: u16,
     /// Index of the peer rule in the port's `peers`.
     pub peer: usize,
-    /// Index of the HTTP rule in the peer's `http`.
+    /// The peer's list the rule is in: `http` or `server_names`.
+    pub list: &'static str,
+    /// Index of the rule in that list.
     pub rule: usize,
     pub reason: String,
 }
@@ -223,8 +255,8 @@ impl fmt::Display for RejectedRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "endpoint {} {} port {} peers[{}].http[{}] dropped (it allows nothing): {}",
-            self.endpoint, self.direction, self.port, self.peer, self.rule, self.reason
+            "endpoint {} {} port {} peers[{}].{}[{}] dropped (it allows nothing): {}",
+            self.endpoint, self.direction, self.port, self.peer, self.list, self.rule, self.reason
         )
     }
 }
@@ -337,28 +369,51 @@ struct CompiledEndpoint {
 }
 
 /// The policy of one port segment for every remote identity, resolved when the snapshot is
-/// installed so a request does one hash lookup.
+/// installed so a request (or a TLS connection) does one hash lookup.
 struct Segment {
     first: u16,
     last: u16,
-    /// For identities no peer rule names explicitly (only `Remotes::Any` rules apply).
-    any: Option<Arc<HttpPolicy>>,
-    /// For identities some peer rule names.
-    by_identity: HashMap<u32, Option<Arc<HttpPolicy>>>,
+    policies: SegmentPolicies,
 }
 
-/// A peer rule after validating its HTTP rules one by one.
+/// A segment is HTTP or TLS as a whole (HTTP wins where port ranges of both overlap).
+enum SegmentPolicies {
+    Http(ByRemote<HttpPolicy>),
+    Tls(ByRemote<TlsPolicy>),
+}
+
+/// A segment's policies by remote identity.
+struct ByRemote<T> {
+    /// For identities no peer rule names explicitly (only `Remotes::Any` rules apply).
+    any: Option<Arc<T>>,
+    /// For identities some peer rule names.
+    by_identity: HashMap<u32, Option<Arc<T>>>,
+}
+
+impl<T> ByRemote<T> {
+    fn get(&self, identity: u32) -> Option<Arc<T>> {
+        match self.by_identity.get(&identity) {
+            Some(policy) => policy.clone(),
+            None => self.any.clone(),
+        }
+    }
+}
+
+/// A peer rule after validating its rules one by one.
 enum PeerRules {
-    /// No HTTP rules: everything allowed.
+    /// No rules: everything allowed (every request; on a TLS port, every connection).
     Wildcard,
-    /// The rules that compiled (never empty).
+    /// The HTTP rules that compiled (never empty).
     Rules(Vec<HttpRuleSpec>),
-    /// It had rules and none compiled: it allows nothing.
+    /// The server names that are valid (never empty).
+    ServerNames(Vec<ServerName>),
+    /// It had rules and none was valid: it allows nothing.
     Nothing,
 }
 
 struct ValidPeer<'a> {
     remotes: &'a Remotes,
+    protocol: L7Protocol,
     rules: PeerRules,
 }
 
@@ -478,8 +533,9 @@ impl PolicyStore {
     }
 }
 
-impl PolicySource for PolicyStore {
-    fn http_policy(&self, query: &PolicyQuery) -> Option<Arc<HttpPolicy>> {
+impl PolicyStore {
+    /// The segment of `query`'s endpoint, direction and port.
+    fn with_segment<R>(&self, query: &PolicyQuery, f: impl FnOnce(&Segment) -> R) -> Option<R> {
         let state = self.state.load();
         let endpoint = state.by_ip.get(&query.endpoint_ip.to_canonical())?;
         let segments = match query.direction {
@@ -490,10 +546,30 @@ impl PolicySource for PolicyStore {
         let segment = segments
             .get(index)
             .filter(|segment| segment.first <= query.port)?;
-        match segment.by_identity.get(&query.remote_identity) {
-            Some(policy) => policy.clone(),
-            None => segment.any.clone(),
-        }
+        Some(f(segment))
+    }
+}
+
+impl PolicySource for PolicyStore {
+    fn http_policy(&self, query: &PolicyQuery) -> Option<Arc<HttpPolicy>> {
+        self.with_segment(query, |segment| match &segment.policies {
+            SegmentPolicies::Http(policies) => policies.get(query.remote_identity),
+            SegmentPolicies::Tls(_) => None,
+        })
+        .flatten()
+    }
+
+    fn tls_policy(&self, query: &PolicyQuery) -> Option<Arc<TlsPolicy>> {
+        self.with_segment(query, |segment| match &segment.policies {
+            SegmentPolicies::Http(_) => None,
+            // No peer rule for this remote: a TLS port that allows it nothing.
+            SegmentPolicies::Tls(policies) => Some(
+                policies
+                    .get(query.remote_identity)
+                    .unwrap_or_else(|| Arc::new(TlsPolicy::server_names(Vec::new()))),
+            ),
+        })
+        .flatten()
     }
 }
 
@@ -547,38 +623,66 @@ fn validate_peers<'a>(
         .iter()
         .enumerate()
         .map(|(peer_index, peer)| {
-            if peer.http.is_empty() {
-                return ValidPeer {
-                    remotes: &peer.remotes,
-                    rules: PeerRules::Wildcard,
-                };
-            }
-            let mut valid = Vec::new();
-            for (rule_index, rule) in peer.http.iter().enumerate() {
-                let checked = rule.to_spec().and_then(|spec| {
-                    HttpPolicy::compile(std::slice::from_ref(&spec))
-                        .map(|_| spec)
-                        .map_err(|error| error.to_string())
+            let mut reject = |list: &'static str, rule: usize, reason: String| {
+                rejected.push(RejectedRule {
+                    endpoint,
+                    direction: port.direction,
+                    port: port.port,
+                    peer: peer_index,
+                    list,
+                    rule,
+                    reason,
                 });
-                match checked {
-                    Ok(spec) => valid.push(spec),
-                    Err(reason) => rejected.push(RejectedRule {
-                        endpoint,
-                        direction: port.direction,
-                        port: port.port,
-                        peer: peer_index,
-                        rule: rule_index,
-                        reason,
-                    }),
+            };
+            let rules = if peer.http.is_empty() && peer.server_names.is_empty() {
+                PeerRules::Wildcard
+            } else {
+                match port.l7 {
+                    L7Protocol::Http => {
+                        for index in 0..peer.server_names.len() {
+                            reject("server_names", index, "server names on an HTTP port".into());
+                        }
+                        let mut valid = Vec::new();
+                        for (rule_index, rule) in peer.http.iter().enumerate() {
+                            let checked = rule.to_spec().and_then(|spec| {
+                                HttpPolicy::compile(std::slice::from_ref(&spec))
+                                    .map(|_| spec)
+                                    .map_err(|error| error.to_string())
+                            });
+                            match checked {
+                                Ok(spec) => valid.push(spec),
+                                Err(reason) => reject("http", rule_index, reason),
+                            }
+                        }
+                        if valid.is_empty() {
+                            PeerRules::Nothing
+                        } else {
+                            PeerRules::Rules(valid)
+                        }
+                    }
+                    L7Protocol::Tls => {
+                        for index in 0..peer.http.len() {
+                            reject("http", index, "HTTP rules on a TLS port".into());
+                        }
+                        let mut valid = Vec::new();
+                        for (index, name) in peer.server_names.iter().enumerate() {
+                            match ServerName::parse(name) {
+                                Ok(name) => valid.push(name),
+                                Err(reason) => reject("server_names", index, reason),
+                            }
+                        }
+                        if valid.is_empty() {
+                            PeerRules::Nothing
+                        } else {
+                            PeerRules::ServerNames(valid)
+                        }
+                    }
                 }
-            }
+            };
             ValidPeer {
                 remotes: &peer.remotes,
-                rules: if valid.is_empty() {
-                    PeerRules::Nothing
-                } else {
-                    PeerRules::Rules(valid)
-                },
+                protocol: port.l7,
+                rules,
             }
         })
         .collect()
@@ -619,9 +723,38 @@ fn compile_segments(ports: &[(&SnapshotPort, Vec<ValidPeer<'_>>)]) -> Vec<Segmen
 }
 
 fn compile_segment(first: u16, last: u16, peers: &[&ValidPeer<'_>]) -> Segment {
+    let http: Vec<&ValidPeer<'_>> = peers
+        .iter()
+        .copied()
+        .filter(|peer| peer.protocol == L7Protocol::Http)
+        .collect();
+    let policies = if http.is_empty() {
+        SegmentPolicies::Tls(by_remote(peers, combine_tls))
+    } else {
+        if http.len() != peers.len() {
+            tracing::warn!(
+                first,
+                last,
+                "TLS (serverNames) and HTTP rules on the same ports; the TLS rules are dropped there"
+            );
+        }
+        SegmentPolicies::Http(by_remote(&http, combine_http))
+    };
+    Segment {
+        first,
+        last,
+        policies,
+    }
+}
+
+/// Each remote identity's policy: the combination of the peer rules that apply to it.
+fn by_remote<T>(
+    peers: &[&ValidPeer<'_>],
+    combine: fn(&[&PeerRules]) -> Option<Arc<T>>,
+) -> ByRemote<T> {
     // Policies by the set of peer rules that apply; identities that select the same set share
     // one compiled policy.
-    let mut by_signature: HashMap<Vec<usize>, Option<Arc<HttpPolicy>>> = HashMap::new();
+    let mut by_signature: HashMap<Vec<usize>, Option<Arc<T>>> = HashMap::new();
     let mut resolve = |applies: &dyn Fn(&Remotes) -> bool| {
         let signature: Vec<usize> = peers
             .iter()
@@ -632,7 +765,9 @@ fn compile_segment(first: u16, last: u16, peers: &[&ValidPeer<'_>]) -> Segment {
         by_signature
             .entry(signature)
             .or_insert_with_key(|signature| {
-                combine(signature.iter().map(|&index| &peers[index].rules))
+                let rules: Vec<&PeerRules> =
+                    signature.iter().map(|&index| &peers[index].rules).collect();
+                combine(&rules)
             })
             .clone()
     };
@@ -649,23 +784,18 @@ fn compile_segment(first: u16, last: u16, peers: &[&ValidPeer<'_>]) -> Segment {
         .into_iter()
         .map(|identity| (identity, resolve(&|remotes| remotes.contains(identity))))
         .collect();
-    Segment {
-        first,
-        last,
-        any,
-        by_identity,
-    }
+    ByRemote { any, by_identity }
 }
 
-/// The OR of some peer rules: allow-all if one is a wildcard, `None` (deny) if none allows
-/// anything, else one policy over all their rules.
-fn combine<'a>(rules: impl Iterator<Item = &'a PeerRules>) -> Option<Arc<HttpPolicy>> {
+/// The OR of some HTTP peer rules: allow-all if one is a wildcard, `None` (deny) if none
+/// allows anything, else one policy over all their rules.
+fn combine_http(rules: &[&PeerRules]) -> Option<Arc<HttpPolicy>> {
     let mut specs = Vec::new();
     for peer in rules {
         match peer {
             PeerRules::Wildcard => return Some(Arc::new(HttpPolicy::allow_all())),
             PeerRules::Rules(rules) => specs.extend(rules.iter().cloned()),
-            PeerRules::Nothing => {}
+            PeerRules::ServerNames(_) | PeerRules::Nothing => {}
         }
     }
     if specs.is_empty() {
@@ -679,4 +809,24 @@ fn combine<'a>(rules: impl Iterator<Item = &'a PeerRules>) -> Option<Arc<HttpPol
             None
         }
     }
+}
+
+/// The OR of some TLS peer rules: any connection if one is a wildcard, `None` (deny) if none
+/// allows anything, else their server names.
+fn combine_tls(rules: &[&PeerRules]) -> Option<Arc<TlsPolicy>> {
+    let mut names = Vec::new();
+    for peer in rules {
+        match peer {
+            PeerRules::Wildcard => return Some(Arc::new(TlsPolicy::any_connection())),
+            PeerRules::ServerNames(list) => {
+                for name in list {
+                    if !names.contains(name) {
+                        names.push(name.clone());
+                    }
+                }
+            }
+            PeerRules::Rules(_) | PeerRules::Nothing => {}
+        }
+    }
+    (!names.is_empty()).then(|| Arc::new(TlsPolicy::server_names(names)))
 }
