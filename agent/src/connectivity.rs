@@ -86,6 +86,8 @@ enum Expect {
     Dropped(&'static str),
     /// A DNS lookup answered with this status (`NOERROR`, `REFUSED`) through the DNS proxy.
     Rcode(&'static str),
+    /// Redirected to the proxy, which reset the connection (a TLS server name not allowed).
+    Reset,
 }
 
 const DENIED: Expect = Expect::Dropped("Policy denied");
@@ -109,6 +111,12 @@ enum Probe {
     /// `dig NAME` in the pod (its resolv.conf: the cluster DNS), UDP.
     Dns {
         name: &'static str,
+    },
+    /// `curl https://SNI:port/` to the target's address (TLS with that server name; the
+    /// self-signed certificate is not checked).
+    Tls {
+        port: u16,
+        sni: &'static str,
     },
 }
 
@@ -190,6 +198,19 @@ const fn request_body(
             body: Some(body),
         },
         expect: Expect::Status(status),
+    }
+}
+
+/// TLS from `from` to echo's TLS server with server name `sni`.
+const fn tls(from: &'static str, sni: &'static str, expect: Expect) -> Check {
+    Check {
+        from,
+        to: Target::Ip(ECHO),
+        probe: Probe::Tls {
+            port: TLS_PORT,
+            sni,
+        },
+        expect,
     }
 }
 
@@ -500,6 +521,21 @@ fn scenarios() -> Vec<Scenario> {
             ],
         },
         Scenario {
+            // TLS to echo:8443 only with the server name api.example.com (checked on the
+            // ClientHello, not terminated); other names are reset by the proxy.
+            name: "client-egress-tls-sni",
+            policy: leak(cnp(
+                "client-tls-sni",
+                "client",
+                "  egress:\n  - toEndpoints:\n    - matchLabels: {app: echo}\n    toPorts:\n    - ports: [{port: \"8443\", protocol: TCP}]\n      serverNames: [api.example.com]\n",
+            )),
+            checks: vec![
+                tls("client", "api.example.com", Expect::Allowed),
+                tls("client", "other.example.com", Expect::Reset),
+                http("client", ECHO, 8080, DENIED),
+            ],
+        },
+        Scenario {
             // DNS allowed (every name, through the proxy), nothing else.
             name: "client-egress-dns-only",
             policy: leak(cnp(
@@ -570,6 +606,8 @@ fn build(name: &str) -> Result<Run, LabError> {
         step: "install the example filter".into(),
         detail: e,
     })?;
+    start_tls_server(name)?;
+    println!("  \u{2713} TLS server (openssl s_server, self-signed) on echo:{TLS_PORT}");
     Ok(Run {
         name: name.to_owned(),
         socket: built.socket,
@@ -710,6 +748,34 @@ impl Run {
                 }
                 (true, what, 53)
             }
+            Probe::Tls { port, sni } => {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &topology::pod_netns(&self.name, c.from),
+                        "curl",
+                        "-sk",
+                        "-o",
+                        "/dev/null",
+                        "--max-time",
+                        "5",
+                        "--resolve",
+                    ])
+                    .arg(format!("{sni}:{port}:{to}"))
+                    .arg(format!("https://{sni}:{port}/"))
+                    .output()
+                    .map_err(|e| format!("run curl: {e}"))?;
+                (
+                    out.status.success(),
+                    format!(
+                        "{} -> {}:{port} TLS server name {sni}",
+                        c.from,
+                        self.target_name(c.to, to)
+                    ),
+                    port,
+                )
+            }
             Probe::Ping => {
                 let out = Command::new("ip")
                     .args([
@@ -740,6 +806,9 @@ impl Run {
             (Expect::Dropped(_), true) => {
                 return Err(format!("{what}: expected dropped, got an answer"));
             }
+            (Expect::Reset, true) => {
+                return Err(format!("{what}: expected a reset, got an answer"));
+            }
             _ => {}
         }
         // The flows: the agent reads the ring buffer every 200 ms.
@@ -759,7 +828,7 @@ impl Run {
             let found = match c.expect {
                 Expect::Allowed => matching.iter().any(|f| f["verdict"] != "Dropped"),
                 // Through the proxy: the datapath redirected the connection.
-                Expect::Status(_) | Expect::Rcode(_) => {
+                Expect::Status(_) | Expect::Rcode(_) | Expect::Reset => {
                     matching.iter().any(|f| f["verdict"] == "Redirected")
                 }
                 Expect::Dropped(reason) => matching.iter().any(|f| {
@@ -864,6 +933,59 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// Port of the echo pod's TLS server (for the serverNames scenario).
+const TLS_PORT: u16 = 8443;
+
+/// A self-signed certificate and `openssl s_server` on echo's [`TLS_PORT`], recorded with
+/// the run's processes so the teardown stops it.
+fn start_tls_server(name: &str) -> Result<(), LabError> {
+    let step = |what: &str, detail: String| LabError::Step {
+        step: what.to_owned(),
+        detail,
+    };
+    let state = std::path::Path::new(crate::bpf_cmd::STATE_ROOT).join(name);
+    let (cert, key) = (state.join("tls-cert.pem"), state.join("tls-key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=echo.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .map_err(|e| step("make a TLS certificate (openssl)", e.to_string()))?;
+    if !made.status.success() {
+        return Err(step(
+            "make a TLS certificate (openssl)",
+            String::from_utf8_lossy(&made.stderr).into_owned(),
+        ));
+    }
+    let child = Command::new("ip")
+        .args(["netns", "exec", &topology::pod_netns(name, "echo")])
+        .args(["openssl", "s_server", "-quiet", "-www", "-accept"])
+        .arg(TLS_PORT.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| step("start openssl s_server", e.to_string()))?;
+    let mut pids: Vec<u32> = std::fs::read_to_string(state.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    pids.push(child.id());
+    lab::record_pids_in(&state, &pids)?;
+    let echo = membrane_datapath::Netns::open(&topology::pod_netns(name, "echo"))
+        .map_err(|e| step("open echo", e.to_string()))?;
+    lab::wait_listening(&echo, ECHO, &[TLS_PORT])
 }
 
 /// Runs every scenario; returns (passed, failed).

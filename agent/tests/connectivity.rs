@@ -28,13 +28,14 @@ fn connectivity_test_passes_every_scenario_and_cleans_up() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(
-        last.ends_with("passed, 0 failed") && passed >= 23,
+        last.ends_with("passed, 0 failed") && passed >= 24,
         "{stdout}"
     );
     for scenario in [
         "client-egress-dns-only",
         "client-egress-to-fqdns",
         "echo-ingress-wasm-local-reply",
+        "client-egress-tls-sni",
     ] {
         assert!(
             stdout.contains(&format!("\u{2705} {scenario} (")),

@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     // `dig`, the real DNS client of the DNS proxy tests.
     "dnsutils",
+    // TLS servers and clients of the serverNames (SNI) tests.
+    "openssl",
     // Headless browser that renders the agent's flow page in `agent/tests/ui.rs`.
     "chromium",
 ];
