@@ -557,3 +557,48 @@ spec:
         "{out}"
     );
 }
+
+/// `membrane filter check`: the example filter the binary embeds loads (ABI 0.2.1, every
+/// import provided, its sha256 printed); a file that is not Wasm is an error naming it.
+#[test]
+fn filter_check_reports_abi_imports_and_sha256() {
+    let dir = std::env::temp_dir().join(format!("mb-filter-check-{}", std::process::id()));
+    let (module, sha256) =
+        membrane_agent::wasm_resource::install_deny_path(&dir).expect("write the module");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["filter", "check"])
+        .arg(&module)
+        .output()
+        .expect("run membrane");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ABI:     proxy-wasm 0.2.1"), "{text}");
+    assert!(text.contains(&format!("sha256:  {sha256}")), "{text}");
+    assert!(
+        text.contains("env::proxy_send_local_response  provided"),
+        "{text}"
+    );
+    assert!(!text.contains("MISSING"), "{text}");
+    assert!(text.ends_with("loads: yes\n"), "{text}");
+    let json = std::process::Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["filter", "check", "-o", "json"])
+        .arg(&module)
+        .output()
+        .expect("run membrane");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(v["loadable"], true);
+    assert_eq!(v["abi"], "0.2.1");
+
+    let bogus = dir.join("not.wasm");
+    std::fs::write(&bogus, b"not wasm").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_membrane"))
+        .args(["filter", "check"])
+        .arg(&bogus)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run membrane");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not.wasm"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

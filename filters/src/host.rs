@@ -76,6 +76,12 @@ impl FilterHost {
         Filter::load(self.inner.clone(), spec)
     }
 
+    /// What a module declares and needs (`membrane filter check`): its ABI version, its
+    /// imports and whether the host provides them, its exports. Compiles, never runs it.
+    pub fn inspect(&self, bytes: &[u8]) -> Result<crate::inspect::ModuleReport, FilterError> {
+        crate::inspect::inspect(&self.inner.engine, &self.inner.linker, bytes)
+    }
+
     /// Values of every metric filters defined (`proxy_define_metric`).
     pub fn metrics(&self) -> Vec<MetricSnapshot> {
         self.inner.shared.metrics()

@@ -43,6 +43,7 @@ mod error;
 mod filter;
 mod host;
 mod hostcalls;
+mod inspect;
 mod module;
 mod properties;
 mod shared;
@@ -57,6 +58,7 @@ pub use config::{
 pub use error::FilterError;
 pub use filter::Filter;
 pub use host::FilterHost;
+pub use inspect::{ImportReport, ImportStatus, ModuleReport};
 pub use shared::{MetricKind, MetricSnapshot};
 pub use types::{
     Action, DecisionKind, FailureOutcome, FilterDecision, Headers, HttpCall, HttpCallId,

@@ -120,7 +120,7 @@ fn compile(
 
 /// cpp-host's rule: the first *function* export named `proxy_abi_version_*` decides. 0.1.0 is
 /// not supported (its callbacks have different signatures).
-fn detect_abi(module: &Module) -> Result<AbiVersion, String> {
+pub(crate) fn detect_abi(module: &Module) -> Result<AbiVersion, String> {
     let mut seen = Vec::new();
     for export in module.exports() {
         if !export.name().starts_with("proxy_abi_version_") {

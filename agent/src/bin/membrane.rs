@@ -34,6 +34,15 @@ enum Command {
         #[command(subcommand)]
         command: membrane_agent::agent_cmd::ListCommand,
     },
+    /// Wasm filters: `membrane filter check MODULE.wasm` prints the proxy-wasm ABI version a
+    /// module declares, every import with whether membrane provides it (missing ones keep it
+    /// from loading; WASI functions membrane lacks trap if called), its exported functions
+    /// and its sha256 (for a WasmFilter's `sha256`). Exits 1 when it would not load.
+    #[cfg(feature = "proxy")]
+    Filter {
+        #[command(subcommand)]
+        command: FilterCommand,
+    },
     /// Names the DNS proxy learned: `membrane fqdn cache list` shows each name's addresses,
     /// their remaining TTL and the `fqdn:` identity they were given (`-` when no toFQDNs
     /// selector matches the name).
@@ -82,6 +91,18 @@ enum Command {
     Lab {
         #[command(subcommand)]
         command: LabCommand,
+    },
+}
+
+#[cfg(feature = "proxy")]
+#[derive(Subcommand)]
+enum FilterCommand {
+    /// Check a module without running it.
+    Check {
+        module: std::path::PathBuf,
+        /// Print JSON instead of text.
+        #[arg(short = 'o', long = "output", value_parser = ["text", "json"], default_value = "text")]
+        output: String,
     },
 }
 
@@ -215,6 +236,14 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Status(target) => membrane_agent::agent_cmd::status(&target)?,
         Command::Endpoint { target, .. } => membrane_agent::agent_cmd::endpoints(&target)?,
         Command::Identity { target, .. } => membrane_agent::agent_cmd::identities(&target)?,
+        #[cfg(feature = "proxy")]
+        Command::Filter {
+            command: FilterCommand::Check { module, output },
+        } => {
+            if !filter_check(&module, output == "json")? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Fqdn { target, .. } => membrane_agent::agent_cmd::fqdn_cache(&target)?,
         Command::Observe { args } => return membrane_agent::agent_cmd::observe_hubble(&args),
         Command::Policy { agent, command } => match command {
@@ -257,6 +286,62 @@ fn main() -> anyhow::Result<ExitCode> {
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `membrane filter check`; false when the module would not load.
+#[cfg(feature = "proxy")]
+fn filter_check(path: &std::path::Path, json: bool) -> anyhow::Result<bool> {
+    use membrane_filters::{FilterHost, HostConfig, ImportStatus};
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let host = FilterHost::new(HostConfig::default())?;
+    let report = host
+        .inspect(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let status = |s: ImportStatus| match s {
+        ImportStatus::Provided => "provided",
+        ImportStatus::TrapsIfCalled => "not provided (traps if called)",
+        ImportStatus::Missing => "MISSING (the module does not load)",
+    };
+    if json {
+        let value = serde_json::json!({
+            "module": path.display().to_string(),
+            "sha256": report.sha256,
+            "abi": report.abi.as_ref().ok().map(|a| a.as_str()),
+            "abi_error": report.abi.as_ref().err(),
+            "imports": report.imports.iter().map(|i| serde_json::json!({
+                "module": i.module, "name": i.name, "status": status(i.status),
+            })).collect::<Vec<_>>(),
+            "exports": report.exports,
+            "link_error": report.link_error,
+            "loadable": report.loadable(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("module:  {}", path.display());
+        println!("sha256:  {}", report.sha256);
+        match &report.abi {
+            Ok(abi) => println!("ABI:     proxy-wasm {}", abi.as_str()),
+            Err(e) => println!("ABI:     unsupported ({e}; membrane runs 0.2.1 and 0.2.0)"),
+        }
+        println!("imports:");
+        for i in &report.imports {
+            println!("  {}::{}  {}", i.module, i.name, status(i.status));
+        }
+        println!("exports: {}", report.exports.join(", "));
+        if let Some(e) = &report.link_error {
+            println!("link:    {e}");
+        }
+        println!(
+            "{}",
+            if report.loadable() {
+                "loads: yes"
+            } else {
+                "loads: NO"
+            }
+        );
+    }
+    Ok(report.loadable())
 }
 
 #[cfg(feature = "proxy")]
