@@ -93,13 +93,25 @@ pub struct AgentConfig {
     pub map_sizes: MapSizes,
 }
 
-/// DNS proxy settings (Cilium's `tofqdns-*` flags).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// DNS proxy settings (Cilium's `tofqdns-*` flags), the same flags on `membrane-agent` and
+/// `membrane-proxy`.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct DnsSettings {
-    /// `refused` or `nxdomain`.
+    /// The DNS proxy's reply to a denied query: `refused` (Cilium's default) or `nxdomain`
+    /// (musl resolvers stop walking the search list on REFUSED).
+    #[arg(long = "dns-deny-response", default_value = "refused", value_parser = ["refused", "nxdomain"])]
     pub deny_response: String,
+    /// Lower bound of the TTL an address learned from a DNS answer is kept for, seconds
+    /// (Cilium's tofqdns-min-ttl).
+    #[arg(long = "fqdn-min-ttl", default_value_t = 0)]
     pub min_ttl: u32,
+    /// At most this many addresses of one answer are learned
+    /// (tofqdns-endpoint-max-ip-per-hostname).
+    #[arg(long = "fqdn-max-ips-per-name", default_value_t = 1000)]
     pub max_ips_per_name: usize,
+    /// How long an allowed answer is held for its addresses to reach the maps, milliseconds;
+    /// an overrun releases it and is counted (tofqdns-proxy-response-max-delay).
+    #[arg(long = "fqdn-response-max-delay-ms", default_value_t = 100)]
     pub response_max_delay_ms: u64,
 }
 
@@ -561,6 +573,33 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
     }
     tracing::info!("agent stopped; the datapath keeps enforcing from its pinned maps and links");
     Ok(())
+}
+
+/// A proxy snapshot with a revision number.
+#[cfg(feature = "proxy")]
+trait Revisioned: serde::Serialize + PartialEq {
+    fn revision(&self) -> u64;
+    fn revision_mut(&mut self) -> &mut u64;
+}
+
+#[cfg(feature = "proxy")]
+impl Revisioned for crate::dns_node::DnsSnapshot {
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn revision_mut(&mut self) -> &mut u64 {
+        &mut self.revision
+    }
+}
+
+#[cfg(feature = "proxy")]
+impl Revisioned for crate::wasm_node::FilterSnapshot {
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn revision_mut(&mut self) -> &mut u64 {
+        &mut self.revision
+    }
 }
 
 /// Endpoint id and identity of an address, for proxy records.
@@ -1371,34 +1410,22 @@ impl State {
         &mut self,
         endpoints: &[(u64, std::net::Ipv4Addr, &EndpointPolicy)],
     ) -> Result<(), AgentError> {
-        let mut snapshot = crate::dns_node::snapshot_of(endpoints.iter().copied());
-        if let Some(previous) = &self.dns_snapshot {
-            snapshot.revision = previous.revision;
-            if previous == &snapshot {
-                return Ok(());
-            }
-        }
-        snapshot.revision += 1;
-        let path = self
-            .config
-            .state_dir()
-            .join(crate::dns_node::DNS_SNAPSHOT_NAME);
-        crate::dns_node::save(&path, &snapshot).map_err(AgentError::Invalid)?;
-        let revision = snapshot.revision;
-        self.dns_snapshot = Some(snapshot);
-        if self.proxy_running()
-            && !crate::proxy_process::wait_applied(&path, revision, Duration::from_secs(2))
-        {
-            tracing::warn!(
-                revision,
-                "the proxy has not applied the DNS snapshot within 2 s"
-            );
-        }
-        Ok(())
+        let snapshot = crate::dns_node::snapshot_of(endpoints.iter().copied());
+        let mut previous = self.dns_snapshot.take();
+        let written = self.write_snapshot(
+            &mut previous,
+            snapshot,
+            crate::dns_node::DNS_SNAPSHOT_NAME,
+            "DNS",
+            Duration::from_secs(2),
+        );
+        self.dns_snapshot = previous;
+        written
     }
 
     /// Writes the filter snapshot (`WasmFilter` resources per endpoint) when it changed, and
-    /// waits (bounded) for a running proxy to apply it.
+    /// waits (bounded) for a running proxy to apply it. Compiling modules takes a moment: a
+    /// longer bound than the policy snapshots'.
     #[cfg(feature = "proxy")]
     fn write_filter_snapshot(&mut self) -> Result<(), AgentError> {
         let endpoints: Vec<(u64, std::net::Ipv4Addr, &Labels)> = self
@@ -1408,28 +1435,50 @@ impl State {
             .collect();
         let resources: Vec<&crate::wasm_resource::WasmFilterResource> =
             self.wasm_filters.values().collect();
-        let mut snapshot = crate::wasm_node::snapshot_of(endpoints, &resources);
-        if let Some(previous) = &self.filter_snapshot {
-            snapshot.revision = previous.revision;
+        let snapshot = crate::wasm_node::snapshot_of(endpoints, &resources);
+        let mut previous = self.filter_snapshot.take();
+        let written = self.write_snapshot(
+            &mut previous,
+            snapshot,
+            crate::wasm_node::FILTER_SNAPSHOT_NAME,
+            "filter",
+            Duration::from_secs(10),
+        );
+        self.filter_snapshot = previous;
+        written
+    }
+
+    /// A snapshot for the proxy: unchanged ⇒ nothing; changed ⇒ the next revision written
+    /// atomically (`NAME` in the state directory), then a bounded wait for the proxy's
+    /// acknowledgement (`NAME.applied`) when one runs.
+    #[cfg(feature = "proxy")]
+    fn write_snapshot<T: Revisioned>(
+        &self,
+        previous: &mut Option<T>,
+        mut snapshot: T,
+        name: &str,
+        what: &str,
+        wait: Duration,
+    ) -> Result<(), AgentError> {
+        if let Some(previous) = previous.as_ref() {
+            *snapshot.revision_mut() = previous.revision();
             if previous == &snapshot {
                 return Ok(());
             }
         }
-        snapshot.revision += 1;
-        let path = self
-            .config
-            .state_dir()
-            .join(crate::wasm_node::FILTER_SNAPSHOT_NAME);
-        crate::wasm_node::save(&path, &snapshot).map_err(AgentError::Invalid)?;
-        let revision = snapshot.revision;
-        self.filter_snapshot = Some(snapshot);
-        // Compiling modules takes a moment: a longer bound than the policy snapshots'.
-        if self.proxy_running()
-            && !crate::proxy_process::wait_applied(&path, revision, Duration::from_secs(10))
-        {
+        *snapshot.revision_mut() += 1;
+        let path = self.config.state_dir().join(name);
+        let bytes =
+            serde_json::to_vec_pretty(&snapshot).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, bytes).map_err(io_err(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("write {}", path.display())))?;
+        let revision = snapshot.revision();
+        *previous = Some(snapshot);
+        if self.proxy_running() && !crate::proxy_process::wait_applied(&path, revision, wait) {
             tracing::warn!(
                 revision,
-                "the proxy has not applied the filter snapshot within 10 s (see proxy.log)"
+                "the proxy has not applied the {what} snapshot within {wait:?} (see proxy.log)"
             );
         }
         Ok(())

@@ -183,14 +183,6 @@ pub fn compile(snapshot: &DnsSnapshot) -> Result<(DnsPolicy, HashMap<IpAddr, u64
     Ok((policy, by_ip))
 }
 
-/// Writes the snapshot atomically.
-pub fn save(path: &Path, snapshot: &DnsSnapshot) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(snapshot).map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 pub fn load(path: &Path) -> Result<DnsSnapshot, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))

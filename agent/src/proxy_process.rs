@@ -328,7 +328,7 @@ pub fn run(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (log, mut records) = AccessLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);
+    let (log, records) = AccessLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);
     let config = TransparentConfig {
         egress_listen: Some((Ipv4Addr::UNSPECIFIED, settings.egress_port).into()),
         ingress_listen: Some((Ipv4Addr::UNSPECIFIED, settings.ingress_port).into()),
@@ -360,46 +360,23 @@ pub fn run(
         filters: node_filters,
     });
     let identities: Arc<dyn IdentitySource> = Arc::new(PinnedIpcache(Mutex::new(ipcache)));
-    let (dns_log, mut dns_records) =
+    let (dns_log, dns_records) =
         membrane_l7proxy::dns::DnsLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);
     let dns_task = {
         let _context = runtime.enter();
         start_dns(&settings, identities.clone(), dns_log, stop.clone())?
     };
     runtime.block_on(async move {
-        let records_socket = settings.records_socket.clone();
-        let dns_records_socket = settings.records_socket.clone();
-        tokio::spawn(async move {
-            let sender = std::os::unix::net::UnixDatagram::unbound().ok();
-            if let Some(s) = &sender {
-                let _ = s.set_nonblocking(true);
-            }
-            while let Some(record) = dns_records.recv().await {
-                let line = dns_record_json(&record);
-                match (&sender, &dns_records_socket) {
-                    (Some(s), Some(path)) => {
-                        let _ = s.send_to(line.as_bytes(), path);
-                    }
-                    _ => println!("{line}"),
-                }
-            }
-        });
-        tokio::spawn(async move {
-            let sender = std::os::unix::net::UnixDatagram::unbound().ok();
-            if let Some(s) = &sender {
-                let _ = s.set_nonblocking(true);
-            }
-            while let Some(record) = records.recv().await {
-                let line = record_json(&record);
-                match (&sender, &records_socket) {
-                    (Some(s), Some(path)) => {
-                        // The agent may be restarting: records are dropped, traffic never waits.
-                        let _ = s.send_to(line.as_bytes(), path);
-                    }
-                    _ => println!("{line}"),
-                }
-            }
-        });
+        tokio::spawn(forward_records(
+            dns_records,
+            dns_record_json,
+            settings.records_socket.clone(),
+        ));
+        tokio::spawn(forward_records(
+            records,
+            record_json,
+            settings.records_socket.clone(),
+        ));
         let stop_watch = stop.clone();
         let watcher_store = store.clone();
         tokio::spawn(async move {
@@ -420,6 +397,28 @@ pub fn run(
         served
     })?;
     Ok(())
+}
+
+/// Sends each record as one JSON datagram to the agent's record socket (stdout without
+/// one). The agent may be restarting: records are then dropped; traffic never waits.
+async fn forward_records<T>(
+    mut records: tokio::sync::mpsc::Receiver<T>,
+    to_json: fn(&T) -> String,
+    socket: Option<PathBuf>,
+) {
+    let sender = std::os::unix::net::UnixDatagram::unbound().ok();
+    if let Some(s) = &sender {
+        let _ = s.set_nonblocking(true);
+    }
+    while let Some(record) = records.recv().await {
+        let line = to_json(&record);
+        match (&sender, &socket) {
+            (Some(s), Some(path)) => {
+                let _ = s.send_to(line.as_bytes(), path);
+            }
+            _ => println!("{line}"),
+        }
+    }
 }
 
 /// Starts the DNS proxy (transparent, on the listeners of `settings.dns`) with its snapshot

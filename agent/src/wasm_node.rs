@@ -125,13 +125,6 @@ pub fn snapshot_of<'a>(
     snapshot
 }
 
-pub fn save(path: &Path, snapshot: &FilterSnapshot) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(snapshot).map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 pub fn load(path: &Path) -> Result<FilterSnapshot, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))

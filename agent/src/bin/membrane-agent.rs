@@ -39,21 +39,8 @@ struct Args {
     /// Flow events kept in memory.
     #[arg(long, default_value_t = 4095)]
     flow_capacity: usize,
-    /// The DNS proxy's reply to a denied query: `refused` (Cilium's default) or `nxdomain`
-    /// (musl resolvers stop walking the search list on REFUSED).
-    #[arg(long, default_value = "refused", value_parser = ["refused", "nxdomain"])]
-    dns_deny_response: String,
-    /// Lower bound of the TTL an address learned from a DNS answer is kept for, seconds
-    /// (Cilium's tofqdns-min-ttl).
-    #[arg(long, default_value_t = 0)]
-    fqdn_min_ttl: u32,
-    /// At most this many addresses of one answer are learned (tofqdns-endpoint-max-ip-per-hostname).
-    #[arg(long, default_value_t = 1000)]
-    fqdn_max_ips_per_name: usize,
-    /// How long an allowed answer is held for its addresses to reach the maps, milliseconds;
-    /// an overrun releases it and is counted (tofqdns-proxy-response-max-delay).
-    #[arg(long, default_value_t = 100)]
-    fqdn_response_max_delay_ms: u64,
+    #[command(flatten)]
+    dns: membrane_agent::daemon::DnsSettings,
     /// Serve the flow page (http://ADDR/ui: live flow table with filters, service map) and its
     /// JSON (/api/flows, /api/map) on this loopback address of the host, e.g. 127.0.0.1:9966
     /// (port 0 picks one; the address is written to /run/membrane/NAME/ui-addr). Off unless
@@ -91,12 +78,7 @@ fn main() -> anyhow::Result<()> {
     config.http_proxy_port = args.http_proxy_port;
     config.dns_proxy_port = args.dns_proxy_port;
     config.flow_capacity = args.flow_capacity;
-    config.dns = membrane_agent::daemon::DnsSettings {
-        deny_response: args.dns_deny_response,
-        min_ttl: args.fqdn_min_ttl,
-        max_ips_per_name: args.fqdn_max_ips_per_name,
-        response_max_delay_ms: args.fqdn_response_max_delay_ms,
-    };
+    config.dns = args.dns;
     config.ui_listen = args.ui_listen;
     config.ui_listen_fd = args.ui_listen_fd;
     // The flag is a static; hand the loop an Arc that mirrors it.

@@ -48,21 +48,8 @@ struct Args {
     /// DNS policy snapshot written by the agent; watched, re-read when it changes.
     #[arg(long)]
     dns_snapshot: Option<PathBuf>,
-    /// The DNS proxy's reply to a denied query: `refused` (Cilium's default) or `nxdomain`
-    /// (musl resolvers stop walking the search list on REFUSED).
-    #[arg(long, default_value = "refused", value_parser = ["refused", "nxdomain"])]
-    dns_deny_response: String,
-    /// Lower bound of the TTL an address learned from a DNS answer is kept for, seconds
-    /// (Cilium's tofqdns-min-ttl).
-    #[arg(long, default_value_t = 0)]
-    fqdn_min_ttl: u32,
-    /// At most this many addresses of one answer are learned (tofqdns-endpoint-max-ip-per-hostname).
-    #[arg(long, default_value_t = 1000)]
-    fqdn_max_ips_per_name: usize,
-    /// How long an allowed answer is held for its addresses to reach the maps, milliseconds;
-    /// an overrun releases it and is counted (tofqdns-proxy-response-max-delay).
-    #[arg(long, default_value_t = 100)]
-    fqdn_response_max_delay_ms: u64,
+    #[command(flatten)]
+    dns: membrane_agent::daemon::DnsSettings,
     /// `WasmFilter` snapshot written by the agent; watched, re-read when it changes.
     #[arg(long)]
     filter_snapshot: Option<PathBuf>,
@@ -117,12 +104,7 @@ fn main() -> anyhow::Result<()> {
             dns_snapshot: args.dns_snapshot,
             agent_socket: args.agent_socket,
             filter_snapshot: args.filter_snapshot,
-            dns_settings: membrane_agent::daemon::DnsSettings {
-                deny_response: args.dns_deny_response,
-                min_ttl: args.fqdn_min_ttl,
-                max_ips_per_name: args.fqdn_max_ips_per_name,
-                response_max_delay_ms: args.fqdn_response_max_delay_ms,
-            },
+            dns_settings: args.dns,
         },
         stop,
     )
