@@ -10,12 +10,14 @@
 //! never skip. Nothing here touches the root network namespace: all traffic goes between
 //! namespaces the test created.
 //!
-//! Depends on `membrane-datapath` only; it must not depend on the agent or the proxy (their
-//! own tests build on this crate, not the other way round).
+//! Depends on `membrane-datapath`, and on the proxy for [`proxy::RunningProxy`] (and the
+//! `membrane-perf` benchmarks); it must not depend on the agent, whose tests build on this
+//! crate.
 
 pub mod net;
 mod node;
 pub mod packet;
+pub mod proxy;
 
 use std::{
     path::PathBuf,

@@ -24,15 +24,15 @@ use membrane_l7proxy::{
     ACCESS_DENIED_BODY,
     access::{AccessLog, AccessRecord, RecordKind},
     redirect::{
-        Direction, IdentitySource, PolicySource, TransparentConfig, TransparentProxy,
+        Direction, IdentitySource, PolicySource, TransparentConfig,
         store::{
             L7Protocol, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
             SnapshotHttpRule, SnapshotPeer, SnapshotPort,
         },
     },
 };
-use membrane_tests::{TestNode, TestPod, unique_name};
-use tokio::sync::{mpsc, oneshot};
+use membrane_tests::{TestNode, TestPod, proxy::RunningProxy, unique_name};
+use tokio::sync::mpsc;
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const B_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 20);
@@ -89,88 +89,17 @@ fn api_snapshot(endpoint: &TestPod, direction: Direction, remote: u32) -> Policy
     }
 }
 
-/// The transparent proxy serving in the node namespace on its own thread and runtime (its
-/// listeners and upstream sockets are created there); stopped and joined on drop.
-struct RunningProxy {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl RunningProxy {
-    fn start(node: &Netns, policies: Arc<dyn PolicySource>, access: AccessLog) -> Self {
-        let config = TransparentConfig {
-            egress_listen: Some(SocketAddr::from(([0, 0, 0, 0], EGRESS_PROXY_PORT))),
-            ingress_listen: Some(SocketAddr::from(([0, 0, 0, 0], INGRESS_PROXY_PORT))),
-            connect_timeout: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(1),
-            access_log: access,
-            ..TransparentConfig::default()
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), String>>();
-        let node = node.clone();
-        let thread = std::thread::spawn(move || {
-            let ran = node.run(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("tokio runtime: {e}")));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match TransparentProxy::bind(config, policies, ipcache()) {
-                        Ok(proxy) => {
-                            let _ = ready_tx.send(Ok(()));
-                            proxy
-                                .serve(async move {
-                                    let _ = stopped.await;
-                                })
-                                .await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                        }
-                    }
-                });
-            });
-            if let Err(e) = ran {
-                eprintln!("proxy thread could not enter the node namespace: {e}");
-            }
-        });
-        match ready.recv_timeout(WAIT) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("start the transparent proxy in the node namespace: {e}"),
-            Err(e) => panic!("the transparent proxy did not start: {e}"),
-        }
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Closes the listeners and waits for the proxy to finish (bounded by its grace).
-    fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
+/// The transparent proxy in the node namespace (see `membrane_tests::proxy`).
+fn start_proxy(node: &Netns, policies: Arc<dyn PolicySource>, access: AccessLog) -> RunningProxy {
+    let config = TransparentConfig {
+        egress_listen: Some(SocketAddr::from(([0, 0, 0, 0], EGRESS_PROXY_PORT))),
+        ingress_listen: Some(SocketAddr::from(([0, 0, 0, 0], INGRESS_PROXY_PORT))),
+        connect_timeout: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(1),
+        access_log: access,
+        ..TransparentConfig::default()
+    };
+    RunningProxy::start(node, config, policies, ipcache())
 }
 
 /// What the backend saw of one request.
@@ -353,7 +282,7 @@ fn egress_redirect_enforces_http_rules_and_marks_the_identity() {
         .install(api_snapshot(&a, Direction::Egress, ID_B))
         .expect("install the policy");
     let (access, mut receiver) = AccessLog::channel(64);
-    let proxy = RunningProxy::start(node.node_netns(), store.clone(), access.clone());
+    let proxy = start_proxy(node.node_netns(), store.clone(), access.clone());
 
     // Allowed: reaches B through the proxy.
     let (ok, body, code) = curl(&a, "GET", "/api/v1/x", "10");
@@ -423,7 +352,7 @@ fn egress_redirect_enforces_http_rules_and_marks_the_identity() {
     restored
         .load_snapshot(&snapshot.0)
         .expect("load the snapshot");
-    let _proxy = RunningProxy::start(node.node_netns(), restored, access);
+    let _proxy = start_proxy(node.node_netns(), restored, access);
     let (ok, body, code) = curl(&a, "GET", "/api/v1/x", "10");
     assert!(ok, "GET after the restart");
     assert_eq!((code.as_str(), body.as_str()), ("200", "hello from b\n"));
@@ -460,7 +389,7 @@ fn ingress_redirect_enforces_the_destination_pods_http_rules() {
         .install(api_snapshot(&b, Direction::Ingress, ID_A))
         .expect("install the policy");
     let (access, mut receiver) = AccessLog::channel(64);
-    let _proxy = RunningProxy::start(node.node_netns(), store, access);
+    let _proxy = start_proxy(node.node_netns(), store, access);
 
     let (ok, body, code) = curl(&a, "GET", "/api/v1/x", "10");
     assert!(ok, "GET through the ingress proxy");

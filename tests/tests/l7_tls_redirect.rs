@@ -13,7 +13,6 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::Arc,
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -23,15 +22,15 @@ use membrane_l7proxy::{
     access::{AccessLog, AccessRecord, RecordKind},
     policy::RuleRef,
     redirect::{
-        Direction, IdentitySource, PolicySource, TransparentConfig, TransparentProxy,
+        Direction, IdentitySource, PolicySource, TransparentConfig,
         store::{
             L7Protocol, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
             SnapshotPeer, SnapshotPort,
         },
     },
 };
-use membrane_tests::{TestNode, TestPod, unique_name};
-use tokio::sync::{mpsc, oneshot};
+use membrane_tests::{TestNode, TestPod, proxy::RunningProxy, unique_name};
+use tokio::sync::mpsc;
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const B_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 20);
@@ -75,83 +74,21 @@ fn tls_snapshot(a: &TestPod) -> PolicySnapshot {
     }
 }
 
-/// The transparent proxy serving in the node namespace on its own thread and runtime;
-/// stopped and joined on drop.
-struct RunningProxy {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl RunningProxy {
-    fn start(node: &Netns, policies: Arc<dyn PolicySource>, access: AccessLog) -> Self {
-        let config = TransparentConfig {
-            egress_listen: Some(SocketAddr::from(([0, 0, 0, 0], EGRESS_PROXY_PORT))),
-            ingress_listen: None,
-            connect_timeout: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(1),
-            access_log: access,
-            ..TransparentConfig::default()
-        };
-        let identities = Arc::new(Ipcache(HashMap::from([
-            (IpAddr::V4(A_IP), ID_A),
-            (IpAddr::V4(B_IP), ID_B),
-        ])));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), String>>();
-        let node = node.clone();
-        let thread = std::thread::spawn(move || {
-            let ran = node.run(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("tokio runtime: {e}")));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match TransparentProxy::bind(config, policies, identities) {
-                        Ok(proxy) => {
-                            let _ = ready_tx.send(Ok(()));
-                            proxy
-                                .serve(async move {
-                                    let _ = stopped.await;
-                                })
-                                .await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                        }
-                    }
-                });
-            });
-            if let Err(e) = ran {
-                eprintln!("proxy thread could not enter the node namespace: {e}");
-            }
-        });
-        match ready.recv_timeout(WAIT) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("start the transparent proxy in the node namespace: {e}"),
-            Err(e) => panic!("the transparent proxy did not start: {e}"),
-        }
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// The transparent proxy in the node namespace (see `membrane_tests::proxy`).
+fn start_proxy(node: &Netns, policies: Arc<dyn PolicySource>, access: AccessLog) -> RunningProxy {
+    let config = TransparentConfig {
+        egress_listen: Some(SocketAddr::from(([0, 0, 0, 0], EGRESS_PROXY_PORT))),
+        ingress_listen: None,
+        connect_timeout: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(1),
+        access_log: access,
+        ..TransparentConfig::default()
+    };
+    let identities = Arc::new(Ipcache(HashMap::from([
+        (IpAddr::V4(A_IP), ID_A),
+        (IpAddr::V4(B_IP), ID_B),
+    ])));
+    RunningProxy::start(node, config, policies, identities)
 }
 
 /// A directory for the certificate and the server's log, removed on drop.
@@ -309,7 +246,7 @@ fn egress_server_names_are_enforced_on_the_client_hello() {
     let store = Arc::new(PolicyStore::new());
     store.install(tls_snapshot(&a)).expect("install the policy");
     let (access, mut receiver) = AccessLog::channel(64);
-    let _proxy = RunningProxy::start(node.node_netns(), store, access);
+    let _proxy = start_proxy(node.node_netns(), store, access);
 
     // Allowed: the TLS handshake completes with B's server and HTTPS works end to end.
     let url = |name: &str| format!("https://{name}:{TLS_PORT}/");
