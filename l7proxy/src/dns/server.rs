@@ -969,7 +969,11 @@ async fn serve_udp(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; MAX_UDP_MESSAGE];
+    // Queries in progress: on stop, reading ends but these are answered (bounded by the
+    // serve grace), so a restarting proxy drops none it has read.
+    let mut queries = JoinSet::new();
     loop {
+        while queries.try_join_next().is_some() {}
         let received = tokio::select! {
             _ = stop.changed() => break,
             received = receive(&shared, &socket, &mut buf) => received,
@@ -1001,7 +1005,7 @@ async fn serve_udp(
             continue;
         };
         let (shared, socket) = (shared.clone(), socket.clone());
-        tokio::spawn(async move {
+        queries.spawn(async move {
             let _permit = permit;
             if let Some(reply) = shared.handle(&bytes, &ctx).await
                 && let Err(error) = send_reply(&shared, &socket, &reply, &ctx).await
@@ -1010,6 +1014,7 @@ async fn serve_udp(
             }
         });
     }
+    while queries.join_next().await.is_some() {}
 }
 
 /// One datagram: length, sender, and (transparent mode) its original destination.
