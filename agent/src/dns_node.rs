@@ -197,8 +197,20 @@ pub fn bind_listeners(port: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
     let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     udp.set_reuse_address(true)?;
     udp.set_ip_transparent_v4(true)?;
-    // Queries keep arriving while a proxy restarts: give them room.
+    // Queries keep arriving while a proxy restarts: give them room. As root past
+    // `net.core.rmem_max` (SO_RCVBUFFORCE); the plain request is the fallback.
     let _ = udp.set_recv_buffer_size(8 << 20);
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: a valid socket fd, a pointer to a c_int and its size; failure is harmless.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&udp),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     udp.bind(&addr.into())?;
     let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     tcp.set_reuse_address(true)?;
