@@ -576,9 +576,14 @@ pub fn record_json(r: &AccessRecord) -> String {
         "destination_identity": r.destination_identity,
         "rule": r.rule.as_ref().map(|rule| rule.to_string()),
         "error": r.error,
+        "filters": r.filters.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
     .to_string()
 }
+
+/// The header a flow carries per Wasm filter decision (`hubble observe -o json` shows it
+/// with the request's other headers): `FILTER PHASE: OUTCOME`.
+pub const FILTER_HEADER: &str = "x-membrane-filter";
 
 /// The agent's form of a proxy record line, for the flow pipeline. `None` for lines that are
 /// not records (the proxy's logs go to stderr, but be lenient).
@@ -619,7 +624,13 @@ pub fn record_to_flow(
         protocol: protocol.to_owned(),
         status: v["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
         latency: v["latency_ns"].as_u64().map(Duration::from_nanos),
-        headers: Vec::new(),
+        headers: v["filters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str())
+            .map(|f| (FILTER_HEADER.to_owned(), f.to_owned()))
+            .collect(),
         client: source,
         server: destination,
         client_identity: v["source_identity"]
@@ -818,5 +829,40 @@ spec:
             port.peers.is_empty(),
             "never an empty (wildcard) peer: {port:?}"
         );
+    }
+
+    #[test]
+    fn filter_decisions_travel_to_the_flow_as_headers() {
+        use membrane_l7proxy::access::{FilterOutcome, FilterRecord};
+        let record = AccessRecord {
+            kind: RecordKind::Response,
+            timestamp: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            version: http::Version::HTTP_11,
+            method: "GET".into(),
+            url: "http://api:8080/api/v1/internal/keys".into(),
+            status: Some(403),
+            latency: Some(Duration::from_millis(1)),
+            source: "10.200.0.10:5000".parse().unwrap(),
+            destination: "10.200.0.12:8080".parse().unwrap(),
+            source_identity: Some(256),
+            destination_identity: Some(258),
+            rule: None,
+            error: None,
+            header_log: Vec::new(),
+            filters: vec![FilterRecord {
+                filter: "WasmFilter default/deny-internal".into(),
+                phase: "request_headers",
+                outcome: FilterOutcome::LocalReply { status: 403 },
+            }],
+        };
+        let flow = record_to_flow(&record_json(&record), |_| None).expect("a flow");
+        assert_eq!(
+            flow.headers,
+            vec![(
+                FILTER_HEADER.to_owned(),
+                "WasmFilter default/deny-internal request_headers: local reply 403".to_owned()
+            )]
+        );
+        assert_eq!(flow.status, Some(403));
     }
 }
