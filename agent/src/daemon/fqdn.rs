@@ -52,6 +52,10 @@ pub struct LearnedAddress {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FqdnCache {
     names: BTreeMap<String, BTreeMap<Ipv4Addr, u64>>,
+    /// address → names: the reverse of `names`, so a learn looks an address up instead of
+    /// scanning every name (rebuilt on load).
+    #[serde(skip)]
+    by_ip: BTreeMap<Ipv4Addr, BTreeSet<String>>,
 }
 
 fn unix_now() -> u64 {
@@ -75,13 +79,19 @@ impl FqdnCache {
     /// reported and replaced (the datapath entries it named are removed by the next
     /// reconcile, which only narrows what is allowed).
     pub fn load(path: &Path) -> Self {
-        match std::fs::read(path) {
+        let mut cache: Self = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::error!(file = %path.display(), error = %e, "FQDN cache unreadable; starting empty");
                 Self::default()
             }),
             Err(_) => Self::default(),
+        };
+        for (name, ips) in &cache.names {
+            for ip in ips.keys() {
+                cache.by_ip.entry(*ip).or_default().insert(name.clone());
+            }
         }
+        cache
     }
 
     pub fn save(&self, path: &Path) -> Result<(), AgentError> {
@@ -94,39 +104,37 @@ impl FqdnCache {
     /// Records `name` → `ips`; an address already known keeps the later expiry. IPv6
     /// addresses are ignored (the datapath is IPv4). Returns the IPv4 addresses.
     pub fn learn(&mut self, name: &str, ips: &[LearnedAddress], now: u64) -> Vec<Ipv4Addr> {
-        let entry = self.names.entry(normalize(name)).or_default();
+        let name = normalize(name);
+        let entry = self.names.entry(name.clone()).or_default();
         let mut out = Vec::new();
         for a in ips {
             let IpAddr::V4(ip) = a.ip else { continue };
             let expires = now + u64::from(a.ttl).max(MIN_TTL_SECS);
             let e = entry.entry(ip).or_insert(expires);
             *e = (*e).max(expires);
+            self.by_ip.entry(ip).or_default().insert(name.clone());
             out.push(ip);
         }
         if entry.is_empty() {
-            self.names.remove(&normalize(name));
+            self.names.remove(&name);
         }
         out
     }
 
     /// The names of every address.
     pub fn names_by_ip(&self) -> BTreeMap<Ipv4Addr, BTreeSet<&str>> {
-        let mut out: BTreeMap<Ipv4Addr, BTreeSet<&str>> = BTreeMap::new();
-        for (name, ips) in &self.names {
-            for ip in ips.keys() {
-                out.entry(*ip).or_default().insert(name);
-            }
-        }
-        out
+        self.by_ip
+            .iter()
+            .map(|(ip, names)| (*ip, names.iter().map(String::as_str).collect()))
+            .collect()
     }
 
     /// The names of one address.
     pub fn names_of(&self, ip: Ipv4Addr) -> BTreeSet<&str> {
-        self.names
-            .iter()
-            .filter(|(_, ips)| ips.contains_key(&ip))
-            .map(|(n, _)| n.as_str())
-            .collect()
+        self.by_ip
+            .get(&ip)
+            .map(|names| names.iter().map(String::as_str).collect())
+            .unwrap_or_default()
     }
 
     /// (name, address) pairs past their expiry.
@@ -146,6 +154,12 @@ impl FqdnCache {
             ips.remove(&ip);
             if ips.is_empty() {
                 self.names.remove(name);
+            }
+        }
+        if let Some(names) = self.by_ip.get_mut(&ip) {
+            names.remove(name);
+            if names.is_empty() {
+                self.by_ip.remove(&ip);
             }
         }
     }
@@ -293,7 +307,8 @@ impl State {
         let learned = self.fqdn.cache.learn(name, ips, unix_now());
         self.fqdn.dirty = true;
         self.fqdn.learns += 1;
-        self.fqdn.set_selectors(self.repo.fqdn_selectors());
+        // The compiled selectors are current: every policy change reconciles, which refreshes
+        // them (`refresh_fqdn`), so the hot path does not walk the policy repository.
         // Fast path: every address's identity exists already (its policy entries are in
         // the maps): write the ipcache entries and nothing else.
         let mut writes = Vec::new();
@@ -491,7 +506,15 @@ mod tests {
         let mut c = FqdnCache::default();
         c.learn("a.example.", &[a([192, 0, 2, 1], 30)], 0);
         c.save(&dir.join(CACHE_NAME)).unwrap();
-        assert_eq!(FqdnCache::load(&dir.join(CACHE_NAME)), c);
+        let loaded = FqdnCache::load(&dir.join(CACHE_NAME));
+        assert_eq!(loaded, c);
+        assert_eq!(
+            loaded
+                .names_of(Ipv4Addr::new(192, 0, 2, 1))
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["a.example."]
+        );
         std::fs::write(dir.join(CACHE_NAME), b"not json").unwrap();
         assert_eq!(FqdnCache::load(&dir.join(CACHE_NAME)), FqdnCache::default());
         std::fs::remove_dir_all(&dir).unwrap();
