@@ -274,6 +274,9 @@ struct State {
     /// The filter snapshot last written.
     #[cfg(feature = "proxy")]
     filter_snapshot: Option<crate::wasm_node::FilterSnapshot>,
+    /// Where the snapshots go to the proxy (and its acknowledgements come from).
+    #[cfg(feature = "proxy")]
+    channel: Arc<crate::proxy_channel::AgentChannel>,
 }
 
 /// One `policy apply`: its text and which of its policies are still in force (later
@@ -343,7 +346,19 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         dns_snapshot: None,
         #[cfg(feature = "proxy")]
         filter_snapshot: None,
+        #[cfg(feature = "proxy")]
+        channel: crate::proxy_channel::AgentChannel::new(),
     };
+    // Serving the proxy channel before the first reconcile: an adopted proxy reconnects and
+    // is brought up to date by it.
+    #[cfg(feature = "proxy")]
+    if config.proxy {
+        let path = state_dir.join(crate::proxy_channel::CHANNEL_SOCKET_NAME);
+        state
+            .channel
+            .serve(&path, stop.clone())
+            .map_err(io_err(format!("bind {}", path.display())))?;
+    }
     state.restore_applied();
     // A restart: take over the endpoints the previous agent registered, in identity order so
     // the deterministic allocator hands out the same numbers again.
@@ -577,9 +592,19 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
 
 /// A proxy snapshot with a revision number.
 #[cfg(feature = "proxy")]
-trait Revisioned: serde::Serialize + PartialEq {
+trait Revisioned: Clone + PartialEq {
     fn revision(&self) -> u64;
     fn revision_mut(&mut self) -> &mut u64;
+}
+
+#[cfg(feature = "proxy")]
+impl Revisioned for membrane_l7proxy::redirect::store::PolicySnapshot {
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn revision_mut(&mut self) -> &mut u64 {
+        &mut self.revision
+    }
 }
 
 #[cfg(feature = "proxy")]
@@ -803,17 +828,18 @@ impl State {
     /// The DNS proxy: its port, what it answers on deny, the endpoints with DNS rules and the
     /// revision the proxy applied.
     fn dns_proxy_status(&self) -> serde_json::Value {
-        let state = self.config.state_dir();
-        let applied = std::fs::read_to_string(state.join("proxy-dns.applied")).unwrap_or_default();
         #[cfg(feature = "proxy")]
-        let endpoints = self.dns_snapshot.as_ref().map_or(0, |s| s.endpoints.len());
+        let (endpoints, applied) = (
+            self.dns_snapshot.as_ref().map_or(0, |s| s.endpoints.len()),
+            self.channel.applied(crate::proxy_channel::Kind::Dns),
+        );
         #[cfg(not(feature = "proxy"))]
-        let endpoints = 0;
+        let (endpoints, applied) = (0, 0);
         json!({
             "port": self.config.dns_proxy_port,
             "deny_response": self.config.dns.deny_response,
             "endpoints_with_dns_rules": endpoints,
-            "revision_applied": applied.trim(),
+            "revision_applied": applied,
         })
     }
 
@@ -826,14 +852,15 @@ impl State {
             .map_or((0, 0), |s| (s.attachments.len(), s.revision));
         #[cfg(not(feature = "proxy"))]
         let (attachments, revision) = (0usize, 0u64);
-        let applied =
-            std::fs::read_to_string(self.config.state_dir().join("proxy-filters.applied"))
-                .unwrap_or_default();
+        #[cfg(feature = "proxy")]
+        let applied = self.channel.applied(crate::proxy_channel::Kind::Filters);
+        #[cfg(not(feature = "proxy"))]
+        let applied = 0u64;
         json!({
             "resources": self.wasm_filters.len(),
             "attachments": attachments,
             "revision": revision,
-            "revision_applied": applied.trim(),
+            "revision_applied": applied,
         })
     }
 
@@ -848,14 +875,25 @@ impl State {
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok())
             .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        let applied =
-            std::fs::read_to_string(state.join("proxy-policy.applied")).unwrap_or_default();
+        #[cfg(feature = "proxy")]
+        let channel = if self.channel.connected() {
+            let stats = self.channel.stats();
+            format!(
+                "policy revision {} applied; channel connected, {} whole and {} incremental updates sent",
+                self.channel.applied(crate::proxy_channel::Kind::Policy),
+                stats.full_sent,
+                stats.deltas_sent
+            )
+        } else {
+            "not connected to the channel".to_owned()
+        };
+        #[cfg(not(feature = "proxy"))]
+        let channel = String::new();
         match pid {
             Some(pid) => format!(
-                "running (pid {pid}; listeners {} egress, {} ingress; policy revision {} applied)",
+                "running (pid {pid}; listeners {} egress, {} ingress; {channel})",
                 self.config.http_proxy_port,
                 self.config.http_proxy_port + 1,
-                applied.trim()
             ),
             None => "not running (the agent restarts it)".into(),
         }
@@ -1372,39 +1410,21 @@ impl State {
             .collect();
         self.write_dns_snapshot(&endpoints)?;
         self.write_filter_snapshot()?;
-        let mut snapshot = crate::proxy_process::snapshot_of(endpoints, 0);
-        if let Some(previous) = &self.proxy_snapshot {
-            snapshot.revision = previous.revision;
-            if previous == &snapshot {
-                return Ok(());
-            }
-        }
-        snapshot.revision += 1;
-        let path = self
-            .config
-            .state_dir()
-            .join(crate::proxy_process::SNAPSHOT_NAME);
-        crate::proxy_process::save(&path, &snapshot).map_err(AgentError::Invalid)?;
-        let revision = snapshot.revision;
-        self.proxy_snapshot = Some(snapshot);
-        // Answer once the proxy enforces it (bounded: a stopped proxy only delays us).
-        let proxy_running = std::fs::read_to_string(self.config.state_dir().join("proxy.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if proxy_running
-            && !crate::proxy_process::wait_applied(&path, revision, Duration::from_secs(2))
-        {
-            tracing::warn!(
-                revision,
-                "the proxy has not applied the policy snapshot within 2 s"
-            );
-        }
-        Ok(())
+        let snapshot = crate::proxy_process::snapshot_of(endpoints, 0);
+        let mut previous = self.proxy_snapshot.take();
+        let published = self.publish(
+            &mut previous,
+            snapshot,
+            "policy",
+            Duration::from_secs(2),
+            |channel, snapshot, wait, expected| channel.publish_policy(snapshot, wait, expected),
+        );
+        self.proxy_snapshot = previous;
+        published
     }
 
-    /// Writes the DNS proxy's snapshot when the DNS rules changed, and waits (bounded) for
-    /// a running proxy to apply it.
+    /// Sends the DNS proxy's rules when they changed, and waits (bounded) for a running
+    /// proxy to apply them.
     #[cfg(feature = "proxy")]
     fn write_dns_snapshot(
         &mut self,
@@ -1412,18 +1432,18 @@ impl State {
     ) -> Result<(), AgentError> {
         let snapshot = crate::dns_node::snapshot_of(endpoints.iter().copied());
         let mut previous = self.dns_snapshot.take();
-        let written = self.write_snapshot(
+        let written = self.publish(
             &mut previous,
             snapshot,
-            crate::dns_node::DNS_SNAPSHOT_NAME,
             "DNS",
             Duration::from_secs(2),
+            |channel, snapshot, wait, expected| channel.publish_dns(snapshot, wait, expected),
         );
         self.dns_snapshot = previous;
         written
     }
 
-    /// Writes the filter snapshot (`WasmFilter` resources per endpoint) when it changed, and
+    /// Sends the filter snapshot (`WasmFilter` resources per endpoint) when it changed, and
     /// waits (bounded) for a running proxy to apply it. Compiling modules takes a moment: a
     /// longer bound than the policy snapshots'.
     #[cfg(feature = "proxy")]
@@ -1437,49 +1457,60 @@ impl State {
             self.wasm_filters.values().collect();
         let snapshot = crate::wasm_node::snapshot_of(endpoints, &resources);
         let mut previous = self.filter_snapshot.take();
-        let written = self.write_snapshot(
+        let written = self.publish(
             &mut previous,
             snapshot,
-            crate::wasm_node::FILTER_SNAPSHOT_NAME,
             "filter",
             Duration::from_secs(10),
+            |channel, snapshot, wait, expected| channel.publish_filters(snapshot, wait, expected),
         );
         self.filter_snapshot = previous;
         written
     }
 
-    /// A snapshot for the proxy: unchanged ⇒ nothing; changed ⇒ the next revision written
-    /// atomically (`NAME` in the state directory), then a bounded wait for the proxy's
-    /// acknowledgement (`NAME.applied`) when one runs.
+    /// A snapshot for the proxy: unchanged ⇒ nothing; changed ⇒ the next revision (the
+    /// first one from [`crate::proxy_channel::first_revision`]) sent over the proxy channel,
+    /// then a bounded wait for the proxy's answer when one runs. A proxy that refuses keeps
+    /// its previous configuration of that kind (logged; the agent's state is unaffected).
     #[cfg(feature = "proxy")]
-    fn write_snapshot<T: Revisioned>(
+    fn publish<T: Revisioned>(
         &self,
         previous: &mut Option<T>,
         mut snapshot: T,
-        name: &str,
         what: &str,
         wait: Duration,
+        send: impl FnOnce(
+            &crate::proxy_channel::AgentChannel,
+            T,
+            Duration,
+            bool,
+        ) -> crate::proxy_channel::Outcome,
     ) -> Result<(), AgentError> {
-        if let Some(previous) = previous.as_ref() {
-            *snapshot.revision_mut() = previous.revision();
-            if previous == &snapshot {
-                return Ok(());
+        use crate::proxy_channel::Outcome;
+        let revision = match previous.as_ref() {
+            Some(previous) => {
+                *snapshot.revision_mut() = previous.revision();
+                if previous == &snapshot {
+                    return Ok(());
+                }
+                previous.revision() + 1
             }
-        }
-        *snapshot.revision_mut() += 1;
-        let path = self.config.state_dir().join(name);
-        let bytes =
-            serde_json::to_vec_pretty(&snapshot).map_err(|e| AgentError::Invalid(e.to_string()))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, bytes).map_err(io_err(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(io_err(format!("write {}", path.display())))?;
-        let revision = snapshot.revision();
-        *previous = Some(snapshot);
-        if self.proxy_running() && !crate::proxy_process::wait_applied(&path, revision, wait) {
-            tracing::warn!(
+            None => crate::proxy_channel::first_revision(),
+        };
+        *snapshot.revision_mut() = revision;
+        *previous = Some(snapshot.clone());
+        let expected = self.config.proxy && self.proxy_running();
+        match send(&self.channel, snapshot, wait, expected) {
+            Outcome::Applied | Outcome::NoProxy => {}
+            Outcome::TimedOut => tracing::warn!(
                 revision,
-                "the proxy has not applied the {what} snapshot within {wait:?} (see proxy.log)"
-            );
+                "the proxy has not applied the {what} configuration within {wait:?} (see proxy.log)"
+            ),
+            Outcome::Refused(error) => tracing::error!(
+                revision,
+                %error,
+                "the proxy refused the {what} configuration; it keeps its previous one"
+            ),
         }
         Ok(())
     }
@@ -1810,6 +1841,8 @@ fn spawn_proxy(
         .arg(pins)
         .arg("--snapshot")
         .arg(state.join(crate::proxy_process::SNAPSHOT_NAME))
+        .arg("--agent-channel")
+        .arg(state.join(crate::proxy_channel::CHANNEL_SOCKET_NAME))
         .args(["--egress-port", &config.http_proxy_port.to_string()])
         .args(["--ingress-port", &(config.http_proxy_port + 1).to_string()])
         .arg("--records-socket")

@@ -1,9 +1,9 @@
 //! The DNS proxy on the node: what the agent hands it and how it reports back.
 //!
-//! - **Policy**: the agent writes every local endpoint's `rules.dns` as a snapshot
-//!   (`/run/membrane/<name>/proxy-dns.json`, atomically, only when it changes); the proxy
-//!   watches it, applies it to new queries and writes the revision it applied
-//!   (`proxy-dns.applied`), which the agent waits for before a policy change returns.
+//! - **Policy**: the agent sends every local endpoint's `rules.dns` as a snapshot over the
+//!   proxy channel ([`crate::proxy_channel`]) when it changes; the proxy applies it to new
+//!   queries, saves it (`/run/membrane/<name>/proxy-dns.json`, restored at its next start)
+//!   and answers, which the agent waits for before a policy change returns.
 //! - **Routing**: a redirected query is forwarded to its original destination; the client's
 //!   endpoint comes from the snapshot (by address), identities from the pinned ipcache; the
 //!   upstream socket carries `SO_MARK` = from-proxy magic + the client's identity, so the
@@ -41,7 +41,7 @@ use tokio::net::UnixStream;
 use crate::api::{Request, Response};
 use crate::daemon::LearnedAddress;
 
-/// File name of the DNS policy snapshot in the run's state directory.
+/// File name of the proxy's saved DNS rules in the run's state directory.
 pub const DNS_SNAPSHOT_NAME: &str = "proxy-dns.json";
 
 /// Inherited descriptors of the DNS listeners in a proxy the agent started.

@@ -20,6 +20,8 @@ pub mod lab;
 pub mod lab_dns;
 pub mod policy_cmd;
 #[cfg(feature = "proxy")]
+pub mod proxy_channel;
+#[cfg(feature = "proxy")]
 pub mod proxy_process;
 pub mod topology;
 #[cfg(feature = "proxy")]

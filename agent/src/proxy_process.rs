@@ -1,12 +1,14 @@
 //! The node's L7 proxy process (`membrane-proxy`) and the agent's side of it.
 //!
 //! The proxy is a separate process (DESIGN §1): an agent restart must not break L7 traffic.
-//! The agent writes the HTTP rules of every local endpoint as a policy snapshot file
-//! (`/run/membrane/<name>/proxy-policy.json`, written atomically whenever the resolution
-//! changes); the proxy watches it, applies a new snapshot to new requests without dropping
-//! connections, and after a restart serves from the last snapshot while the agent is away.
-//! Source and destination identities come from the pinned ipcache, read directly. The proxy
-//! prints one JSON line per access record on stdout; the agent turns them into Hubble flows.
+//! The agent sends the HTTP rules of every local endpoint, the DNS rules and the filter
+//! attachments over the proxy channel ([`crate::proxy_channel`]: a Unix socket, the HTTP
+//! policy as per-endpoint deltas); the proxy applies each change to new requests without
+//! dropping connections, keeps the last one it applied in its snapshot files
+//! (`/run/membrane/<name>/proxy-policy.json` and the DNS and filter ones), and after a restart
+//! serves from them while the agent is away. Source and destination identities come from the
+//! pinned ipcache, read directly. Access records go to the agent as JSON datagrams; the agent
+//! turns them into Hubble flows.
 //!
 //! The proxy enters the node network namespace on its main thread before it starts its
 //! runtime, so every thread and socket it creates lives there (its transparent listeners,
@@ -15,7 +17,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -28,13 +30,12 @@ use membrane_l7proxy::{
         store::{
             L7Protocol, PolicySnapshot, PolicyStore, Remotes, SnapshotEndpoint,
             SnapshotHeaderMatch, SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot,
-            write_snapshot,
         },
     },
 };
 use membrane_policy::{EndpointPolicy, L7Parser, L7Rules, RemoteIdentities};
 
-/// File name of the proxy policy snapshot in the run's state directory.
+/// File name of the proxy's saved HTTP policy in the run's state directory.
 pub const SNAPSHOT_NAME: &str = "proxy-policy.json";
 
 /// The proxy's rules from the endpoints' resolved policies: HTTP rule sets, and TLS
@@ -146,34 +147,6 @@ fn http_rule(rule: &membrane_policy::HttpRule) -> Option<SnapshotHttpRule> {
     })
 }
 
-/// Where the proxy records the snapshot revision it applied.
-pub fn applied_path(snapshot: &Path) -> PathBuf {
-    snapshot.with_extension("applied")
-}
-
-/// Waits (bounded) until the proxy applied `revision`; false on timeout or when no proxy
-/// runs. Never fails the caller: a slow proxy only delays.
-pub fn wait_applied(snapshot: &Path, revision: u64, timeout: Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let applied = std::fs::read_to_string(applied_path(snapshot))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok());
-        if applied == Some(revision) {
-            return true;
-        }
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Writes the snapshot atomically.
-pub fn save(path: &Path, snapshot: &PolicySnapshot) -> Result<(), String> {
-    write_snapshot(path, snapshot).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// Identities from the pinned ipcache (longest prefix; unknown = world).
 struct PinnedIpcache(Mutex<IpcacheMap>);
 
@@ -195,7 +168,11 @@ impl IdentitySource for PinnedIpcache {
 pub struct ProxySettings {
     pub node_netns: String,
     pub pin_dir: PathBuf,
+    /// Where the proxy keeps the last HTTP policy it applied (restored at start).
     pub snapshot: PathBuf,
+    /// The agent's proxy channel ([`crate::proxy_channel`]); without it the proxy serves the
+    /// snapshots it finds at start and never changes them.
+    pub agent_channel: Option<PathBuf>,
     pub egress_port: u16,
     pub ingress_port: u16,
     /// Unix datagram socket of the agent's flow pipeline; each access record is sent there
@@ -203,12 +180,12 @@ pub struct ProxySettings {
     pub records_socket: Option<PathBuf>,
     /// The DNS proxy's listeners (none: no DNS proxy).
     pub dns: DnsListen,
-    /// The DNS policy snapshot written by the agent (see `dns_node`).
+    /// Where the proxy keeps the last DNS rules it applied (see `dns_node`).
     pub dns_snapshot: Option<PathBuf>,
     /// The agent's API socket, for FQDN learning; without it answers are released at once
     /// and nothing is learned.
     pub agent_socket: Option<PathBuf>,
-    /// The `WasmFilter` snapshot written by the agent (see `wasm_node`).
+    /// Where the proxy keeps the last `WasmFilter` attachments it applied (see `wasm_node`).
     pub filter_snapshot: Option<PathBuf>,
     /// Deny reply, FQDN learning bounds.
     pub dns_settings: crate::daemon::DnsSettings,
@@ -245,26 +222,101 @@ impl redirect::PolicySource for NodePolicies {
     }
 }
 
-/// Applies the filter snapshot at `path` when it changed since `loaded`; acknowledges the
-/// revision on success. Blocking (compiles modules).
-fn reload_filters(
-    filters: &crate::wasm_node::NodeFilters,
-    path: &Path,
-    loaded: &mut Option<SystemTime>,
-) {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    if modified.is_none() || modified == *loaded {
-        return;
+/// Applies DNS rules to the running DNS proxy.
+type DnsApply = Arc<dyn Fn(&crate::dns_node::DnsSnapshot) -> Result<(), String> + Send + Sync>;
+
+/// What the agent's channel messages do to this proxy: each kind applied to its part (the
+/// previous one stays on error), then written to its snapshot file for the next start.
+struct NodeHandler {
+    store: Arc<PolicyStore>,
+    policy_path: PathBuf,
+    dns: Option<DnsApply>,
+    dns_path: Option<PathBuf>,
+    dns_revision: u64,
+    filters: Option<Arc<crate::wasm_node::NodeFilters>>,
+    filter_path: Option<PathBuf>,
+    filters_revision: u64,
+}
+
+impl NodeHandler {
+    fn persist_policy(&self) {
+        if let Err(e) = self.store.save_snapshot(&self.policy_path) {
+            tracing::error!(error = %e, "policy applied but not saved; a restart would serve an older one");
+        }
     }
-    *loaded = modified;
-    match crate::wasm_node::load(path).and_then(|s| filters.install(&s).map(|()| s.revision)) {
-        Ok(revision) => {
-            let _ = std::fs::write(applied_path(path), revision.to_string());
-            tracing::info!(revision, "filter snapshot applied");
+}
+
+impl crate::proxy_channel::ProxyHandler for NodeHandler {
+    fn held(&self) -> crate::proxy_channel::Held {
+        crate::proxy_channel::Held {
+            policy: self.store.revision(),
+            dns: self.dns_revision,
+            filters: self.filters_revision,
         }
-        Err(e) => {
-            tracing::error!(error = %e, "filter snapshot not applied; the previous filters keep serving")
+    }
+
+    fn apply(&mut self, message: crate::proxy_channel::ToProxy) -> Result<(), (String, bool)> {
+        use crate::proxy_channel::{ToProxy, write_json_atomic};
+        match message {
+            ToProxy::PolicyFull(snapshot) => {
+                let rejected = self
+                    .store
+                    .install(snapshot)
+                    .map_err(|e| (e.to_string(), false))?;
+                for r in rejected {
+                    tracing::warn!(rule = ?r, "HTTP rule rejected; it allows nothing");
+                }
+                tracing::info!(revision = self.store.revision(), "policy applied (whole)");
+                self.persist_policy();
+            }
+            ToProxy::PolicyDelta(delta) => {
+                let (upserts, removes) = (delta.upsert.len(), delta.remove.len());
+                let rejected = self.store.apply_delta(delta).map_err(|e| {
+                    let resync = matches!(
+                        e,
+                        membrane_l7proxy::redirect::store::SnapshotError::Base { .. }
+                    );
+                    (e.to_string(), resync)
+                })?;
+                for r in rejected {
+                    tracing::warn!(rule = ?r, "HTTP rule rejected; it allows nothing");
+                }
+                tracing::info!(
+                    revision = self.store.revision(),
+                    upserts,
+                    removes,
+                    "policy change applied"
+                );
+                self.persist_policy();
+            }
+            ToProxy::Dns(snapshot) => {
+                if let Some(apply) = &self.dns {
+                    apply(&snapshot).map_err(|e| (e, false))?;
+                }
+                self.dns_revision = snapshot.revision;
+                tracing::info!(revision = snapshot.revision, "DNS rules applied");
+                if let Some(path) = &self.dns_path
+                    && let Err(e) = write_json_atomic(path, &snapshot)
+                {
+                    tracing::error!(error = %e, "DNS rules applied but not saved");
+                }
+            }
+            ToProxy::Filters(snapshot) => {
+                if let Some(filters) = &self.filters {
+                    // Compiles and boots changed modules here, off the data path; on error
+                    // the previous chains keep serving.
+                    filters.install(&snapshot).map_err(|e| (e, false))?;
+                }
+                self.filters_revision = snapshot.revision;
+                tracing::info!(revision = snapshot.revision, "filters applied");
+                if let Some(path) = &self.filter_path
+                    && let Err(e) = write_json_atomic(path, &snapshot)
+                {
+                    tracing::error!(error = %e, "filters applied but not saved");
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -296,33 +348,17 @@ pub fn run(
         );
     }
     let ipcache = IpcacheMap::open_pinned(&settings.pin_dir)?;
+    // The last configuration this proxy applied is in force before the first request is
+    // read: a proxy restarted while the agent is away serves by it.
     let store = Arc::new(PolicyStore::new());
-    let snapshot_path = settings.snapshot.clone();
-    let mut loaded: Option<SystemTime> = None;
-    let mut reload = move |store: &PolicyStore| {
-        let modified = std::fs::metadata(&snapshot_path)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified.is_none() || modified == loaded {
-            return;
-        }
-        match read_snapshot(&snapshot_path).and_then(|s| store.install(s)) {
-            Ok(rejected) => {
-                loaded = modified;
-                // Tell the agent which revision is in force (it waits for this before
-                // answering a policy change, as Cilium waits for Envoy's ACK).
-                let _ = std::fs::write(applied_path(&snapshot_path), store.revision().to_string());
-                for r in rejected {
-                    tracing::warn!(rule = ?r, "HTTP rule rejected; it allows nothing");
-                }
-                tracing::info!(revision = store.revision(), "policy snapshot applied");
-            }
+    if settings.snapshot.exists() {
+        match read_snapshot(&settings.snapshot).and_then(|s| store.install(s)) {
+            Ok(_) => tracing::info!(revision = store.revision(), "policy restored"),
             Err(e) => {
-                tracing::error!(error = %e, "policy snapshot not applied; the previous one stays")
+                tracing::error!(error = %e, "saved policy not restored; denying until the agent sends one")
             }
         }
-    };
-    reload(&store);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -335,37 +371,55 @@ pub fn run(
         access_log: log,
         ..TransparentConfig::default()
     };
-    // Filters are loaded before the first request is served (a restarted proxy applies the
-    // same ones), then follow the snapshot.
+    let mut filters_revision = 0;
     let node_filters = match &settings.filter_snapshot {
         Some(path) => {
             let filters = crate::wasm_node::NodeFilters::new().map_err(anyhow::Error::msg)?;
-            let mut loaded = None;
-            reload_filters(&filters, path, &mut loaded);
-            let (watched, path, stop) = (filters.clone(), path.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("membrane-filter-watch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(100));
-                        reload_filters(&watched, &path, &mut loaded);
+            if path.exists() {
+                match crate::wasm_node::load(path)
+                    .and_then(|s| filters.install(&s).map(|()| s.revision))
+                {
+                    Ok(revision) => {
+                        filters_revision = revision;
+                        tracing::info!(revision, "filters restored");
                     }
-                })?;
+                    Err(e) => tracing::error!(error = %e, "saved filters not restored"),
+                }
+            }
             Some(filters)
         }
         None => None,
     };
     let policies: Arc<dyn redirect::PolicySource> = Arc::new(NodePolicies {
         store: store.clone(),
-        filters: node_filters,
+        filters: node_filters.clone(),
     });
     let identities: Arc<dyn IdentitySource> = Arc::new(PinnedIpcache(Mutex::new(ipcache)));
     let (dns_log, dns_records) =
         membrane_l7proxy::dns::DnsLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);
-    let dns_task = {
+    let (dns_task, dns_apply, dns_revision) = {
         let _context = runtime.enter();
-        start_dns(&settings, identities.clone(), dns_log, stop.clone())?
+        match start_dns(&settings, identities.clone(), dns_log, stop.clone())? {
+            Some((task, apply, revision)) => (Some(task), Some(apply), revision),
+            None => (None, None, 0),
+        }
     };
+    if let Some(channel) = settings.agent_channel.clone() {
+        let mut handler = NodeHandler {
+            store: store.clone(),
+            policy_path: settings.snapshot.clone(),
+            dns: dns_apply,
+            dns_path: settings.dns_snapshot.clone(),
+            dns_revision,
+            filters: node_filters.clone(),
+            filter_path: settings.filter_snapshot.clone(),
+            filters_revision,
+        };
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("membrane-agent-channel".into())
+            .spawn(move || crate::proxy_channel::run_proxy_side(&channel, &mut handler, &stop))?;
+    }
     runtime.block_on(async move {
         tokio::spawn(forward_records(
             dns_records,
@@ -377,14 +431,6 @@ pub fn run(
             record_json,
             settings.records_socket.clone(),
         ));
-        let stop_watch = stop.clone();
-        let watcher_store = store.clone();
-        tokio::spawn(async move {
-            while !stop_watch.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                reload(&watcher_store);
-            }
-        });
         let shutdown = async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -421,14 +467,15 @@ async fn forward_records<T>(
     }
 }
 
-/// Starts the DNS proxy (transparent, on the listeners of `settings.dns`) with its snapshot
-/// watcher; the returned task ends after `stop`, once queries in progress are answered.
+/// Starts the DNS proxy (transparent, on the listeners of `settings.dns`) with the DNS rules
+/// it saved last; returns the task (it ends after `stop`, once queries in progress are
+/// answered), what applies new rules, and the revision restored (0: none).
 fn start_dns(
     settings: &ProxySettings,
     identities: Arc<dyn IdentitySource>,
     records: membrane_l7proxy::dns::DnsLog,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Option<(tokio::task::JoinHandle<()>, DnsApply, u64)>> {
     use crate::dns_node::{AgentObserver, NodeRouter};
     use membrane_l7proxy::dns::{DnsProxy, DnsProxyConfig, DnsRequestInfo};
     use std::sync::atomic::Ordering;
@@ -472,43 +519,25 @@ fn start_dns(
     };
     tracing::info!(listen = %proxy.local_addr(), "DNS proxy listening");
     let handle = proxy.handle();
-    let snapshot_path = settings.dns_snapshot.clone();
-    let stop_watch = stop.clone();
-    let mut loaded: Option<SystemTime> = None;
-    let mut reload = move |path: &Path| {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if modified.is_none() || modified == loaded {
-            return;
-        }
-        // Once per file version, applied or not: the agent's next write is tried again.
-        loaded = modified;
-        match crate::dns_node::load(path)
-            .and_then(|s| crate::dns_node::compile(&s).map(|(p, by_ip)| (s.revision, p, by_ip)))
-        {
-            Ok((revision, policy, by_ip)) => {
-                handle.set_policy(policy);
-                *router.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_ip);
-                let _ = std::fs::write(applied_path(path), revision.to_string());
-                tracing::info!(revision, "DNS snapshot applied");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "DNS snapshot not applied; the previous one stays")
-            }
-        }
-    };
-    // The last snapshot is in force before the first query is read (a restarted proxy
-    // answers the queries that queued while it was away by the same rules).
-    if let Some(path) = &snapshot_path {
-        reload(path);
-    }
-    tokio::spawn(async move {
-        let Some(path) = snapshot_path else { return };
-        while !stop_watch.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            reload(&path);
-        }
+    let apply: DnsApply = Arc::new(move |snapshot: &crate::dns_node::DnsSnapshot| {
+        let (policy, by_ip) = crate::dns_node::compile(snapshot)?;
+        handle.set_policy(policy);
+        *router.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_ip);
+        Ok(())
     });
-    Ok(Some(tokio::spawn(async move {
+    // The last rules are in force before the first query is read (a restarted proxy answers
+    // the queries that queued while it was away by the same rules).
+    let mut revision = 0;
+    if let Some(path) = settings.dns_snapshot.as_ref().filter(|p| p.exists()) {
+        match crate::dns_node::load(path).and_then(|s| apply(&s).map(|()| s.revision)) {
+            Ok(restored) => {
+                revision = restored;
+                tracing::info!(revision, "DNS rules restored");
+            }
+            Err(e) => tracing::error!(error = %e, "saved DNS rules not restored"),
+        }
+    }
+    let task = tokio::spawn(async move {
         proxy
             .serve(async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -516,7 +545,8 @@ fn start_dns(
                 }
             })
             .await;
-    })))
+    });
+    Ok(Some((task, apply, revision)))
 }
 
 /// One DNS record as a JSON line for the agent's flow pipeline.

@@ -1,6 +1,6 @@
 //! `WasmFilter` resources on the node: the agent resolves them per endpoint into a snapshot
-//! (`/run/membrane/<name>/proxy-filters.json`, written when it changes, acknowledged like the
-//! HTTP and DNS snapshots); `membrane-proxy` loads the modules (checking each against its
+//! sent over the proxy channel when it changes (`crate::proxy_channel`; the proxy saves it as
+//! `/run/membrane/<name>/proxy-filters.json`); `membrane-proxy` loads the modules (checking each against its
 //! sha256), builds one chain per (endpoint address, direction, port rule) and hands it to the
 //! transparent proxy, which runs it on requests the HTTP policy allowed. A new snapshot is
 //! compiled and booted off the data path and swapped in whole; if any filter fails to load,

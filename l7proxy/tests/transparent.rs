@@ -27,8 +27,8 @@ use membrane_l7proxy::ACCESS_DENIED_BODY;
 use membrane_l7proxy::access::{AccessLog, AccessRecord, RecordKind};
 use membrane_l7proxy::policy::{HttpPolicy, RequestParts, RuleRef};
 use membrane_l7proxy::redirect::store::{
-    L7Protocol, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
-    SnapshotError, SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot,
+    L7Protocol, PolicyDelta, PolicySnapshot, PolicyStore, Remotes, SNAPSHOT_FORMAT,
+    SnapshotEndpoint, SnapshotError, SnapshotHttpRule, SnapshotPeer, SnapshotPort, read_snapshot,
 };
 use membrane_l7proxy::redirect::{
     Direction, IdentitySource, PolicyQuery, PolicySource, RedirectHandler, TransparentConfig,
@@ -514,6 +514,59 @@ fn incremental_updates_touch_one_endpoint() {
             .is_none()
     );
     assert_eq!(store.revision(), 3);
+}
+
+#[test]
+fn deltas_apply_on_their_base_only_and_rebuild_the_same_policy() {
+    let old = a_egress_snapshot(8080);
+    let new = snapshot(
+        5,
+        vec![(
+            8,
+            C,
+            vec![port(
+                Direction::Egress,
+                8080,
+                vec![peer(&[], vec![http("PUT", "/x")])],
+            )],
+        )],
+    );
+    let delta = PolicyDelta::between(&old, &new);
+    assert_eq!((delta.base, delta.revision), (1, 5));
+    assert_eq!(delta.remove, [7]);
+    assert_eq!(delta.upsert.iter().map(|e| e.id).collect::<Vec<_>>(), [8]);
+
+    let store = PolicyStore::new();
+    // On another revision than its base, a delta changes nothing.
+    let error = store
+        .apply_delta(delta.clone())
+        .expect_err("base 1, store at 0");
+    assert!(
+        matches!(error, SnapshotError::Base { base: 1, held: 0 }),
+        "{error}"
+    );
+    assert_eq!(store.revision(), 0);
+    store.install(old.clone()).expect("install");
+    assert_eq!(store.apply_delta(delta).expect("on its base"), []);
+    assert_eq!(store.snapshot(), new, "the delta rebuilt the new snapshot");
+    let c_policy = store.http_policy(&query(Direction::Egress, C, 8080, ID_BACKEND));
+    assert_eq!(decide(c_policy.clone(), "PUT", "/x"), Some(true));
+    assert_eq!(decide(c_policy, "GET", "/x"), Some(false));
+    assert!(
+        store
+            .http_policy(&query(Direction::Egress, A, 8080, ID_BACKEND))
+            .is_none(),
+        "the removed endpoint has no policy (denied)"
+    );
+    // An unchanged endpoint is not part of a delta.
+    let same = PolicyDelta::between(
+        &new,
+        &PolicySnapshot {
+            revision: 6,
+            ..new.clone()
+        },
+    );
+    assert!(same.is_empty());
 }
 
 #[tokio::test]

@@ -26,9 +26,15 @@ struct Args {
     /// Pin directory of the datapath's maps (the ipcache is read for identities).
     #[arg(long)]
     pin_dir: PathBuf,
-    /// Policy snapshot written by the agent; watched, re-read when it changes.
+    /// Where the proxy keeps the last HTTP policy it applied: restored at start, so a
+    /// proxy restarted while the agent is away serves by it; rewritten on every change.
     #[arg(long)]
     snapshot: PathBuf,
+    /// The agent's proxy channel (a Unix socket): the proxy connects, says what it holds and
+    /// is sent the policy (incrementally), the DNS rules and the filters. Without it the
+    /// saved configuration is served unchanged.
+    #[arg(long)]
+    agent_channel: Option<PathBuf>,
     /// Port of the listener for flows leaving local endpoints.
     #[arg(long, default_value_t = 15001)]
     egress_port: u16,
@@ -45,12 +51,12 @@ struct Args {
     /// Serve DNS on this port (UDP and TCP, transparent) instead.
     #[arg(long)]
     dns_port: Option<u16>,
-    /// DNS policy snapshot written by the agent; watched, re-read when it changes.
+    /// Where the proxy keeps the last DNS rules it applied (restored at start).
     #[arg(long)]
     dns_snapshot: Option<PathBuf>,
     #[command(flatten)]
     dns: membrane_agent::daemon::DnsSettings,
-    /// `WasmFilter` snapshot written by the agent; watched, re-read when it changes.
+    /// Where the proxy keeps the last `WasmFilter` attachments it applied (restored at start).
     #[arg(long)]
     filter_snapshot: Option<PathBuf>,
     /// The agent's API socket: answers with addresses are held until the agent has mapped
@@ -93,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             node_netns: args.node_netns,
             pin_dir: args.pin_dir,
             snapshot: args.snapshot,
+            agent_channel: args.agent_channel,
             egress_port: args.egress_port,
             ingress_port: args.ingress_port,
             records_socket: args.records_socket,

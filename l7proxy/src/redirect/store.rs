@@ -64,6 +64,52 @@ impl Default for PolicySnapshot {
     }
 }
 
+/// A change from one snapshot revision to the next: the endpoints added or changed, whole,
+/// and the ids of those removed. The agent sends these instead of the whole snapshot once the
+/// proxy holds `base`; the proxy applies one only on top of exactly `base`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDelta {
+    /// The revision this change applies to.
+    pub base: u64,
+    /// The revision after it.
+    pub revision: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert: Vec<SnapshotEndpoint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<u64>,
+}
+
+impl PolicyDelta {
+    /// What turns `old` into `new` (endpoints compared whole; `new`'s revision).
+    pub fn between(old: &PolicySnapshot, new: &PolicySnapshot) -> Self {
+        let before: HashMap<u64, &SnapshotEndpoint> =
+            old.endpoints.iter().map(|e| (e.id, e)).collect();
+        let after: BTreeSet<u64> = new.endpoints.iter().map(|e| e.id).collect();
+        Self {
+            base: old.revision,
+            revision: new.revision,
+            upsert: new
+                .endpoints
+                .iter()
+                .filter(|e| before.get(&e.id) != Some(e))
+                .cloned()
+                .collect(),
+            remove: old
+                .endpoints
+                .iter()
+                .map(|e| e.id)
+                .filter(|id| !after.contains(id))
+                .collect(),
+        }
+    }
+
+    /// Nothing changes but the revision.
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
 /// One local endpoint: its addresses and the HTTP rules of its redirected ports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -289,6 +335,8 @@ pub enum SnapshotError {
         origin.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
     )]
     Format { found: u32, origin: Option<PathBuf> },
+    #[error("policy change from revision {base} does not apply: this proxy holds revision {held}")]
+    Base { base: u64, held: u64 },
 }
 
 /// Reads a snapshot file (does not install it).
@@ -497,6 +545,38 @@ impl PolicyStore {
         let removed = endpoints.remove(&id).is_some();
         self.state.store(Arc::new(State::new(revision, endpoints)));
         removed
+    }
+
+    /// Applies `delta` in one swap (requests see the policy before it or after it, never
+    /// half of it). Refused, changing nothing, unless the store holds exactly `delta.base`.
+    /// Returns the rules that did not compile (dropped).
+    pub fn apply_delta(&self, delta: PolicyDelta) -> Result<Vec<RejectedRule>, SnapshotError> {
+        let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.state.load();
+        if current.revision != delta.base {
+            return Err(SnapshotError::Base {
+                base: delta.base,
+                held: current.revision,
+            });
+        }
+        let mut endpoints = current.endpoints.clone();
+        for id in &delta.remove {
+            endpoints.remove(id);
+        }
+        let mut rejected = Vec::new();
+        for endpoint in delta.upsert {
+            let compiled = Arc::new(compile_endpoint(&endpoint, &mut rejected));
+            endpoints.insert(
+                endpoint.id,
+                EndpointEntry {
+                    spec: Arc::new(endpoint),
+                    compiled,
+                },
+            );
+        }
+        self.state
+            .store(Arc::new(State::new(delta.revision, endpoints)));
+        Ok(rejected)
     }
 
     /// The revision of the last change.
