@@ -640,7 +640,11 @@ pub fn record_to_flow(
             membrane_observer::Direction::Ingress,
         ),
     };
+    let url = v["url"].as_str().unwrap_or_default();
+    // A relayed TLS connection (`serverNames`) is one record with a `tls://` URL: it is not
+    // HTTP, whatever version field the record carries.
     let protocol = match v["version"].as_str().unwrap_or_default() {
+        _ if url.starts_with("tls://") => "TLS",
         "HTTP/1.0" => "HTTP/1.0",
         "HTTP/2.0" => "HTTP/2",
         _ => "HTTP/1.1",
@@ -650,7 +654,7 @@ pub fn record_to_flow(
         kind,
         verdict,
         method: v["method"].as_str().unwrap_or_default().to_owned(),
-        url: v["url"].as_str().unwrap_or_default().to_owned(),
+        url: url.to_owned(),
         protocol: protocol.to_owned(),
         status: v["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
         latency: v["latency_ns"].as_u64().map(Duration::from_nanos),
@@ -886,6 +890,21 @@ spec:
             }],
         };
         let flow = record_to_flow(&record_json(&record), |_| None).expect("a flow");
+        assert_eq!(flow.protocol, "HTTP/1.1");
+        // A relayed TLS connection is labelled TLS, not HTTP.
+        let tls = AccessRecord {
+            kind: RecordKind::Request,
+            method: String::new(),
+            url: "tls://api.github.com:443".into(),
+            version: http::Version::default(),
+            filters: Vec::new(),
+            ..record.clone()
+        };
+        let tls_flow = record_to_flow(&record_json(&tls), |_| None).expect("a flow");
+        assert_eq!(
+            (tls_flow.protocol.as_str(), tls_flow.url.as_str()),
+            ("TLS", "tls://api.github.com:443")
+        );
         assert_eq!(
             flow.headers,
             vec![(

@@ -159,6 +159,10 @@ pub struct TransparentConfig {
     pub access_log: AccessLog,
     /// On shutdown, how long open connections may finish their requests. Default 5 s.
     pub shutdown_grace: Duration,
+    /// A relayed TLS (`serverNames`) connection with no byte moving either way for this
+    /// long is closed, both sides. Default 1 h (Envoy's TCP proxy default): TLS sessions
+    /// may rightly idle, but not forever.
+    pub tls_idle_timeout: Duration,
 }
 
 impl Default for TransparentConfig {
@@ -174,6 +178,7 @@ impl Default for TransparentConfig {
             header_limits: HeaderLimits::default(),
             access_log: AccessLog::disabled(),
             shutdown_grace: Duration::from_secs(5),
+            tls_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -203,6 +208,7 @@ struct Shared {
     policies: Arc<dyn PolicySource>,
     identities: Arc<dyn IdentitySource>,
     pools: UpstreamPools,
+    tls_idle_timeout: Duration,
 }
 
 impl RedirectHandler {
@@ -228,6 +234,7 @@ impl RedirectHandler {
                 policies,
                 identities,
                 pools,
+                tls_idle_timeout: config.tls_idle_timeout,
             }),
             stop: watch::channel(false).0,
         }

@@ -160,11 +160,19 @@ impl Harness {
         original_destination: SocketAddr,
         policies: Arc<dyn PolicySource>,
     ) -> Result<Self> {
+        Self::start_with(original_destination, policies, TransparentConfig::default()).await
+    }
+
+    async fn start_with(
+        original_destination: SocketAddr,
+        policies: Arc<dyn PolicySource>,
+        config: TransparentConfig,
+    ) -> Result<Self> {
         let (access, records) = AccessLog::channel(64);
         let config = TransparentConfig {
             access_log: access,
             connect_timeout: Duration::from_millis(500),
-            ..TransparentConfig::default()
+            ..config
         };
         let handler = Arc::new(RedirectHandler::new(&config, policies, identities()));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -260,6 +268,68 @@ async fn an_allowed_server_name_is_relayed_both_ways_with_the_identity_mark() ->
     );
     assert_eq!(record.error, None);
     serving.abort();
+    Ok(())
+}
+
+/// A relayed connection lives while bytes move, and is closed on both sides once nothing
+/// moved for the idle timeout.
+#[tokio::test]
+async fn a_relayed_connection_is_closed_after_idling() -> Result<()> {
+    // An echo server that keeps each connection open until the peer closes it.
+    let listener = TcpListener::bind(SocketAddr::new(IpAddr::V4(SERVER), 0)).await?;
+    let server_addr = listener.local_addr()?;
+    let (closed_tx, mut closed) = mpsc::channel::<()>(1);
+    let server = tokio::spawn(async move {
+        if let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = closed_tx.send(()).await;
+        }
+    });
+    let store = Arc::new(PolicyStore::new());
+    store.install(tls_snapshot(server_addr.port(), &["api.example.com"]))?;
+    let idle = Duration::from_millis(400);
+    let _proxy = Harness::start_with(
+        server_addr,
+        store,
+        TransparentConfig {
+            tls_idle_timeout: idle,
+            ..TransparentConfig::default()
+        },
+    )
+    .await?;
+    let mut client = connect_from(A, _proxy.addr).await?;
+    client.write_all(HELLO).await?;
+    let mut echoed = vec![0u8; HELLO.len()];
+    tokio::time::timeout(WAIT, client.read_exact(&mut echoed)).await??;
+    // Traffic every 100 ms for three idle periods: never cut.
+    for i in 0..12u8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(&[i]).await?;
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, client.read_exact(&mut byte)).await??;
+        assert_eq!(
+            byte,
+            [i],
+            "still relayed after {} ms",
+            (u32::from(i) + 1) * 100
+        );
+    }
+    // Then silence: the proxy closes both sides.
+    let rest = read_all(&mut client).await;
+    assert!(
+        matches!(&rest, Ok(bytes) if bytes.is_empty())
+            || matches!(&rest, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the client side closed: {rest:?}"
+    );
+    tokio::time::timeout(WAIT, closed.recv())
+        .await
+        .context("the server side was never closed")?;
+    server.abort();
     Ok(())
 }
 

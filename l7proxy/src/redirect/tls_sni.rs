@@ -15,8 +15,8 @@
 //!   read, TLS or not (as Envoy's network filter with empty `server_names`);
 //! - allowed: a connection to the original destination with the proxy's upstream `SO_MARK`
 //!   ([`upstream_mark`]), the buffered bytes replayed first, then both directions relayed
-//!   until either side closes (no idle timeout: a TLS connection may rightly idle for long;
-//!   the proxy's shutdown grace ends it);
+//!   until either side closes, or until no byte has moved either way for
+//!   [`super::TransparentConfig::tls_idle_timeout`] (1 h by default, as Envoy's TCP proxy);
 //! - denied: the client connection is reset (`SO_LINGER` 0), as Cilium's network filter does
 //!   ("access denied" abort), and not a byte reaches the server;
 //! - one access record per connection: `request` (allowed) or `denied`, `url`
@@ -366,6 +366,7 @@ pub(super) struct TlsConnection {
     destination_identity: u32,
     mark: u32,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     access: AccessLog,
 }
 
@@ -392,6 +393,7 @@ impl ConnRouter {
                 destination_identity,
                 mark: upstream_mark(self.direction, source_identity),
                 connect_timeout: self.shared.pools.connect_timeout,
+                idle_timeout: self.shared.tls_idle_timeout,
                 access: access.clone(),
             },
             policy,
@@ -450,7 +452,7 @@ impl TlsConnection {
         );
     }
 
-    async fn relay(&self, mut client: TcpStream, buffered: Vec<u8>, url: String, rule: RuleRef) {
+    async fn relay(&self, client: TcpStream, buffered: Vec<u8>, url: String, rule: RuleRef) {
         self.record(RecordKind::Request, url.clone(), Some(rule), None);
         let connected =
             crate::proxy::connect_upstream(self.destination, Some(self.mark), self.connect_timeout)
@@ -472,9 +474,11 @@ impl TlsConnection {
         if upstream.write_all(&buffered).await.is_err() {
             return;
         }
-        // Ends when both directions are closed, or on the first error (a reset on either
-        // side); dropping both streams then closes the other side.
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        // Ends when both directions are closed, on the first error (a reset on either
+        // side), or after the idle timeout; dropping both streams then closes both sides.
+        if relay_until_idle(client, upstream, self.idle_timeout).await == Relayed::IdledOut {
+            tracing::debug!(%url, idle = ?self.idle_timeout, "relayed TLS connection closed after idling");
+        }
     }
 
     fn record(&self, kind: RecordKind, url: String, rule: Option<RuleRef>, error: Option<String>) {
@@ -498,6 +502,94 @@ impl TlsConnection {
             error,
             filters: Vec::new(),
         });
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Relayed {
+    /// Both sides closed, or one failed.
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    IdledOut,
+}
+
+/// Copies both ways between `client` and `upstream` until both are closed, either fails, or
+/// nothing has been read from either side for `idle`.
+async fn relay_until_idle(client: TcpStream, upstream: TcpStream, idle: Duration) -> Relayed {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let start = tokio::time::Instant::now();
+    // Milliseconds since `start` of the last read that returned bytes.
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Activity {
+        stream: client,
+        start,
+        last: last.clone(),
+    };
+    let mut upstream = Activity {
+        stream: upstream,
+        start,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        let since = start + Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = since + idle;
+        if tokio::time::Instant::now() >= deadline {
+            return Relayed::IdledOut;
+        }
+        tokio::select! {
+            _ = &mut copy => return Relayed::Closed,
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// A stream that notes when a read last returned bytes.
+struct Activity {
+    stream: TcpStream,
+    start: tokio::time::Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Activity {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = self.start.elapsed().as_millis() as u64;
+            self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Activity {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
