@@ -21,7 +21,8 @@ use std::time::SystemTime;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
-use tonic::codegen::BoxStream;
+use bytes::BytesMut;
+use tonic::codegen::{BoxStream, Bytes, http};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -76,9 +77,128 @@ impl ObserverService {
         }
     }
 
-    /// The tonic service to add to a router.
-    pub fn into_server(self) -> ObserverServer<Self> {
-        ObserverServer::new(self)
+    /// The tonic service to add to a router: the generated server, with GetFlows answered
+    /// from encoded responses ([`ObserverRoutes`]).
+    pub fn into_server(self) -> ObserverRoutes {
+        ObserverRoutes {
+            inner: ObserverServer::new(self.clone()),
+            service: self,
+        }
+    }
+
+    /// GetFlows as a stream of encoded `GetFlowsResponse`s.
+    fn get_flows_encoded(
+        &self,
+        request: &GetFlowsRequest,
+    ) -> Result<ReceiverStream<Result<Bytes, Status>>, Status> {
+        let plan = Plan::new(request)?;
+        let position = Cursor::new(&self.shared, &plan);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(stream_flows(Arc::clone(&self.shared), plan, position, tx));
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// `observer.Observer` as served: every method by the generated server except GetFlows,
+/// whose responses are encoded straight from the ring's flows (a subscriber costs one
+/// encoding per flow, not a deep copy of it and then an encoding).
+#[derive(Clone)]
+pub struct ObserverRoutes {
+    inner: ObserverServer<ObserverService>,
+    service: ObserverService,
+}
+
+impl tonic::server::NamedService for ObserverRoutes {
+    const NAME: &'static str = "observer.Observer";
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for ObserverRoutes
+where
+    B: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != "/observer.Observer/GetFlows" {
+            return self.inner.call(request);
+        }
+        let service = self.service.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(EncodedCodec);
+            Ok(grpc
+                .server_streaming(GetFlowsEncoded(service), request)
+                .await)
+        })
+    }
+}
+
+struct GetFlowsEncoded(ObserverService);
+
+impl tonic::server::ServerStreamingService<GetFlowsRequest> for GetFlowsEncoded {
+    type Response = Bytes;
+    type ResponseStream = BoxStream<Bytes>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<GetFlowsRequest>) -> Self::Future {
+        let started = self
+            .0
+            .get_flows_encoded(request.get_ref())
+            .map(|stream| Response::new(Box::pin(stream) as BoxStream<Bytes>));
+        Box::pin(async move { started })
+    }
+}
+
+/// Decodes `GetFlowsRequest`s, writes already-encoded responses as they are.
+struct EncodedCodec;
+
+impl tonic::codec::Codec for EncodedCodec {
+    type Encode = Bytes;
+    type Decode = GetFlowsRequest;
+    type Encoder = EncodedCodec;
+    type Decoder = EncodedCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        EncodedCodec
+    }
+}
+
+impl tonic::codec::Encoder for EncodedCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes::BufMut as _;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for EncodedCodec {
+    type Item = GetFlowsRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<GetFlowsRequest>, Status> {
+        use prost::Message as _;
+        GetFlowsRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("GetFlowsRequest: {e}")))
     }
 }
 
@@ -174,15 +294,35 @@ impl Plan {
     }
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "short-lived, one per ring entry; the response is sent right away"
-)]
 enum Step {
-    Send(GetFlowsResponse),
+    /// An encoded `GetFlowsResponse`, and whether it carries a flow.
+    Send(Bytes, bool),
     Skip,
     /// A flow after `until`: the stream ends.
     Stop,
+}
+
+/// A `GetFlowsResponse` carrying `flow`, encoded straight from the ring's copy: no clone of
+/// the flow per subscriber (field numbers from Hubble's observer.proto: `flow` 1,
+/// `node_name` 1000, `time` 1001; like Hubble, time and node come from the flow).
+fn encode_flow_response(flow: &Flow) -> Bytes {
+    use prost::Message as _;
+    let time_len = flow.time.as_ref().map_or(0, |t| t.encoded_len() + 4);
+    let mut buf =
+        BytesMut::with_capacity(flow.encoded_len() + flow.node_name.len() + time_len + 16);
+    prost::encoding::message::encode(1, flow, &mut buf);
+    if !flow.node_name.is_empty() {
+        prost::encoding::string::encode(1000, &flow.node_name, &mut buf);
+    }
+    if let Some(time) = &flow.time {
+        prost::encoding::message::encode(1001, time, &mut buf);
+    }
+    buf.freeze()
+}
+
+fn encode_response(response: &GetFlowsResponse) -> Bytes {
+    use prost::Message as _;
+    Bytes::from(response.encode_to_vec())
 }
 
 fn lost_response(
@@ -200,9 +340,10 @@ fn lost_response(
 impl Plan {
     fn step(&self, entry: &Entry, node_name: &str) -> Step {
         match &entry.event {
-            RingEvent::Lost(lost, time) => {
-                Step::Send(lost_response(*lost, *time, node_name.to_owned()))
-            }
+            RingEvent::Lost(lost, time) => Step::Send(
+                encode_response(&lost_response(*lost, *time, node_name.to_owned())),
+                false,
+            ),
             RingEvent::Flow(flow) => {
                 if self.since.is_some() || self.until.is_some() {
                     let Some(t) = Self::flow_nanos(flow) else {
@@ -219,12 +360,12 @@ impl Plan {
                     return Step::Skip;
                 }
                 // Like Hubble, the response's time and node come from the (masked) flow.
-                let flow = self.mask.apply(flow);
-                Step::Send(GetFlowsResponse {
-                    time: flow.time,
-                    node_name: flow.node_name.clone(),
-                    response_types: Some(ResponseTypes::Flow(flow)),
-                })
+                let encoded = if self.mask.is_active() {
+                    encode_flow_response(&self.mask.apply(flow))
+                } else {
+                    encode_flow_response(flow)
+                };
+                Step::Send(encoded, true)
             }
         }
     }
@@ -256,7 +397,7 @@ async fn stream_flows(
     shared: Arc<Shared>,
     plan: Plan,
     position: Cursor,
-    tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
 ) {
     let Cursor {
         start: mut cursor,
@@ -279,7 +420,11 @@ async fn stream_flows(
             };
             let now = timefmt::timestamp(SystemTime::now());
             if tx
-                .send(Ok(lost_response(lost, now, node_name.clone())))
+                .send(Ok(encode_response(&lost_response(
+                    lost,
+                    now,
+                    node_name.clone(),
+                ))))
                 .await
                 .is_err()
             {
@@ -291,12 +436,11 @@ async fn stream_flows(
             if end.is_some_and(|end| entry.seq >= end) {
                 return;
             }
-            let response = match plan.step(entry, &node_name) {
-                Step::Send(response) => response,
+            let (response, is_flow) = match plan.step(entry, &node_name) {
+                Step::Send(response, is_flow) => (response, is_flow),
                 Step::Skip => continue,
                 Step::Stop => return,
             };
-            let is_flow = matches!(response.response_types, Some(ResponseTypes::Flow(_)));
             if tx.send(Ok(response)).await.is_err() {
                 return; // The client went away.
             }
@@ -330,11 +474,16 @@ impl observer_server::Observer for ObserverService {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<BoxStream<GetFlowsResponse>>, Status> {
-        let plan = Plan::new(request.get_ref())?;
-        let position = Cursor::new(&self.shared, &plan);
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(stream_flows(Arc::clone(&self.shared), plan, position, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // Served by [`ObserverRoutes`] from encoded responses; this typed form (for callers
+        // of the trait) decodes them again.
+        use prost::Message as _;
+        use tokio_stream::StreamExt as _;
+        let encoded = self.get_flows_encoded(request.get_ref())?;
+        Ok(Response::new(Box::pin(encoded.map(|item| {
+            item.and_then(|bytes| {
+                GetFlowsResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+            })
+        }))))
     }
 
     async fn get_namespaces(
