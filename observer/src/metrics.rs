@@ -49,7 +49,23 @@ impl Histogram {
     }
 }
 
-type Counters<const N: usize> = BTreeMap<[String; N], u64>;
+/// Counters by label values. Looked up with borrowed values ([`LabelsRef`]), so counting a
+/// flow allocates only the first time a label combination is seen; sorted when rendered.
+type Counters<const N: usize> = hashbrown::HashMap<Labels<N>, u64>;
+
+/// Owned label values (hashes as `[String; N]` does, like [`LabelsRef`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Labels<const N: usize>([String; N]);
+
+/// Borrowed label values, for lookups.
+#[derive(Hash)]
+struct LabelsRef<'a, const N: usize>([&'a str; N]);
+
+impl<const N: usize> hashbrown::Equivalent<Labels<N>> for LabelsRef<'_, N> {
+    fn equivalent(&self, key: &Labels<N>) -> bool {
+        self.0.iter().zip(&key.0).all(|(a, b)| *a == b.as_str())
+    }
+}
 
 #[derive(Default)]
 struct State {
@@ -65,8 +81,11 @@ struct State {
 }
 
 fn bump<const N: usize>(map: &mut Counters<N>, labels: [&str; N]) {
-    let key = labels.map(str::to_owned);
-    *map.entry(key).or_default() += 1;
+    if let Some(count) = map.get_mut(&LabelsRef(labels)) {
+        *count += 1;
+    } else {
+        map.insert(Labels(labels.map(str::to_owned)), 1);
+    }
 }
 
 /// Loss counts the renderer needs from the pipeline.
@@ -111,6 +130,30 @@ pub fn flow_protocol(flow: &Flow) -> &'static str {
 
 fn verdict_name(flow: &Flow) -> &'static str {
     Verdict::try_from(flow.verdict).map_or("VERDICT_UNKNOWN", |v| v.as_str_name())
+}
+
+/// `name` in lower case, without allocating for the names the policy metric uses.
+fn lowercase(name: &'static str) -> std::borrow::Cow<'static, str> {
+    std::borrow::Cow::Borrowed(match name {
+        "INGRESS" => "ingress",
+        "EGRESS" => "egress",
+        "TRAFFIC_DIRECTION_UNKNOWN" => "traffic_direction_unknown",
+        "FORWARDED" => "forwarded",
+        "DROPPED" => "dropped",
+        "ERROR" => "error",
+        "AUDIT" => "audit",
+        "REDIRECTED" => "redirected",
+        "TRACED" => "traced",
+        "TRANSLATED" => "translated",
+        "VERDICT_UNKNOWN" => "verdict_unknown",
+        "L3-Only" => "l3-only",
+        "L3-L4" => "l3-l4",
+        "L4-Only" => "l4-only",
+        "L3-Proto" => "l3-proto",
+        "Proto-Only" => "proto-only",
+        other if !other.bytes().any(|b| b.is_ascii_uppercase()) => other,
+        other => return std::borrow::Cow::Owned(other.to_lowercase()),
+    })
 }
 
 fn direction_name(flow: &Flow) -> &'static str {
@@ -236,12 +279,12 @@ impl Metrics {
 
         // policy: L3/L4 verdicts (not from the host, which may reach any local endpoint)
         // and L7 access-log verdicts.
-        let direction = direction_name(flow).to_lowercase();
-        let action = verdict.to_lowercase();
+        let direction = lowercase(direction_name(flow));
+        let action = lowercase(verdict);
         if event_type == monitor_type::POLICY_VERDICT {
             let from_host = flow.source.as_ref().is_some_and(|e| e.identity == 1);
             if !from_host {
-                let matched = names::match_type_name(flow.policy_match_type).to_lowercase();
+                let matched = lowercase(names::match_type_name(flow.policy_match_type));
                 bump(&mut s.policy_verdicts, [&direction, &matched, &action]);
             }
         } else if event_type == monitor_type::ACCESS_LOG {
@@ -326,11 +369,11 @@ impl Metrics {
 
         let hubble_lost: Counters<1> = [
             (
-                ["observer_events_queue".to_owned()],
+                Labels(["observer_events_queue".to_owned()]),
                 lost.observer_events_queue,
             ),
             (
-                ["perf_event_ring_buffer".to_owned()],
+                Labels(["perf_event_ring_buffer".to_owned()]),
                 lost.perf_event_ring_buffer,
             ),
         ]
@@ -345,7 +388,7 @@ impl Metrics {
         );
         let producer_lost: Counters<1> = crate::input::FlowSource::ALL
             .iter()
-            .map(|s| ([s.as_str().to_owned()], lost.by_producer[s.index()]))
+            .map(|s| (Labels([s.as_str().to_owned()]), lost.by_producer[s.index()]))
             .collect();
         counter(
             &mut out,
@@ -393,8 +436,14 @@ fn counter<const N: usize>(
     }
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} counter");
-    for (values, count) in samples {
-        let _ = writeln!(out, "{name}{{{}}} {count}", label_set(labels, values, None));
+    let mut sorted: Vec<(&Labels<N>, &u64)> = samples.iter().collect();
+    sorted.sort_unstable();
+    for (values, count) in sorted {
+        let _ = writeln!(
+            out,
+            "{name}{{{}}} {count}",
+            label_set(labels, &values.0, None)
+        );
     }
 }
 
@@ -446,6 +495,33 @@ mod tests {
     use crate::convert::tests::{datapath, dns, enricher, http};
     use crate::convert::to_flow;
     use crate::input::{DatapathEventKind, DatapathVerdict, FlowInput, L7Kind, L7Verdict};
+
+    #[test]
+    fn lowercase_names_match_to_lowercase() {
+        for name in [
+            "INGRESS",
+            "EGRESS",
+            "TRAFFIC_DIRECTION_UNKNOWN",
+            "FORWARDED",
+            "DROPPED",
+            "ERROR",
+            "AUDIT",
+            "REDIRECTED",
+            "TRACED",
+            "TRANSLATED",
+            "VERDICT_UNKNOWN",
+            "L3-Only",
+            "L3-L4",
+            "L4-Only",
+            "all",
+            "L3-Proto",
+            "Proto-Only",
+            "none",
+            "SOMETHING_NEW",
+        ] {
+            assert_eq!(lowercase(name), name.to_lowercase(), "{name}");
+        }
+    }
 
     fn observe(metrics: &Metrics, input: FlowInput) {
         metrics.observe(&to_flow(&input, &enricher(), "node-1"));

@@ -18,10 +18,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::BytesMut;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
-use bytes::BytesMut;
 use tonic::codegen::{BoxStream, Bytes, http};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
