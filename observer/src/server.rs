@@ -306,10 +306,9 @@ enum Step {
 /// the flow per subscriber (field numbers from Hubble's observer.proto: `flow` 1,
 /// `node_name` 1000, `time` 1001; like Hubble, time and node come from the flow).
 fn encode_flow_response(flow: &Flow) -> Bytes {
-    use prost::Message as _;
-    let time_len = flow.time.as_ref().map_or(0, |t| t.encoded_len() + 4);
-    let mut buf =
-        BytesMut::with_capacity(flow.encoded_len() + flow.node_name.len() + time_len + 16);
+    // A typical flow encodes to a few hundred bytes; the buffer grows for larger ones
+    // (measuring first would walk the whole flow once more).
+    let mut buf = BytesMut::with_capacity(1024);
     prost::encoding::message::encode(1, flow, &mut buf);
     if !flow.node_name.is_empty() {
         prost::encoding::string::encode(1000, &flow.node_name, &mut buf);
