@@ -258,7 +258,7 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
     assert_eq!(body, "ok GET /auth/data");
     let seen = upstream.seen();
     assert_eq!(seen.len(), 2, "one callout, then the request");
-    assert_eq!(seen[0].uri, "/check");
+    assert_eq!(seen[0].uri, "/check?token=good");
     assert_eq!(header(&seen[0].headers, "x-token"), Some("good"));
     assert_eq!(header(&seen[1].headers, "x-auth"), Some("ok alice"));
 
@@ -275,7 +275,28 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
         3,
         "the denied request never reached the upstream"
     );
-    while proxy.records.try_recv().is_ok() {}
+    // The callouts' outcomes are in the records (flows show them as x-membrane-filter).
+    let mut callouts = Vec::new();
+    while let Ok(record) = proxy.records.try_recv() {
+        callouts.extend(
+            record
+                .filters
+                .into_iter()
+                .filter(|f| matches!(f.outcome, FilterOutcome::Callout { .. }))
+                .map(|f| (f.phase, f.outcome)),
+        );
+    }
+    let callout = |status| {
+        (
+            "request_headers",
+            FilterOutcome::Callout {
+                upstream: "authz".into(),
+                status,
+            },
+        )
+    };
+    assert!(callouts.contains(&callout(Some(200))), "{callouts:?}");
+    assert!(callouts.contains(&callout(Some(401))), "{callouts:?}");
     proxy.stop().await?;
 
     // The authorization service is down: the filter sees a failed call (0 headers) and
@@ -307,6 +328,52 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(body, "callout refused\n");
     proxy2.stop().await?;
+    proxy.stop().await
+}
+
+/// A callout from the request body phase (Envoy allows callouts from every phase): the filter
+/// buffers the whole body, asks with it, and the proxy holds the body until the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_phase_callouts_hold_the_body_until_answered() -> Result<()> {
+    let dir = TempDir::new("body-callouts");
+    let cfg = dir.write("config", "c");
+    let upstream = start_upstream().await?;
+    let set = filter_set(&cfg, &[("authz", upstream.addr)])?;
+    let mut proxy = start_filtered(upstream.addr, None, &set).await?;
+    let mut client = h1_client(proxy.addr).await?;
+
+    let post = |body: &'static str| {
+        Request::post("/body-auth")
+            .header("host", "svc.test")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+    };
+    let (status, _, body) = send_h1(&mut client, post("good")?).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "good", "the held body reached the upstream whole");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2, "one callout, then the request: {seen:?}");
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].uri.as_str()),
+        ("POST", "/check?token=good")
+    );
+    assert_eq!(seen[1].uri, "/body-auth");
+    let record = response_record(&mut proxy).await?;
+    assert!(
+        record.filters.iter().any(|f| f.phase == "request_body"
+            && f.outcome
+                == FilterOutcome::Callout {
+                    upstream: "authz".into(),
+                    status: Some(200)
+                }),
+        "{record}"
+    );
+
+    let (status, headers, body) = send_h1(&mut client, post("bad")?).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "denied by authz\n");
+    assert_eq!(header(&headers, "x-denied-by"), Some("authz"));
+    // As in Envoy, the head went upstream before the body phase ran; the body never
+    // completed there, and the client got the filter's answer, not the upstream's echo.
     proxy.stop().await
 }
 

@@ -91,6 +91,20 @@ pub const fn upstream_mark(direction: Direction, source_identity: u32) -> u32 {
     mark::encode_identity(magic, source_identity)
 }
 
+/// The `SO_MARK` of the Wasm filters' callout connections (`proxy_http_call` to a
+/// `WasmFilter`'s upstream): "from the egress proxy" with identity `reserved:host`.
+///
+/// A callout is the node's own request, not the client pod's: it is attributed to the host,
+/// as the node's processes are (Cilium's Envoy connects to its own clusters from the host
+/// too). The egress magic matters twice: the datapath never redirects a marked packet back to
+/// the proxy (without a mark, a callout to a pod whose ingress has L7 rules on that port
+/// would be redirected to the ingress proxy, whose filters could call out again), and,
+/// unlike the ingress magic, it does not skip the destination's ingress policy: a pod that
+/// serves callouts must allow `reserved:host` on that port — which `allow-localhost` (on by
+/// default) does. Destinations outside the node see the node's address, as for any node
+/// traffic.
+pub const CALLOUT_MARK: u32 = upstream_mark(Direction::Egress, membrane_common::identity::HOST);
+
 /// Security identity of an address (the agent implements it over the ipcache: longest
 /// prefix, unknown ⇒ world). Called for every request, on the request path: it must be fast
 /// and must not block.
@@ -215,6 +229,7 @@ impl RedirectHandler {
             config.access_log.clone(),
             config.header_limits,
             config.idle_timeout,
+            Some(CALLOUT_MARK),
         ));
         let pools = UpstreamPools {
             clients: Mutex::new(HashMap::new()),
