@@ -8,60 +8,25 @@
 
 #[path = "../../l7proxy/tests/common/mod.rs"]
 mod common;
+#[path = "support/guest.rs"]
+mod guest;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use common::*;
+use guest::guest_module;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use membrane_agent::wasm_filters::{FilterSource, WasmFilterError, WasmFilterSet};
 use membrane_filters::HostConfig;
 use membrane_l7proxy::access::{AccessRecord, FilterOutcome, RecordKind};
 use membrane_l7proxy::policy::{HttpPolicy, HttpRuleSpec};
-
-const TARGET: &str = "wasm32-wasip1";
-
-/// Builds the upstream-SDK guest once per test binary; returns the module's path.
-fn guest_module() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/upstream-sdk");
-            let target_dir = match option_env!("CARGO_TARGET_TMPDIR") {
-                Some(t) => PathBuf::from(t).join("wasm-guests"),
-                None => std::env::temp_dir().join("membrane-wasm-guests"),
-            };
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .current_dir(&dir)
-                .args(["build", "--release", "--quiet", "--target", TARGET])
-                .arg("--target-dir")
-                .arg(&target_dir)
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .env_remove("CARGO_BUILD_TARGET")
-                .status()
-                .expect("run cargo for the guest filter");
-            assert!(
-                status.success(),
-                "building {} for {TARGET} failed (is the target installed? \
-                 `rustup target add {TARGET}`)",
-                dir.display()
-            );
-            target_dir
-                .join(TARGET)
-                .join("release")
-                .join("upstream_sdk_filter.wasm")
-        })
-        .clone()
-}
 
 /// A temporary directory for configuration files, removed on drop.
 struct TempDir(PathBuf);
