@@ -578,6 +578,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_resource_with_upstreams_parses() {
+        let (m, sha) = module();
+        let text = include_str!("../../examples/policies/wasm-filter-callout.yaml")
+            .replace(
+                "/var/lib/membrane/filters/authz_callout.wasm",
+                &m.display().to_string(),
+            )
+            .replace(&"0".repeat(64), &sha);
+        let (_, filters) = split_documents(&text, "wasm-filter-callout.yaml").unwrap();
+        assert_eq!(filters[0].key(), "WasmFilter default/api-authz");
+        assert_eq!(
+            filters[0].upstreams,
+            vec![CalloutUpstream {
+                name: "authz".into(),
+                address: "198.51.100.10:9001".parse().unwrap()
+            }]
+        );
+        assert!(filters[0].config.starts_with("upstream=authz\n"));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let (m, sha) = module();
         let cases = [

@@ -323,6 +323,10 @@ impl ChainStream {
         };
         let step = self.step(i, phase, cb);
         self.filters[i].own.call_response = None;
+        if self.finished {
+            // The stream is ending: whatever the filter asks for has no one to go to.
+            return Action::Continue;
+        }
         let paused_here = self.paused.is_some_and(|(_, p)| p == i);
         match step {
             Step::Pause => self.resting_action(),
@@ -468,8 +472,9 @@ impl ChainStream {
             return;
         }
         self.paused = None;
-        self.fail_unsent_calls();
+        // From here on callbacks only inform the filters (see deliver_call_response).
         self.finished = true;
+        self.fail_unsent_calls();
         for fs in &mut self.filters {
             let Some(slot) = fs.slot.clone() else {
                 continue;

@@ -12,6 +12,7 @@
 //! | `/upper` | request body buffered and upper-cased; `content-length` removed |
 //! | `/auth` | callout to upstream `authz` (`GET /check?token=<x-token>`, `x-token` copied); 200 ⇒ `x-auth: ok <callout body>` added and the request resumes; other ⇒ 403 `denied by authz`; failed call ⇒ 503 |
 //! | `/body-auth` | request body buffered to its end, then the same callout from the body phase with the body as token (`POST /check?token=<body>`, body sent too); 200 ⇒ the body goes on upstream; other ⇒ 403; failed ⇒ 503 |
+//! | `/fire` | callout to `authz` made, then the request goes on without waiting (fire and forget) |
 //! | `/peek` | local reply 200 with the peer properties, one `name=value` line each: `source.identity` (8-byte LE decoded), `.labels` (`k=v` joined by `,`, sorted), `.namespace`, `.workload`, then the same for `destination` (`-` when absent) |
 //! | `/ticks` | local reply 200 with the number of `on_tick`s this instance saw (period 10 ms) |
 //! | `/loop` | never returns (the host's deadline must stop it) |
@@ -180,6 +181,14 @@ impl HttpContext for Stream {
         } else if path.starts_with("/auth") {
             let token = self.get_http_request_header("x-token").unwrap_or_default();
             return self.ask_authz("GET", &token, None);
+        } else if path.starts_with("/fire") {
+            let _ = self.dispatch_http_call(
+                "authz",
+                vec![(":method", "GET"), (":path", "/check?token=fire"), (":authority", "authz")],
+                None,
+                vec![],
+                Duration::from_secs(5),
+            );
         } else if path.starts_with("/peek") {
             let body = format!("{}{}", self.peer_lines("source"), self.peer_lines("destination"));
             self.send_http_response(200, vec![], Some(body.as_bytes()));
