@@ -296,10 +296,12 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
     proxy.stop().await
 }
 
-/// A callout from the request body phase (Envoy allows callouts from every phase): the filter
-/// buffers the whole body, asks with it, and the proxy holds the body until the answer.
+/// Callouts from other phases than request headers (Envoy allows them from every callback):
+/// from the request body phase (the filter buffers the whole body and asks with it; the proxy
+/// holds the body until the answer), from the response headers phase, and made in a phase
+/// that goes on (never sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn body_phase_callouts_hold_the_body_until_answered() -> Result<()> {
+async fn callouts_from_body_and_response_phases() -> Result<()> {
     let dir = TempDir::new("body-callouts");
     let cfg = dir.write("config", "c");
     let upstream = start_upstream().await?;
@@ -345,10 +347,31 @@ async fn body_phase_callouts_hold_the_body_until_answered() -> Result<()> {
     assert_eq!(body, "denied by authz\n");
     assert_eq!(header(&headers, "x-denied-by"), Some("authz"));
 
+    // From the response headers phase: the answer decides whether the upstream's response
+    // goes on.
+    let resp = |token: &'static str| {
+        Request::get("/resp-auth")
+            .header("host", "svc.test")
+            .header("x-token", token)
+            .body(Full::new(Bytes::new()))
+    };
+    // (A local reply before the request body was read closes its connection: a new one.)
+    let mut client = h1_client(proxy.addr).await?;
+    let (status, headers, body) = send_h1(&mut client, resp("good")?).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "ok GET /resp-auth")
+    );
+    assert_eq!(header(&headers, "x-auth"), Some("ok"));
+    let (status, _, body) = send_h1(&mut client, resp("bad")?).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "denied by authz\n")
+    );
+
     // A callout made in a phase that goes on is never sent (documented: only a paused phase
     // waits for callouts); the filter is told it failed when the stream ends.
     let before = upstream.count();
-    // The body-phase reply closed that connection (its body was not read to the end).
     let mut client = h1_client(proxy.addr).await?;
     let (status, _, body) = send_h1(&mut client, get("/fire")).await?;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok GET /fire"));

@@ -12,6 +12,7 @@
 //! | `/upper` | request body buffered and upper-cased; `content-length` removed |
 //! | `/auth` | callout to upstream `authz` (`GET /check?token=<x-token>`, `x-token` copied); 200 ⇒ `x-auth: ok <callout body>` added and the request resumes; other ⇒ 403 `denied by authz`; failed call ⇒ 503 |
 //! | `/body-auth` | request body buffered to its end, then the same callout from the body phase with the body as token (`POST /check?token=<body>`, body sent too); 200 ⇒ the body goes on upstream; other ⇒ 403; failed ⇒ 503 |
+//! | `/resp-auth` | the same callout from the response headers phase (token: the request's `x-token`); 200 ⇒ the response goes on with `x-auth: ok`; other ⇒ 403 instead of the upstream's response |
 //! | `/fire` | callout to `authz` made, then the request goes on without waiting (fire and forget) |
 //! | `/peek` | local reply 200 with the peer properties, one `name=value` line each: `source.identity` (8-byte LE decoded), `.labels` (`k=v` joined by `,`, sorted), `.namespace`, `.workload`, then the same for `destination` (`-` when absent) |
 //! | `/ticks` | local reply 200 with the number of `on_tick`s this instance saw (period 10 ms) |
@@ -67,6 +68,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             config: self.config.clone(),
             path: String::new(),
+            token: String::new(),
         }))
     }
 }
@@ -74,6 +76,7 @@ impl RootContext for Root {
 struct Stream {
     config: String,
     path: String,
+    token: String,
 }
 
 impl Context for Stream {
@@ -83,6 +86,10 @@ impl Context for Stream {
             return;
         }
         match self.get_http_call_response_header(":status").as_deref() {
+            Some("200") if self.path.starts_with("/resp-auth") => {
+                self.set_http_response_header("x-auth", Some("ok"));
+                self.resume_http_response();
+            }
             Some("200") => {
                 if !self.path.starts_with("/body-auth") {
                     // Still in the request headers phase: the head can change.
@@ -170,6 +177,7 @@ fn decode_pairs(bytes: &[u8]) -> Vec<(String, String)> {
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.token = self.get_http_request_header("x-token").unwrap_or_default();
         self.add_http_request_header("x-filter-added", "1");
         self.set_http_request_header("x-remove-me", None);
         self.set_http_request_header("x-replace-me", Some("replaced"));
@@ -243,6 +251,10 @@ impl HttpContext for Stream {
         self.set_http_response_header("x-config", Some(&self.config.clone()));
         if self.path.starts_with("/redact") {
             self.set_http_response_header("content-length", None);
+        }
+        if self.path.starts_with("/resp-auth") {
+            let token = self.token.clone();
+            return self.ask_authz("GET", &token, None);
         }
         Action::Continue
     }
