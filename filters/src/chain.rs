@@ -249,7 +249,8 @@ impl ChainStream {
         self.resumed_body.take()
     }
 
-    /// Whether a headers phase is paused (waiting for a callout to resume it).
+    /// Whether a phase is paused (a headers phase waiting for a callout, or a body phase
+    /// buffering or waiting for one).
     pub fn is_paused(&self) -> bool {
         self.paused.is_some()
     }
