@@ -13,8 +13,9 @@
 //! its resolv.conf, i.e. the cluster DNS, and the DNS proxy once policies redirect DNS), then
 //! the resolved address is connected to (the `to-fqdns` scenario: the address must be open
 //! right after the lookup). A DNS check runs `dig` in the pod and expects a status (NOERROR,
-//! REFUSED) from the DNS proxy, plus the datapath's redirect of the query. The Wasm scenario is
-//! not in the list yet: filters are not attached on the node (see README).
+//! REFUSED) from the DNS proxy, plus the datapath's redirect of the query. The Wasm scenario
+//! (`echo-ingress-wasm-local-reply`) attaches an example filter with a `WasmFilter`; Wasm
+//! callouts and peer properties on the node are covered by `agent/tests/lab.rs`.
 
 use std::{
     net::Ipv4Addr,

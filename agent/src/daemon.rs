@@ -1448,14 +1448,37 @@ impl State {
     /// longer bound than the policy snapshots'.
     #[cfg(feature = "proxy")]
     fn write_filter_snapshot(&mut self) -> Result<(), AgentError> {
-        let endpoints: Vec<(u64, std::net::Ipv4Addr, &Labels)> = self
+        let endpoints: Vec<crate::wasm_node::EndpointView<'_>> = self
             .endpoints
             .values()
-            .map(|e| (u64::from(e.id), e.spec.ipv4, &e.labels))
+            .map(|e| crate::wasm_node::EndpointView {
+                id: u64::from(e.id),
+                ip: e.spec.ipv4,
+                namespace: &e.spec.namespace,
+                pod: &e.spec.name,
+                labels: &e.labels,
+            })
             .collect();
         let resources: Vec<&crate::wasm_resource::WasmFilterResource> =
             self.wasm_filters.values().collect();
-        let snapshot = crate::wasm_node::snapshot_of(endpoints, &resources);
+        // Peer tables only matter with filters; skip building them otherwise.
+        let peers = if resources.is_empty() {
+            crate::wasm_node::SnapshotPeers::default()
+        } else {
+            let (peers, dropped) = crate::wasm_node::peers_of(
+                &endpoints,
+                self.identities.iter().map(|(id, labels)| (id.0, labels)),
+            );
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    max = crate::wasm_node::MAX_SNAPSHOT_IDENTITIES,
+                    "filter snapshot: identities past the bound carry no labels for filters"
+                );
+            }
+            peers
+        };
+        let snapshot = crate::wasm_node::snapshot_of(&endpoints, &resources, peers);
         let mut previous = self.filter_snapshot.take();
         let written = self.publish(
             &mut previous,

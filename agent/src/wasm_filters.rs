@@ -303,22 +303,9 @@ impl HttpFilters for WasmFilterSet {
         start_stream(&self.chain(), meta)
     }
 
-    fn callout_upstream(&self, name: &str) -> Option<SocketAddr> {
+    /// Every filter of the standalone chain shares the `--filter-upstream` names.
+    fn callout_upstream(&self, _filter: &str, name: &str) -> Option<SocketAddr> {
         self.upstreams.get(name).copied()
-    }
-}
-
-/// A fixed chain as the proxy's filters (transparent mode: one per endpoint, direction and
-/// port; no callout upstreams).
-pub struct ChainFilters(pub FilterChain);
-
-impl HttpFilters for ChainFilters {
-    fn start(&self, meta: StreamMeta) -> Option<Box<dyn FilterStream>> {
-        start_stream(&self.0, meta)
-    }
-
-    fn callout_upstream(&self, _name: &str) -> Option<SocketAddr> {
-        None
     }
 }
 
@@ -442,6 +429,7 @@ impl FilterStream for WasmStream {
                 self.calls.insert(self.next_call, call.id);
                 Callout {
                     id: self.next_call,
+                    filter: call.filter.to_string(),
                     upstream: call.upstream,
                     head: to_pairs(&call.headers),
                     body: Bytes::from(call.body),
@@ -476,6 +464,10 @@ impl FilterStream for WasmStream {
         convert(action)
     }
 
+    fn resumed_body(&mut self) -> Vec<u8> {
+        self.stream.take_resumed_body().unwrap_or_default()
+    }
+
     fn records(&self) -> Vec<FilterRecord> {
         self.stream
             .decisions()
@@ -490,6 +482,10 @@ impl FilterStream for WasmStream {
                     DecisionKind::HeadersModified => FilterOutcome::HeadersModified,
                     DecisionKind::BodyModified => FilterOutcome::BodyModified,
                     DecisionKind::Closed => FilterOutcome::Closed,
+                    DecisionKind::Callout { upstream, status } => FilterOutcome::Callout {
+                        upstream: upstream.clone(),
+                        status: *status,
+                    },
                     DecisionKind::Failed { reason, outcome } => FilterOutcome::Failed {
                         reason: reason.clone(),
                         action: match outcome {

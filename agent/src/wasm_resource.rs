@@ -19,7 +19,16 @@
 //!   order: 10                   # optional: lower runs first (default 0; then by name)
 //!   failurePolicy: FailClosed   # FailClosed (default) | FailOpen | Reload
 //!   failureStatus: 503          # optional: the status of a failed-closed stream
+//!   upstreams:                  # optional: the names proxy_http_call may use (Envoy: clusters)
+//!   - name: auth
+//!     address: 10.0.0.5:9001    # IP:PORT (no DNS: the proxy never resolves names)
 //! ```
+//!
+//! A callout leaves the node proxy marked "from the egress proxy" with identity
+//! `reserved:host` (`membrane_l7proxy::redirect::CALLOUT_MARK`): the datapath never
+//! redirects it back to the proxy, and a pod serving callouts sees them from the host, which
+//! `allow-localhost` admits. A name the filter calls that is not listed gets `BAD_ARGUMENT`
+//! (Envoy's answer for an unknown cluster).
 //!
 //! Filters run on requests the proxy handles — ports with HTTP rules, after the HTTP policy
 //! allowed the request — as with Envoy's filters after Cilium's L7 policy. A selected port
@@ -28,6 +37,7 @@
 //! directory and `membrane policy apply`, mixed with policies in one file if wanted; errors
 //! name the file, the resource and the field, and a file with any error changes nothing.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use membrane_policy::{EndpointSelector, LabelSource, Labels};
@@ -69,6 +79,17 @@ pub enum FailurePolicy {
     Reload,
 }
 
+/// One named upstream of `spec.upstreams`: where the filter's `proxy_http_call(NAME, …)`
+/// goes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CalloutUpstream {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+/// Most `spec.upstreams` one filter may name.
+pub const MAX_UPSTREAMS: usize = 64;
+
 /// One validated `WasmFilter`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WasmFilterResource {
@@ -88,6 +109,8 @@ pub struct WasmFilterResource {
     pub order: i64,
     pub failure_policy: FailurePolicy,
     pub failure_status: u16,
+    /// `spec.upstreams`, sorted by name (names are unique).
+    pub upstreams: Vec<CalloutUpstream>,
 }
 
 impl WasmFilterResource {
@@ -231,6 +254,7 @@ pub fn parse(doc: &Value, at: &str) -> Result<WasmFilterResource, String> {
                 | "order"
                 | "failurePolicy"
                 | "failureStatus"
+                | "upstreams"
         ) {
             return Err(format!("{at}: spec.{key}: unknown field"));
         }
@@ -383,6 +407,7 @@ pub fn parse(doc: &Value, at: &str) -> Result<WasmFilterResource, String> {
             .ok_or_else(|| format!("{at}: spec.failureStatus: expected an HTTP status 200-599"))?
             as u16,
     };
+    let upstreams = parse_upstreams(spec, &at)?;
     Ok(WasmFilterResource {
         name,
         namespace,
@@ -396,7 +421,71 @@ pub fn parse(doc: &Value, at: &str) -> Result<WasmFilterResource, String> {
         order,
         failure_policy,
         failure_status,
+        upstreams,
     })
+}
+
+/// `spec.upstreams`: a list of `{name, address}`; names unique, addresses `IP:PORT`.
+fn parse_upstreams(spec: &Value, at: &str) -> Result<Vec<CalloutUpstream>, String> {
+    let Some(list) = field(spec, "upstreams") else {
+        return Ok(Vec::new());
+    };
+    let list = list
+        .as_sequence()
+        .ok_or_else(|| format!("{at}: spec.upstreams: expected a list of {{name, address}}"))?;
+    if list.len() > MAX_UPSTREAMS {
+        return Err(format!(
+            "{at}: spec.upstreams: {} entries, at most {MAX_UPSTREAMS}",
+            list.len()
+        ));
+    }
+    let mut upstreams: Vec<CalloutUpstream> = Vec::with_capacity(list.len());
+    for (i, u) in list.iter().enumerate() {
+        let p = format!("{at}: spec.upstreams[{i}]");
+        let map = u
+            .as_mapping()
+            .ok_or_else(|| format!("{p}: expected a mapping with name and address"))?;
+        for key in map.keys() {
+            let key = key.as_str().unwrap_or_default();
+            if !matches!(key, "name" | "address") {
+                return Err(format!("{p}.{key}: unknown field"));
+            }
+        }
+        let name = field(u, "name")
+            .ok_or_else(|| {
+                format!("{p}.name: required (what the filter passes to proxy_http_call)")
+            })
+            .and_then(|v| string(v, &format!("{p}.name")))?;
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'|'));
+        if !valid {
+            return Err(format!(
+                "{p}.name: `{name}` is not a valid upstream name (letters, digits, '-', '_', '.', '|'; at most 253)"
+            ));
+        }
+        if let Some(first) = upstreams.iter().position(|x| x.name == name) {
+            return Err(format!(
+                "{p}.name: `{name}` is also spec.upstreams[{first}].name"
+            ));
+        }
+        let address = field(u, "address")
+            .ok_or_else(|| format!("{p}.address: required (IP:PORT)"))
+            .and_then(|v| string(v, &format!("{p}.address")))?;
+        let address: SocketAddr = address.parse().map_err(|_| {
+            format!("{p}.address: `{address}` is not IP:PORT (e.g. 10.0.0.5:9001; names are not resolved)")
+        })?;
+        if address.port() == 0 || address.ip().is_unspecified() {
+            return Err(format!(
+                "{p}.address: `{address}` needs a real address and a port other than 0"
+            ));
+        }
+        upstreams.push(CalloutUpstream { name, address });
+    }
+    upstreams.sort();
+    Ok(upstreams)
 }
 
 /// The SHA-256 of a file, lower-case hex.
@@ -449,6 +538,7 @@ mod tests {
         assert_eq!(f.failure_policy, FailurePolicy::FailClosed);
         assert_eq!(f.failure_status, 503);
         assert_eq!(f.config, "/admin");
+        assert!(f.upstreams.is_empty());
         let labels =
             Labels::parse(["k8s:app=api", "k8s:io.kubernetes.pod.namespace=default"]).unwrap();
         assert!(f.selects(&labels));
@@ -461,6 +551,51 @@ mod tests {
             (same.as_str(), none.len()),
             ("kind: CiliumNetworkPolicy\n", 0)
         );
+    }
+
+    #[test]
+    fn upstreams_are_parsed_and_sorted_by_name() {
+        let (m, sha) = module();
+        let text = doc(
+            &m,
+            &sha,
+            "  upstreams:\n  - {name: ratelimit, address: '192.0.2.10:8081'}\n  - {name: auth, address: '10.0.0.5:9001'}\n",
+        );
+        let (_, filters) = split_documents(&text, "f.yaml").unwrap();
+        assert_eq!(
+            filters[0].upstreams,
+            vec![
+                CalloutUpstream {
+                    name: "auth".into(),
+                    address: "10.0.0.5:9001".parse().unwrap()
+                },
+                CalloutUpstream {
+                    name: "ratelimit".into(),
+                    address: "192.0.2.10:8081".parse().unwrap()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_example_resource_with_upstreams_parses() {
+        let (m, sha) = module();
+        let text = include_str!("../../examples/policies/wasm-filter-callout.yaml")
+            .replace(
+                "/var/lib/membrane/filters/authz_callout.wasm",
+                &m.display().to_string(),
+            )
+            .replace(&"0".repeat(64), &sha);
+        let (_, filters) = split_documents(&text, "wasm-filter-callout.yaml").unwrap();
+        assert_eq!(filters[0].key(), "WasmFilter default/api-authz");
+        assert_eq!(
+            filters[0].upstreams,
+            vec![CalloutUpstream {
+                name: "authz".into(),
+                address: "198.51.100.10:9001".parse().unwrap()
+            }]
+        );
+        assert!(filters[0].config.starts_with("upstream=authz\n"));
     }
 
     #[test]
@@ -497,6 +632,54 @@ mod tests {
             (
                 doc(&m, &sha, "").replace("direction: Ingress", "direction: Sideways"),
                 "spec.direction",
+            ),
+            (
+                doc(&m, &sha, "  upstreams: {auth: 1}\n"),
+                "spec.upstreams: expected a list",
+            ),
+            (
+                doc(
+                    &m,
+                    &sha,
+                    "  upstreams:\n  - {name: auth, address: 10.0.0.5:9001}\n  - {name: auth, address: 10.0.0.6:9001}\n",
+                ),
+                "spec.upstreams[1].name: `auth` is also spec.upstreams[0].name",
+            ),
+            (
+                doc(
+                    &m,
+                    &sha,
+                    "  upstreams:\n  - {name: auth, address: auth.svc:9001}\n",
+                ),
+                "spec.upstreams[0].address: `auth.svc:9001` is not IP:PORT",
+            ),
+            (
+                doc(
+                    &m,
+                    &sha,
+                    "  upstreams:\n  - {name: auth, address: 10.0.0.5}\n",
+                ),
+                "spec.upstreams[0].address",
+            ),
+            (
+                doc(&m, &sha, "  upstreams:\n  - {address: 10.0.0.5:1}\n"),
+                "spec.upstreams[0].name: required",
+            ),
+            (
+                doc(
+                    &m,
+                    &sha,
+                    "  upstreams:\n  - {name: 'a b', address: 10.0.0.5:1}\n",
+                ),
+                "spec.upstreams[0].name: `a b` is not a valid upstream name",
+            ),
+            (
+                doc(
+                    &m,
+                    &sha,
+                    "  upstreams:\n  - {name: a, address: 10.0.0.5:1, port: 2}\n",
+                ),
+                "spec.upstreams[0].port: unknown field",
             ),
         ];
         for (text, want) in cases {

@@ -14,6 +14,9 @@ use std::{
 
 use membrane_tests::{require_root, unique_name};
 
+#[path = "support/guest.rs"]
+mod guest;
+
 struct Lab {
     name: String,
 }
@@ -827,5 +830,189 @@ fn dns_proxy_restart_loses_no_query() {
     assert!(new > 0 && new != old, "the agent started a new proxy");
     assert!(lost.is_empty(), "lost queries: {lost:?}");
     assert_eq!(not_noerror, 0, "every answer is the allowed name's");
+    lab.down_and_check_nothing_left();
+}
+
+/// Issue #7 on the node: a `WasmFilter` (the upstream-SDK acceptance guest) on `shop/web`'s
+/// ingress calls out to an authorization server in the lab pod `infra/authz` through its
+/// `spec.upstreams` — from the request headers phase and from the request body phase — and
+/// answers `/peek` with the peer properties the proxy filled from the agent's snapshot. The
+/// callouts carry the proxy's mark: `authz`'s ingress has L7 rules for every peer, yet no
+/// callout is redirected to the proxy (no L7 flow towards `authz`) while a pod's own request
+/// to it is. The callouts' outcomes are in `web`'s L7 flows (`x-membrane-filter`).
+#[test]
+fn wasm_filter_callouts_and_peer_properties_on_the_node() {
+    require_root();
+    let module = guest::guest_module();
+    let sha256 = membrane_agent::wasm_resource::module_sha256(&module).expect("sha256");
+    let lab = Lab::new("wasmn");
+    let dir = std::env::temp_dir().join(unique_name("wasm-node"));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let topology = dir.join("topology.yaml");
+    std::fs::write(
+        &topology,
+        r#"podCIDR: 10.78.0.0/24
+pods:
+  - {name: client, namespace: default, labels: {app: client}, ip: 10.78.0.10}
+  - name: web
+    namespace: shop
+    labels: {app: web}
+    ip: 10.78.0.20
+    serve: [{port: 8080, body: hello from web}]
+  - name: authz
+    namespace: infra
+    labels: {app: authz}
+    ip: 10.78.0.30
+    serve: [{port: 9001, body: alice, paths: ["/check?token=good"]}]
+"#,
+    )
+    .expect("write topology");
+    let up = lab.membrane(&[
+        "lab",
+        "up",
+        "--topology",
+        topology.to_str().expect("utf8"),
+        "--no-policies",
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+
+    let policies = dir.join("wasm.yaml");
+    std::fs::write(
+        &policies,
+        format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: web-l7, namespace: shop}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{"k8s:io.kubernetes.pod.namespace": default, app: client}}}}]
+    toPorts:
+    - ports: [{{port: "8080", protocol: TCP}}]
+      rules: {{http: [{{}}]}}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: authz-l7, namespace: infra}}
+spec:
+  endpointSelector: {{matchLabels: {{app: authz}}}}
+  ingress:
+  - fromEntities: [all]
+    toPorts:
+    - ports: [{{port: "9001", protocol: TCP}}]
+      rules: {{http: [{{}}]}}
+---
+apiVersion: membrane.io/v1alpha1
+kind: WasmFilter
+metadata: {{name: gate, namespace: shop}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  direction: Ingress
+  ports: [8080]
+  module: {module}
+  sha256: {sha256}
+  config: on the node
+  upstreams:
+  - {{name: authz, address: "10.78.0.30:9001"}}
+"#,
+            module = module.display()
+        ),
+    )
+    .expect("write policies");
+    let applied = lab.membrane(&["policy", "apply", "-f", policies.to_str().expect("utf8")]);
+    assert!(applied.status.success(), "{}", text(&applied));
+
+    let curl = |args: &[&str]| {
+        let mut cmd = vec!["curl", "-s", "--max-time", "5", "-w", " %{http_code}"];
+        cmd.extend_from_slice(args);
+        stdout(&lab.exec("client", &cmd))
+    };
+    let web = "http://10.78.0.20:8080";
+    // Request headers phase: the callout's answer decides.
+    assert_eq!(
+        curl(&["-H", "x-token: good", &format!("{web}/auth/orders")]),
+        "hello from web\n 200"
+    );
+    assert_eq!(
+        curl(&["-H", "x-token: bad", &format!("{web}/auth/orders")]),
+        "denied by authz\n 403"
+    );
+    // Request body phase: the whole body is the token.
+    assert_eq!(
+        curl(&["--data", "good", &format!("{web}/body-auth")]),
+        "hello from web\n 200"
+    );
+    assert_eq!(
+        curl(&["--data", "bad", &format!("{web}/body-auth")]),
+        "denied by authz\n 403"
+    );
+
+    // Properties: identities from the ipcache, labels/namespace/pod from the agent (the
+    // identity's labels, as Cilium derives them from the pod's).
+    let endpoints = json(&lab.membrane(&["endpoint", "list", "-o", "json"]));
+    let identity_of = |name: &str| {
+        endpoints
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["identity"].as_u64())
+            .unwrap_or_else(|| panic!("{name} registered: {endpoints}"))
+    };
+    let peek = curl(&[&format!("{web}/peek")]);
+    let want = format!(
+        "source.identity={}\nsource.labels=app=client,io.cilium.k8s.policy.cluster=default,\
+         io.kubernetes.pod.namespace=default\nsource.namespace=default\nsource.workload=client\n\
+         destination.identity={}\ndestination.labels=app=web,io.cilium.k8s.policy.cluster=default,\
+         io.kubernetes.pod.namespace=shop\n\
+         destination.namespace=shop\ndestination.workload=web\n 200",
+        identity_of("client"),
+        identity_of("web"),
+    );
+    assert_eq!(peek, want);
+
+    // The callouts' outcomes in web's flows.
+    let flows = text(&lab.membrane(&[
+        "observe", "--type", "l7", "--pod", "shop/web", "--last", "100", "-o", "json",
+    ]));
+    for outcome in [
+        "WasmFilter shop/gate request_headers: callout authz 200",
+        "WasmFilter shop/gate request_headers: callout authz 404",
+        "WasmFilter shop/gate request_body: callout authz 200",
+        "WasmFilter shop/gate request_body: callout authz 404",
+    ] {
+        assert!(flows.contains(outcome), "missing `{outcome}` in:\n{flows}");
+    }
+    // The callouts were never redirected to the proxy (marked from the proxy as the host)...
+    let to_authz = |what: &str| {
+        text(&lab.membrane(&[
+            "observe",
+            "--type",
+            "l7",
+            "--to-pod",
+            "infra/authz",
+            "--last",
+            "100",
+        ]))
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+    };
+    assert_eq!(to_authz("http-request"), 0, "callouts bypass the redirect");
+    // ...while a pod's own request to the same port is.
+    assert_eq!(
+        curl(&["http://10.78.0.30:9001/check?token=good"]),
+        "alice\n 200"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while to_authz("http-request") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        to_authz("http-request") > 0,
+        "the pod's request is redirected"
+    );
+
+    let _ = std::fs::remove_dir_all(&dir);
     lab.down_and_check_nothing_left();
 }

@@ -8,60 +8,25 @@
 
 #[path = "../../l7proxy/tests/common/mod.rs"]
 mod common;
+#[path = "support/guest.rs"]
+mod guest;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use common::*;
+use guest::guest_module;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use membrane_agent::wasm_filters::{FilterSource, WasmFilterError, WasmFilterSet};
 use membrane_filters::HostConfig;
 use membrane_l7proxy::access::{AccessRecord, FilterOutcome, RecordKind};
 use membrane_l7proxy::policy::{HttpPolicy, HttpRuleSpec};
-
-const TARGET: &str = "wasm32-wasip1";
-
-/// Builds the upstream-SDK guest once per test binary; returns the module's path.
-fn guest_module() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests/upstream-sdk");
-            let target_dir = match option_env!("CARGO_TARGET_TMPDIR") {
-                Some(t) => PathBuf::from(t).join("wasm-guests"),
-                None => std::env::temp_dir().join("membrane-wasm-guests"),
-            };
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .current_dir(&dir)
-                .args(["build", "--release", "--quiet", "--target", TARGET])
-                .arg("--target-dir")
-                .arg(&target_dir)
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .env_remove("CARGO_BUILD_TARGET")
-                .status()
-                .expect("run cargo for the guest filter");
-            assert!(
-                status.success(),
-                "building {} for {TARGET} failed (is the target installed? \
-                 `rustup target add {TARGET}`)",
-                dir.display()
-            );
-            target_dir
-                .join(TARGET)
-                .join("release")
-                .join("upstream_sdk_filter.wasm")
-        })
-        .clone()
-}
 
 /// A temporary directory for configuration files, removed on drop.
 struct TempDir(PathBuf);
@@ -258,7 +223,7 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
     assert_eq!(body, "ok GET /auth/data");
     let seen = upstream.seen();
     assert_eq!(seen.len(), 2, "one callout, then the request");
-    assert_eq!(seen[0].uri, "/check");
+    assert_eq!(seen[0].uri, "/check?token=good");
     assert_eq!(header(&seen[0].headers, "x-token"), Some("good"));
     assert_eq!(header(&seen[1].headers, "x-auth"), Some("ok alice"));
 
@@ -275,7 +240,28 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
         3,
         "the denied request never reached the upstream"
     );
-    while proxy.records.try_recv().is_ok() {}
+    // The callouts' outcomes are in the records (flows show them as x-membrane-filter).
+    let mut callouts = Vec::new();
+    while let Ok(record) = proxy.records.try_recv() {
+        callouts.extend(
+            record
+                .filters
+                .into_iter()
+                .filter(|f| matches!(f.outcome, FilterOutcome::Callout { .. }))
+                .map(|f| (f.phase, f.outcome)),
+        );
+    }
+    let callout = |status| {
+        (
+            "request_headers",
+            FilterOutcome::Callout {
+                upstream: "authz".into(),
+                status,
+            },
+        )
+    };
+    assert!(callouts.contains(&callout(Some(200))), "{callouts:?}");
+    assert!(callouts.contains(&callout(Some(401))), "{callouts:?}");
     proxy.stop().await?;
 
     // The authorization service is down: the filter sees a failed call (0 headers) and
@@ -307,6 +293,91 @@ async fn http_callouts_authorize_deny_and_fail() -> Result<()> {
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(body, "callout refused\n");
     proxy2.stop().await?;
+    proxy.stop().await
+}
+
+/// Callouts from other phases than request headers (Envoy allows them from every callback):
+/// from the request body phase (the filter buffers the whole body and asks with it; the proxy
+/// holds the body until the answer), from the response headers phase, and made in a phase
+/// that goes on (never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_from_body_and_response_phases() -> Result<()> {
+    let dir = TempDir::new("body-callouts");
+    let cfg = dir.write("config", "c");
+    let upstream = start_upstream().await?;
+    let set = filter_set(&cfg, &[("authz", upstream.addr)])?;
+    let mut proxy = start_filtered(upstream.addr, None, &set).await?;
+    let mut client = h1_client(proxy.addr).await?;
+
+    let post = |body: &'static str| {
+        Request::post("/body-auth")
+            .header("host", "svc.test")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+    };
+    let (status, _, body) = send_h1(&mut client, post("good")?).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "good", "the held body reached the upstream whole");
+    // The head went upstream first (as in Envoy), the callout when the body had ended.
+    let mut seen: Vec<(String, String)> = upstream
+        .seen()
+        .into_iter()
+        .map(|s| (s.method, s.uri))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("POST".to_owned(), "/body-auth".to_owned()),
+            ("POST".to_owned(), "/check?token=good".to_owned())
+        ]
+    );
+    let record = response_record(&mut proxy).await?;
+    assert!(
+        record.filters.iter().any(|f| f.phase == "request_body"
+            && f.outcome
+                == FilterOutcome::Callout {
+                    upstream: "authz".into(),
+                    status: Some(200)
+                }),
+        "{record}"
+    );
+
+    let (status, headers, body) = send_h1(&mut client, post("bad")?).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "denied by authz\n");
+    assert_eq!(header(&headers, "x-denied-by"), Some("authz"));
+
+    // From the response headers phase: the answer decides whether the upstream's response
+    // goes on.
+    let resp = |token: &'static str| {
+        Request::get("/resp-auth")
+            .header("host", "svc.test")
+            .header("x-token", token)
+            .body(Full::new(Bytes::new()))
+    };
+    // (A local reply before the request body was read closes its connection: a new one.)
+    let mut client = h1_client(proxy.addr).await?;
+    let (status, headers, body) = send_h1(&mut client, resp("good")?).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "ok GET /resp-auth")
+    );
+    assert_eq!(header(&headers, "x-auth"), Some("ok"));
+    let (status, _, body) = send_h1(&mut client, resp("bad")?).await?;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "denied by authz\n")
+    );
+
+    // A callout made in a phase that goes on is never sent (documented: only a paused phase
+    // waits for callouts); the filter is told it failed when the stream ends.
+    let before = upstream.count();
+    let mut client = h1_client(proxy.addr).await?;
+    let (status, _, body) = send_h1(&mut client, get("/fire")).await?;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok GET /fire"));
+    assert_eq!(upstream.count(), before + 1, "only the request itself");
+    // As in Envoy, the head went upstream before the body phase ran; the body never
+    // completed there, and the client got the filter's answer, not the upstream's echo.
     proxy.stop().await
 }
 
@@ -484,7 +555,12 @@ async fn hot_reload_under_load_drops_no_request() -> Result<()> {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let (status, headers, _) = send_h1(&mut client, get("/load")).await?;
+                    let (status, headers, body) = send_h1(&mut client, get("/load")).await?;
+                    if status != StatusCode::OK {
+                        // Keep what the failure said (which filter, why) for the assertion.
+                        seen.push((status, body));
+                        continue;
+                    }
                     seen.push((
                         status,
                         header(&headers, "x-config").unwrap_or_default().to_owned(),
@@ -519,7 +595,11 @@ async fn hot_reload_under_load_drops_no_request() -> Result<()> {
     let mut total = 0;
     for task in load {
         for (status, config) in task.await?? {
-            assert_eq!(status, StatusCode::OK, "no request fails during reloads");
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "no request fails during reloads: {config}"
+            );
             configs.insert(config);
             total += 1;
         }

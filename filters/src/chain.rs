@@ -11,10 +11,18 @@
 //!   (Pause) take_http_calls → proxy dispatches → on_http_call_response ── proxy_on_http_call_response
 //!                                  → resumes with the next filter on proxy_continue_stream
 //! on_request_body* ──── proxy_on_request_body (buffered size) → Continue(data) | Pause(buffered)
-//! on_response_headers ─ proxy_on_response_headers            (reverse order)
-//! on_response_body* ─── proxy_on_response_body              (reverse order)
+//!   (Pause with callouts) as above; on proxy_continue_stream the filter's buffer goes on
+//!                         through the next filters → take_resumed_body
+//! on_response_headers ─ proxy_on_response_headers            (reverse order; callouts as above)
+//! on_response_body* ─── proxy_on_response_body              (reverse order; callouts as above)
 //! finish / drop ─────── proxy_on_done → proxy_on_log → proxy_on_delete   (always, once)
 //! ```
+//!
+//! Callouts can be made in any of the four phases (Envoy allows them from every callback).
+//! They are dispatched while the phase is paused: a callout made in a phase that goes on
+//! (fire and forget) is never sent — the filter sees it fail (`proxy_on_http_call_response`
+//! with 0 headers) when the stream ends, before `proxy_on_done`, so no filter waits for an
+//! answer that cannot come. Every delivered outcome is a decision ([`DecisionKind::Callout`]).
 //!
 //! Rules the chain enforces regardless of what the guest returns:
 //! - a local reply stops the phase (cpp-host's "stop after local reply"), then travels the
@@ -74,7 +82,11 @@ impl FilterChain {
             decisions: Vec::new(),
             finished: false,
             paused: None,
+            paused_end: false,
             calls: Vec::new(),
+            unsent: Vec::new(),
+            in_flight: Vec::new(),
+            resumed_body: None,
         };
         for filter in self.filters.iter() {
             let generation = filter.current();
@@ -157,10 +169,19 @@ pub struct ChainStream {
     filters: Vec<FilterStream>,
     decisions: Vec<FilterDecision>,
     finished: bool,
-    /// The headers phase and filter that returned Pause (resumed by a callout response).
+    /// The phase and filter that returned Pause (resumed by a callout response).
     paused: Option<(Phase, usize)>,
+    /// For a paused body phase: whether the chunk that paused it ended the stream.
+    paused_end: bool,
     /// Callouts made and not yet taken by the proxy.
     calls: Vec<HttpCall>,
+    /// Callouts made in a phase that went on: never sent, failed when the stream ends.
+    unsent: Vec<HttpCall>,
+    /// Callouts taken by the proxy and not answered yet (their upstream names, for the
+    /// decision recorded when the outcome arrives).
+    in_flight: Vec<(HttpCallId, String)>,
+    /// Body bytes a resumed body phase released (see [`ChainStream::take_resumed_body`]).
+    resumed_body: Option<Vec<u8>>,
 }
 
 impl ChainStream {
@@ -185,7 +206,9 @@ impl ChainStream {
     /// [`ChainStream::on_http_call_response`], which resumes the chain.
     pub fn on_request_headers(&mut self, headers: Headers, end_of_stream: bool) -> Action {
         self.shared.request_headers = headers;
-        self.request_headers_from(0, end_of_stream)
+        self.paused = None;
+        let action = self.request_headers_from(0, end_of_stream);
+        self.settled(action)
     }
 
     fn request_headers_from(&mut self, first: usize, end_of_stream: bool) -> Action {
@@ -213,10 +236,21 @@ impl ChainStream {
     /// dispatches them and reports each outcome with [`ChainStream::on_http_call_response`];
     /// a stream dropped meanwhile simply never delivers them (the calls are cancelled).
     pub fn take_http_calls(&mut self) -> Vec<HttpCall> {
-        std::mem::take(&mut self.calls)
+        let calls = std::mem::take(&mut self.calls);
+        self.in_flight
+            .extend(calls.iter().map(|c| (c.id, c.upstream.clone())));
+        calls
     }
 
-    /// Whether a headers phase is paused (waiting for a callout to resume it).
+    /// After [`ChainStream::on_http_call_response`] resumed a paused body phase with
+    /// `Action::Continue`: the bytes to forward now (the resuming filter's buffer, through the
+    /// filters after it). `None` when no body phase was resumed.
+    pub fn take_resumed_body(&mut self) -> Option<Vec<u8>> {
+        self.resumed_body.take()
+    }
+
+    /// Whether a phase is paused (a headers phase waiting for a callout, or a body phase
+    /// buffering or waiting for one).
     pub fn is_paused(&self) -> bool {
         self.paused.is_some()
     }
@@ -232,6 +266,18 @@ impl ChainStream {
         id: HttpCallId,
         response: Option<HttpCallResponse>,
     ) -> Action {
+        let action = self.deliver_call_response(id, response, None);
+        self.settled(action)
+    }
+
+    /// `phase`: the phase to name in the decision when no phase is paused (default: request
+    /// headers).
+    fn deliver_call_response(
+        &mut self,
+        id: HttpCallId,
+        response: Option<HttpCallResponse>,
+        phase: Option<Phase>,
+    ) -> Action {
         let i = id.filter;
         if i >= self.filters.len() {
             return self.resting_action();
@@ -243,13 +289,33 @@ impl ChainStream {
                 r.trailers.len() as u32,
             )
         });
+        let status = response.as_ref().and_then(|r| {
+            r.headers
+                .get_str(":status")
+                .and_then(|s| s.parse::<u16>().ok())
+        });
+        let upstream = self
+            .in_flight
+            .iter()
+            .position(|(c, _)| *c == id)
+            .map(|at| self.in_flight.swap_remove(at).1)
+            .unwrap_or_default();
         let response = response.unwrap_or_default();
+        let phase = self
+            .paused
+            .map(|(p, _)| p)
+            .or(phase)
+            .unwrap_or(Phase::RequestHeaders);
+        self.decisions.push(FilterDecision {
+            filter: self.filters[i].name(),
+            phase,
+            kind: DecisionKind::Callout { upstream, status },
+        });
         self.filters[i].own.call_response = Some(CallResponseData {
             headers: response.headers,
             body: response.body,
             trailers: response.trailers,
         });
-        let phase = self.paused.map_or(Phase::RequestHeaders, |(p, _)| p);
         let cb = Callback::HttpCallResponse {
             token: id.token,
             headers,
@@ -258,6 +324,10 @@ impl ChainStream {
         };
         let step = self.step(i, phase, cb);
         self.filters[i].own.call_response = None;
+        if self.finished {
+            // The stream is ending: whatever the filter asks for has no one to go to.
+            return Action::Continue;
+        }
         let paused_here = self.paused.is_some_and(|(_, p)| p == i);
         match step {
             Step::Pause => self.resting_action(),
@@ -265,6 +335,7 @@ impl ChainStream {
                 let (phase, _) = self.paused.take().unwrap_or((Phase::RequestHeaders, i));
                 match phase {
                     Phase::ResponseHeaders => self.response_headers_below(i, false),
+                    Phase::RequestBody | Phase::ResponseBody => self.resume_body(phase, i),
                     _ => self.request_headers_from(i + 1, false),
                 }
             }
@@ -284,6 +355,15 @@ impl ChainStream {
         }
     }
 
+    /// A phase's outcome: callouts made in a phase that is not paused are set aside as unsent
+    /// (only a paused phase waits for the proxy to dispatch them).
+    fn settled(&mut self, action: Action) -> Action {
+        if action != Action::Pause && !self.calls.is_empty() {
+            self.unsent.append(&mut self.calls);
+        }
+        action
+    }
+
     fn resting_action(&self) -> Action {
         if self.paused.is_some() {
             Action::Pause
@@ -296,19 +376,22 @@ impl ChainStream {
     /// what to forward now on output: a filter that returns Pause keeps the bytes buffered
     /// (and sees the whole buffer, cumulative size, on the next chunk); Continue releases them.
     pub fn on_request_body(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> Action {
+        // A new chunk supersedes a body pause (the filter sees the whole buffer again).
+        self.paused = None;
         for i in 0..self.filters.len() {
-            match self.body_step(i, Phase::RequestBody, data, end_of_stream) {
-                Some(action) => return action,
-                None => continue,
+            if let Some(action) = self.body_step(i, Phase::RequestBody, data, end_of_stream) {
+                return self.settled(action);
             }
         }
-        Action::Continue
+        self.settled(Action::Continue)
     }
 
     /// Runs `proxy_on_response_headers` (filters in reverse order).
     pub fn on_response_headers(&mut self, headers: Headers, end_of_stream: bool) -> Action {
         self.shared.response_headers = headers;
-        self.response_headers_below(self.filters.len(), end_of_stream)
+        self.paused = None;
+        let action = self.response_headers_below(self.filters.len(), end_of_stream);
+        self.settled(action)
     }
 
     /// Response headers through filters `end-1` down to 0.
@@ -335,13 +418,47 @@ impl ChainStream {
 
     /// Runs `proxy_on_response_body` (filters in reverse order); `data` as for requests.
     pub fn on_response_body(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> Action {
+        self.paused = None;
         for i in (0..self.filters.len()).rev() {
-            match self.body_step(i, Phase::ResponseBody, data, end_of_stream) {
-                Some(action) => return action,
-                None => continue,
+            if let Some(action) = self.body_step(i, Phase::ResponseBody, data, end_of_stream) {
+                return self.settled(action);
             }
         }
+        self.settled(Action::Continue)
+    }
+
+    /// A paused body phase resumed by filter `i`: its buffer goes on through the filters after
+    /// it (request: `i+1..`, response: `i-1..=0`) with the end-of-stream flag of the chunk
+    /// that paused; what comes out waits in `resumed_body`.
+    fn resume_body(&mut self, phase: Phase, i: usize) -> Action {
+        let end_of_stream = self.paused_end;
+        let fs = &mut self.filters[i];
+        let mut data = match phase {
+            Phase::RequestBody => std::mem::take(&mut fs.own.request_body),
+            _ => std::mem::take(&mut fs.own.response_body),
+        };
+        let next: Vec<usize> = match phase {
+            Phase::RequestBody => (i + 1..self.filters.len()).collect(),
+            _ => (0..i).rev().collect(),
+        };
+        for j in next {
+            if let Some(action) = self.body_step(j, phase, &mut data, end_of_stream) {
+                return action;
+            }
+        }
+        self.resumed_body = Some(data);
         Action::Continue
+    }
+
+    /// Callouts made in a phase that went on (not paused) are never sent: tell each filter
+    /// its call failed, as Envoy does for a call that cannot complete.
+    fn fail_unsent_calls(&mut self) {
+        let mut calls = std::mem::take(&mut self.unsent);
+        calls.append(&mut self.calls);
+        for call in calls {
+            self.in_flight.push((call.id, call.upstream.clone()));
+            let _ = self.deliver_call_response(call.id, None, Some(Phase::Log));
+        }
     }
 
     /// Ends the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` for every filter,
@@ -355,7 +472,10 @@ impl ChainStream {
         if self.finished {
             return;
         }
+        self.paused = None;
+        // From here on callbacks only inform the filters (see deliver_call_response).
         self.finished = true;
+        self.fail_unsent_calls();
         for fs in &mut self.filters {
             let Some(slot) = fs.slot.clone() else {
                 continue;
@@ -530,7 +650,11 @@ impl ChainStream {
                 *data = std::mem::take(buffer);
                 None
             }
-            Step::Pause => Some(Action::Pause),
+            Step::Pause => {
+                self.paused = Some((phase, i));
+                self.paused_end = end_of_stream;
+                Some(Action::Pause)
+            }
             Step::Close => Some(Action::Close),
             Step::Reject(status) => Some(self.reject(i, status)),
             Step::LocalReply(r) => Some(self.local_reply(i, phase, r)),

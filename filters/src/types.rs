@@ -270,6 +270,13 @@ pub enum DecisionKind {
     BodyModified,
     /// The filter reset the stream.
     Closed,
+    /// A callout of the filter (`proxy_http_call`) came back: `status` is the response's
+    /// `:status`, `None` when the call failed (connect error, reset, timeout, no address, or
+    /// never sent because the phase that made it went on).
+    Callout {
+        upstream: String,
+        status: Option<u16>,
+    },
     /// The filter's instance failed; `outcome` says what the failure policy did.
     Failed {
         reason: String,

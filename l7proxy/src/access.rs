@@ -98,6 +98,11 @@ pub enum FilterOutcome {
     BodyModified,
     /// The filter reset the stream.
     Closed,
+    /// A callout of the filter came back with this status (`None`: it failed).
+    Callout {
+        upstream: String,
+        status: Option<u16>,
+    },
     /// The filter failed (trap, deadline, memory cap); `action` is what its failure policy
     /// did (`rejected 503`, `bypassed`).
     Failed {
@@ -114,6 +119,14 @@ impl fmt::Display for FilterRecord {
             FilterOutcome::HeadersModified => f.write_str("headers modified"),
             FilterOutcome::BodyModified => f.write_str("body modified"),
             FilterOutcome::Closed => f.write_str("stream closed"),
+            FilterOutcome::Callout {
+                upstream,
+                status: Some(status),
+            } => write!(f, "callout {upstream} {status}"),
+            FilterOutcome::Callout {
+                upstream,
+                status: None,
+            } => write!(f, "callout {upstream} failed"),
             FilterOutcome::Failed { reason, action } => write!(f, "failed ({reason}), {action}"),
         }
     }

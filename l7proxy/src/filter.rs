@@ -12,16 +12,23 @@
 //!    │         on_callout_response (repeat until not paused)
 //!    ▼
 //! request body chunks ──▶ on_request_body (streamed; a filter that pauses buffers)
+//!    │  Pause with callouts: sent as above before the next chunk is read; a resume
+//!    │  releases the buffered bytes (resumed_body)
 //!    ▼ upstream response head
 //! on_response_headers ──▶ Continue | LocalReply | Close  (Pause: as above)
 //!    ▼
-//! response body chunks ─▶ on_response_body (streamed; buffering only on Pause)
+//! response body chunks ─▶ on_response_body (streamed; buffering only on Pause; callouts as
+//!                         for the request body)
 //!    ▼
 //! finish ──▶ the filters' decisions (records)
 //! ```
 //!
 //! Callbacks are synchronous and bounded by the filter host's deadline (10 ms by default), so
-//! the proxy calls them inline; only callouts are awaited. Body framing is the filter's job,
+//! the proxy calls them inline; only callouts are awaited. While a body phase waits for a
+//! callout the proxy stops reading that body (backpressure), where Envoy would keep
+//! buffering and calling the filter with each new chunk: the filter sees the same bytes,
+//! later. A local reply from a response body phase cannot be sent (the response head is on
+//! its way): the stream is reset instead. Body framing is the filter's job,
 //! as in Envoy: a filter that changes a body's length removes `content-length` in its headers
 //! phase (the upstream SDK's `http_body` example does); otherwise the proxy would send a
 //! mismatched length, so it resets the stream instead.
@@ -85,6 +92,8 @@ pub enum FilterAction {
 pub struct Callout {
     /// Opaque; hand it back with [`FilterStream::on_callout_response`].
     pub id: u64,
+    /// The filter that made it (its upstream names are its own).
+    pub filter: String,
     pub upstream: String,
     /// Request head, pseudo-headers included.
     pub head: HeadPairs,
@@ -119,6 +128,11 @@ pub trait FilterStream: Send {
         response: Option<CalloutResponse>,
         head: &mut HeadPairs,
     ) -> FilterAction;
+    /// After [`FilterStream::on_callout_response`] resumed a paused body phase
+    /// (`Continue`): the bytes to forward now. Default: none.
+    fn resumed_body(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
     /// What the filters did so far, for access records.
     fn records(&self) -> Vec<FilterRecord>;
 }
@@ -127,7 +141,8 @@ pub trait FilterStream: Send {
 pub trait HttpFilters: Send + Sync {
     /// Starts one request; `None` when no filter applies to it.
     fn start(&self, meta: StreamMeta) -> Option<Box<dyn FilterStream>>;
-    /// The address of a callout upstream name (`--filter-upstream NAME=ADDR`); calls to a
-    /// name without one fail (the filter sees a failed call).
-    fn callout_upstream(&self, name: &str) -> Option<SocketAddr>;
+    /// The address of `filter`'s callout upstream `name` (`--filter-upstream NAME=ADDR`, a
+    /// `WasmFilter`'s `spec.upstreams`); calls to a name without one fail (the filter sees a
+    /// failed call).
+    fn callout_upstream(&self, filter: &str, name: &str) -> Option<SocketAddr>;
 }

@@ -1,9 +1,16 @@
 //! Driving a [`FilterStream`] on the request path: head conversions between `http` types and
 //! filter head pairs, the callout loop (send the calls a paused filter made, deliver their
 //! outcomes until the phase resumes), and streamed body wrappers that run the body phases
-//! chunk by chunk. Used only by `proxy`.
+//! chunk by chunk (and wait for a body phase's callouts before reading on). Used only by
+//! `proxy`.
+//!
+//! Callouts leave on their own client ([`callout_client`]): in transparent mode its sockets
+//! carry [`crate::redirect::CALLOUT_MARK`] ("from the egress proxy", identity
+//! `reserved:host`), so the datapath neither redirects them back to the proxy nor takes them
+//! for the client pod's traffic.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,6 +47,8 @@ pub(crate) struct SharedFilters {
     /// A local reply a request-body phase produced (the handler answers with it).
     reply: Mutex<Option<FilterReply>>,
     pub filters: Arc<dyn HttpFilters>,
+    /// Carries the callouts of this stream's filters.
+    pub callouts: CalloutClient,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -47,11 +56,16 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SharedFilters {
-    pub fn new(stream: Box<dyn FilterStream>, filters: Arc<dyn HttpFilters>) -> Arc<Self> {
+    pub fn new(
+        stream: Box<dyn FilterStream>,
+        filters: Arc<dyn HttpFilters>,
+        callouts: CalloutClient,
+    ) -> Arc<Self> {
         Arc::new(Self {
             stream: Mutex::new(stream),
             reply: Mutex::new(None),
             filters,
+            callouts,
         })
     }
 
@@ -67,12 +81,13 @@ impl SharedFilters {
 /// The client that carries callouts (its own pool: callout upstreams are not the route's).
 pub(crate) type CalloutClient = Client<UpstreamConnector, Full<Bytes>>;
 
-pub(crate) fn callout_client(connect_timeout: Duration) -> CalloutClient {
+/// `mark`: the `SO_MARK` of callout sockets (transparent mode; `None` standalone).
+pub(crate) fn callout_client(mark: Option<u32>, connect_timeout: Duration) -> CalloutClient {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .set_host(false)
-        .build(UpstreamConnector::new(None, connect_timeout))
+        .build(UpstreamConnector::new(mark, connect_timeout))
 }
 
 // ---- heads ----
@@ -194,36 +209,55 @@ fn lossy(bytes: &[u8]) -> String {
 
 // ---- callouts ----
 
-/// While the phase is paused: sends the filters' callouts, delivers their outcomes, and
+/// While a headers phase is paused: sends the filters' callouts, delivers their outcomes, and
 /// returns the first action that is not `Pause`. A pause with nothing to wait for (no
 /// callout pending) can never resume here, so it is answered 500 rather than left hanging.
 pub(crate) async fn settle(
     shared: &SharedFilters,
-    client: &CalloutClient,
     mut action: FilterAction,
     head: &mut HeadPairs,
 ) -> FilterAction {
-    let mut rounds = 0;
-    while action == FilterAction::Pause {
+    if action == FilterAction::Pause {
         let calls = shared.stream().take_callouts();
-        if calls.is_empty() || rounds == MAX_CALLOUT_ROUNDS {
-            let why = if calls.is_empty() {
-                "a filter paused the stream with no callout to wait for"
-            } else {
-                "a filter kept making callouts"
-            };
-            tracing::debug!(why, "answering a paused stream 500");
-            return FilterAction::LocalReply(FilterReply {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                headers: HeaderMap::new(),
-                body: Bytes::from_static(b"filter paused the request\r\n"),
-            });
+        action = dispatch(shared, calls, head).await;
+    }
+    if action == FilterAction::Pause {
+        tracing::debug!("a filter paused the stream with no callout to wait for: 500");
+        return paused_reply();
+    }
+    action
+}
+
+fn paused_reply() -> FilterAction {
+    FilterAction::LocalReply(FilterReply {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(b"filter paused the request\r\n"),
+    })
+}
+
+/// Sends `calls` and the ones their outcomes lead to, round by round, until an outcome ends
+/// the pause; `Pause` when the filters stay paused with no callout left to wait for (the
+/// caller decides what that means for its phase). At most [`MAX_CALLOUT_ROUNDS`] rounds
+/// (then 500).
+async fn dispatch(
+    shared: &SharedFilters,
+    mut calls: Vec<Callout>,
+    head: &mut HeadPairs,
+) -> FilterAction {
+    let mut rounds = 0;
+    while !calls.is_empty() {
+        if rounds == MAX_CALLOUT_ROUNDS {
+            tracing::debug!("a filter kept making callouts: 500");
+            return paused_reply();
         }
         rounds += 1;
         let mut set = tokio::task::JoinSet::new();
         for call in calls {
-            let addr = shared.filters.callout_upstream(&call.upstream);
-            let client = client.clone();
+            let addr = shared
+                .filters
+                .callout_upstream(&call.filter, &call.upstream);
+            let client = shared.callouts.clone();
             set.spawn(async move {
                 let id = call.id;
                 (id, send_callout(&client, addr, call).await)
@@ -233,13 +267,30 @@ pub(crate) async fn settle(
         // dropped with the set, i.e. cancelled).
         while let Some(joined) = set.join_next().await {
             let Ok((id, response)) = joined else { continue };
-            action = shared.stream().on_callout_response(id, response, head);
+            let action = shared.stream().on_callout_response(id, response, head);
             if action != FilterAction::Pause {
                 return action;
             }
         }
+        calls = shared.stream().take_callouts();
     }
-    action
+    FilterAction::Pause
+}
+
+/// What a body phase's callouts decided, and the bytes a resume released.
+type BodySettled = (FilterAction, Vec<u8>);
+
+/// A body phase paused with callouts: sends them (as [`settle`] does) and returns the outcome
+/// with the bytes to forward when a filter resumed the body.
+async fn settle_body(shared: Arc<SharedFilters>, calls: Vec<Callout>) -> BodySettled {
+    let mut head = HeadPairs::new();
+    let action = dispatch(&shared, calls, &mut head).await;
+    let data = if action == FilterAction::Continue {
+        shared.stream().resumed_body()
+    } else {
+        Vec::new()
+    };
+    (action, data)
 }
 
 async fn send_callout(
@@ -314,6 +365,8 @@ pub(crate) struct FilteredBody {
     ended: bool,
     /// Trailers that arrived after the data (sent after the filters' last chunk).
     trailers: Option<Frame<Bytes>>,
+    /// A paused body phase's callouts in flight; nothing more is read until they settle.
+    callouts: Option<Pin<Box<dyn Future<Output = BodySettled> + Send>>>,
 }
 
 impl FilteredBody {
@@ -324,18 +377,41 @@ impl FilteredBody {
             request,
             ended: false,
             trailers: None,
+            callouts: None,
         }
     }
 
+    /// Runs the body phase on a chunk. A pause with callouts starts them (`self.callouts`)
+    /// and forwards nothing for now.
     fn run(&mut self, data: &mut Vec<u8>, end: bool) -> Result<(), FilteredBodyError> {
-        let action = {
+        let (action, calls) = {
             let mut stream = self.shared.stream();
-            if self.request {
+            let action = if self.request {
                 stream.on_request_body(data, end)
             } else {
                 stream.on_response_body(data, end)
-            }
+            };
+            let calls = match action {
+                FilterAction::Pause => stream.take_callouts(),
+                _ => Vec::new(),
+            };
+            (action, calls)
         };
+        if !calls.is_empty() {
+            data.clear();
+            self.callouts = Some(Box::pin(settle_body(self.shared.clone(), calls)));
+            return Ok(());
+        }
+        self.after(action, data, end)
+    }
+
+    /// What a phase's action means for the chunk in `data`.
+    fn after(
+        &mut self,
+        action: FilterAction,
+        data: &mut Vec<u8>,
+        end: bool,
+    ) -> Result<(), FilteredBodyError> {
         match action {
             FilterAction::Continue => Ok(()),
             FilterAction::Pause if end => Err(FilteredBodyError::PausedAtEnd),
@@ -362,6 +438,21 @@ impl Body for FilteredBody {
     ) -> Poll<Option<Result<Frame<Bytes>, FilteredBodyError>>> {
         let this = self.get_mut();
         loop {
+            if let Some(callouts) = this.callouts.as_mut() {
+                let (action, mut data) = ready!(callouts.as_mut().poll(cx));
+                this.callouts = None;
+                // `ended` says whether the chunk that paused was the last one.
+                let end = this.ended;
+                if let Err(e) = this.after(action, &mut data, end) {
+                    this.ended = true;
+                    this.trailers = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                if !data.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(data)))));
+                }
+                continue;
+            }
             if this.ended {
                 return Poll::Ready(this.trailers.take().map(Ok));
             }
@@ -390,7 +481,7 @@ impl Body for FilteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.trailers.is_none()
+        self.ended && self.trailers.is_none() && self.callouts.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -432,13 +432,19 @@ impl RecordBase {
 }
 
 impl ProxyCore {
-    pub(crate) fn new(access: AccessLog, limits: HeaderLimits, idle_timeout: Duration) -> Self {
+    /// `callout_mark`: the `SO_MARK` of the filters' callout connections (transparent mode).
+    pub(crate) fn new(
+        access: AccessLog,
+        limits: HeaderLimits,
+        idle_timeout: Duration,
+        callout_mark: Option<u32>,
+    ) -> Self {
         Self {
             access,
             limits,
             idle_timeout,
             builder: http_builder(limits, idle_timeout),
-            callouts: callout_client(Duration::from_secs(5)),
+            callouts: callout_client(callout_mark, Duration::from_secs(5)),
         }
     }
 
@@ -501,7 +507,7 @@ impl ProxyCore {
                         _ => "HTTP/1.1",
                     },
                 })
-                .map(|stream| SharedFilters::new(stream, chain.clone())),
+                .map(|stream| SharedFilters::new(stream, chain.clone(), self.callouts.clone())),
             _ => None,
         };
         let base = self.access.is_enabled().then(|| RecordBase {
@@ -617,7 +623,7 @@ impl ProxyCore {
                 let mut head = request_head(&parts);
                 let end = body.is_end_stream();
                 let action = shared.stream().on_request_headers(&mut head, end);
-                match settle(shared, &self.callouts, action, &mut head).await {
+                match settle(shared, action, &mut head).await {
                     FilterAction::Continue | FilterAction::Pause => {
                         if let Err(error) = apply_request_head(&mut parts, &head) {
                             record(
@@ -766,7 +772,7 @@ impl ProxyCore {
             let mut head = response_head(parts.status, &parts.headers);
             let end = body.is_end_stream();
             let action = shared.stream().on_response_headers(&mut head, end);
-            let action = settle(shared, &self.callouts, action, &mut head).await;
+            let action = settle(shared, action, &mut head).await;
             let applied = match action {
                 FilterAction::Continue | FilterAction::Pause => {
                     apply_response_head(&mut parts, &head).map_err(|error| {

@@ -91,6 +91,21 @@ pub const fn upstream_mark(direction: Direction, source_identity: u32) -> u32 {
     mark::encode_identity(magic, source_identity)
 }
 
+/// The `SO_MARK` of the Wasm filters' callout connections (`proxy_http_call` to a
+/// `WasmFilter`'s upstream): "from the egress proxy" with identity `reserved:host`.
+///
+/// A callout is the node's own request, not the client pod's: it is attributed to the host,
+/// as the node's processes are (Cilium's Envoy connects to its own clusters from the host
+/// too). The egress magic matters twice: the datapath never redirects a marked packet back to
+/// the proxy (without a mark, a callout to a pod whose ingress has L7 rules on that port is
+/// hairpinned back to the proxy's ingress listener and, in the lab, never completes:
+/// `agent/tests/lab.rs` `wasm_filter_callouts_and_peer_properties_on_the_node`), and,
+/// unlike the ingress magic, it does not skip the destination's ingress policy: a pod that
+/// serves callouts must allow `reserved:host` on that port — which `allow-localhost` (on by
+/// default) does. Destinations outside the node see the node's address, as for any node
+/// traffic.
+pub const CALLOUT_MARK: u32 = upstream_mark(Direction::Egress, membrane_common::identity::HOST);
+
 /// Security identity of an address (the agent implements it over the ipcache: longest
 /// prefix, unknown ⇒ world). Called for every request, on the request path: it must be fast
 /// and must not block.
@@ -221,6 +236,7 @@ impl RedirectHandler {
             config.access_log.clone(),
             config.header_limits,
             config.idle_timeout,
+            Some(CALLOUT_MARK),
         ));
         let pools = UpstreamPools {
             clients: Mutex::new(HashMap::new()),
@@ -534,6 +550,7 @@ mod tests {
     fn marks_carry_the_magic_and_the_identity() {
         assert_eq!(upstream_mark(Direction::Egress, 1000), 0x03E8_0B00);
         assert_eq!(upstream_mark(Direction::Ingress, 1000), 0x03E8_0A00);
+        assert_eq!(CALLOUT_MARK, 0x0001_0B00, "egress magic, reserved:host");
         // Bits 16..24 of the identity go to the low byte.
         assert_eq!(upstream_mark(Direction::Egress, 0x12_3456), 0x3456_0B12);
         for identity in [1, 2, 1000, 0xFFFF, 0x10000, 0xFF_FFFF] {

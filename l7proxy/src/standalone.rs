@@ -154,6 +154,7 @@ impl StandaloneProxy {
             config.access_log.clone(),
             config.header_limits,
             config.idle_timeout,
+            None,
         ));
         let router = Arc::new(StandaloneRouter {
             policy: Arc::new(config.policy.take().unwrap_or_default()),

@@ -73,7 +73,9 @@ fn full(text: impl Into<Bytes>) -> UpBody {
         .boxed()
 }
 
-/// Upstream behaviour by path: `/echo` (and `/upper...`) streams the request body back frame
+/// Upstream behaviour by path: `/body-auth...` reads the whole request body, then echoes it
+/// (an upstream that answers only after the body, so a filter can still answer instead);
+/// `/echo` (and `/upper...`) streams the request body back frame
 /// by frame, `/ws` accepts an upgrade and echoes bytes, `/redact...` answers
 /// `top secret|, more secret|, the end` in three frames, `/check` answers 200 `alice` when
 /// `x-token: good` and 401 otherwise (an authorization service for filter callouts), anything
@@ -92,6 +94,13 @@ async fn upstream_service(
     });
     let path = request.uri().path().to_owned();
     match path.as_str() {
+        p if p.starts_with("/body-auth") => {
+            let body = match request.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => Bytes::from_static(b"body failed"),
+            };
+            Ok(Response::new(full(body)))
+        }
         p if p == "/echo" || p.starts_with("/upper") => {
             Ok(Response::new(request.into_body().boxed()))
         }
