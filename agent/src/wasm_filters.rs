@@ -64,6 +64,8 @@ pub struct FilterSource {
     pub name: String,
     pub module: PathBuf,
     pub config: Option<PathBuf>,
+    /// Callback deadline, memory cap and body buffer bound (defaults from `--filter`).
+    pub limits: membrane_filters::FilterLimits,
 }
 
 impl FilterSource {
@@ -92,6 +94,7 @@ impl FilterSource {
             name,
             module,
             config,
+            limits: membrane_filters::FilterLimits::default(),
         })
     }
 }
@@ -169,6 +172,7 @@ impl WasmFilterSet {
                 None => Vec::new(),
             };
             let spec = FilterSpec::new(&source.name, module)
+                .with_limits(source.limits)
                 .with_config(config)
                 .with_callout_upstreams(names.clone());
             let filter = self.host.load(spec).map_err(|e| WasmFilterError::Load {

@@ -61,6 +61,12 @@ fn filter_set(config: &Path, upstreams: &[(&str, SocketAddr)]) -> Result<Arc<Was
         name: "acceptance".into(),
         module: guest_module(),
         config: Some(config.to_owned()),
+        // A wall-clock deadline a busy test machine cannot hit by descheduling a callback
+        // (the load tests here are about traps and reloads); `/loop` still stops at it.
+        limits: membrane_filters::FilterLimits {
+            callback_deadline: std::time::Duration::from_millis(300),
+            ..membrane_filters::FilterLimits::default()
+        },
     };
     let upstreams: HashMap<String, SocketAddr> = upstreams
         .iter()
