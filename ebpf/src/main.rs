@@ -191,7 +191,13 @@ fn emit(site: &Site<'_>, v: &Verdict) {
         Direction::Egress => (ep.identity, peer),
         Direction::Ingress => (peer, ep.identity),
     };
-    let event = FlowEvent {
+    // Reserved in the ring and written in place: no stack copy for `bpf_ringbuf_output`
+    // to copy again.
+    let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
+        bump(METRICS_EVENTS_LOST, 0);
+        return;
+    };
+    slot.write(FlowEvent {
         // SAFETY: helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         kind: v.kind,
@@ -215,10 +221,8 @@ fn emit(site: &Site<'_>, v: &Verdict) {
         // SAFETY: `skb` is the context pointer the kernel passed to this program.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         len: ctx.len(),
-    };
-    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
-        bump(METRICS_EVENTS_LOST, 0);
-    }
+    });
+    slot.submit(0);
 }
 
 #[inline(always)]
@@ -307,7 +311,6 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     // Conntrack ages in seconds: the coarse clock (jiffies resolution) is cheaper per packet.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let revision = REVISION.get(0).copied().unwrap_or(0);
     let forward_key = CtKeyV4 {
         saddr_be: flow.saddr_be,
         daddr_be: flow.daddr_be,
@@ -335,31 +338,11 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         // only makes statistics approximate.
         let entry = unsafe { &mut *entry };
         if !expired(entry, now, flow.protocol) {
-            entry.last_seen_ns = now;
+            touch(entry, now, ct_flags::SEEN_REPLY | closing_bits(&flow));
             entry.packets_rev += 1;
-            entry.flags |= ct_flags::SEEN_REPLY | closing_bits(&flow);
             return Ok(Action::Pass);
         }
     }
-
-    // The peer's identity: not needed for replies (above), so looked up only here.
-    let peer_addr = match direction {
-        Direction::Egress => flow.daddr_be,
-        Direction::Ingress => flow.saddr_be,
-    };
-    let peer = if from_proxy {
-        // The proxy speaks for the original source; the mark carries its identity.
-        mark::decode_identity(skb_mark)
-    } else {
-        lookup_identity(peer_addr)
-    };
-    let site = Site {
-        ctx,
-        ep: endpoint,
-        direction,
-        flow: &flow,
-        peer,
-    };
 
     let existing = match CT_V4.get_ptr_mut(forward_key) {
         // SAFETY: as above.
@@ -378,23 +361,49 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     };
     let is_new = existing.is_none();
 
-    // Policy. The ingress proxy already enforced this endpoint's ingress policy at L7.
+    // The ingress proxy already enforced this endpoint's ingress policy at L7.
+    let enforced = enforce && !(from_proxy && magic == mark::MAGIC_PROXY_INGRESS);
+    let revision = REVISION.get(0).copied().unwrap_or(0);
+    // An established connection whose verdict was computed at the current revision of
+    // policy, ipcache and endpoints keeps it, and the peer identity it was computed with:
+    // any change to those bumps the revision and sends the next packet through the lookups
+    // again (deletions take effect at once). Without enforcement there is no verdict to
+    // reuse, and the stored identity serves only events, which established connections do
+    // not emit (bar a failed redirect, whose drop event may then carry an identity older
+    // than the last revision).
+    let current = match &existing {
+        Some(entry) if !enforced || entry.policy_rev == revision => Some((
+            entry.remote_identity,
+            entry.rule_cookie,
+            entry.proxy_port_be,
+        )),
+        _ => None,
+    };
+
+    let peer = match current {
+        Some((remote, _, _)) => remote,
+        // The proxy speaks for the original source; the mark carries its identity.
+        None if from_proxy => mark::decode_identity(skb_mark),
+        None => lookup_identity(match direction {
+            Direction::Egress => flow.daddr_be,
+            Direction::Ingress => flow.saddr_be,
+        }),
+    };
+    let site = Site {
+        ctx,
+        ep: endpoint,
+        direction,
+        flow: &flow,
+        peer,
+    };
+
+    // Policy.
     let mut cookie = 0;
     let mut matched = match_type::NONE;
     let mut proxy_port_be = 0u16;
-    let enforced = enforce && !(from_proxy && magic == mark::MAGIC_PROXY_INGRESS);
     if enforced {
-        // An established connection whose verdict was computed at the current revision of
-        // policy, ipcache and endpoints keeps it: any change to those bumps the revision and
-        // sends the next packet through the lookups again (deletions take effect at once).
-        let cached = match &existing {
-            Some(entry) if entry.policy_rev == revision => {
-                Some((entry.rule_cookie, entry.proxy_port_be))
-            }
-            _ => None,
-        };
-        match cached {
-            Some((c, p)) => {
+        match current {
+            Some((_, c, p)) => {
                 cookie = c;
                 if !from_proxy {
                     proxy_port_be = p;
@@ -419,22 +428,22 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         }
     }
 
-    let src_identity = match direction {
-        Direction::Egress => endpoint.identity,
-        Direction::Ingress => peer,
+    let redirect_flag = if proxy_port_be != 0 {
+        ct_flags::PROXY_REDIRECT
+    } else {
+        0
     };
     match existing {
         Some(entry) => {
-            entry.last_seen_ns = now;
+            touch(entry, now, closing_bits(&flow));
             entry.packets_fwd += 1;
-            entry.flags |= closing_bits(&flow);
-            entry.policy_rev = revision;
-            entry.rule_cookie = cookie;
-            entry.proxy_port_be = proxy_port_be;
-            if proxy_port_be != 0 {
-                entry.flags |= ct_flags::PROXY_REDIRECT;
-            } else {
-                entry.flags &= !ct_flags::PROXY_REDIRECT;
+            // Written only when recomputed: a current entry stays read-mostly.
+            if entry.policy_rev != revision {
+                entry.policy_rev = revision;
+                entry.rule_cookie = cookie;
+                entry.proxy_port_be = proxy_port_be;
+                entry.remote_identity = peer;
+                entry.flags = (entry.flags & !ct_flags::PROXY_REDIRECT) | redirect_flag;
             }
         }
         None => {
@@ -443,18 +452,16 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
                 last_seen_ns: now,
                 packets_fwd: 1,
                 packets_rev: 0,
-                flags: closing_bits(&flow)
-                    | if proxy_port_be != 0 {
-                        ct_flags::PROXY_REDIRECT
-                    } else {
-                        0
-                    },
+                flags: closing_bits(&flow) | redirect_flag,
                 rule_cookie: cookie,
-                src_identity,
+                src_identity: match direction {
+                    Direction::Egress => endpoint.identity,
+                    Direction::Ingress => peer,
+                },
                 proxy_port_be,
                 _pad: 0,
                 policy_rev: revision,
-                _pad2: 0,
+                remote_identity: peer,
             };
             if CT_V4.insert(forward_key, entry, 0).is_err() {
                 return drop_with(&site, reason::CT_CREATE_FAILED, matched, cookie);
@@ -654,6 +661,20 @@ fn closing_bits(flow: &Flow) -> u32 {
     }
 }
 
+/// Marks a live entry as seen at `now` with `flags` set, storing only what changed: the
+/// timestamp at most once per [`ct_timeout::REFRESH_NS`], the flags when a bit is new.
+#[inline(always)]
+fn touch(entry: &mut CtEntry, now: u64, flags: u32) {
+    if now.wrapping_sub(entry.last_seen_ns) >= ct_timeout::REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
+    if entry.flags & flags != flags {
+        entry.flags |= flags;
+    }
+}
+
+/// Whether the entry outlived its lifetime. `last_seen_ns` lags by up to
+/// [`ct_timeout::REFRESH_NS`], which is added here so no entry expires early.
 #[inline(always)]
 fn expired(entry: &CtEntry, now: u64, protocol: u8) -> bool {
     let lifetime_secs = if entry.flags & ct_flags::CLOSING != 0 {
@@ -663,7 +684,7 @@ fn expired(entry: &CtEntry, now: u64, protocol: u8) -> bool {
     } else {
         ct_timeout::NON_TCP_SECS
     };
-    now.saturating_sub(entry.last_seen_ns) > lifetime_secs * NS_PER_SEC
+    now.saturating_sub(entry.last_seen_ns) > lifetime_secs * NS_PER_SEC + ct_timeout::REFRESH_NS
 }
 
 /// One byte at `offset`. Reads two bytes when they are there: for a one-byte bounds check
@@ -709,12 +730,9 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
         return Err(reason::FRAG_NOT_SUPPORTED);
     }
     let protocol: u8 = read_u8(ctx, ETH_HLEN + 9).map_err(|_| reason::INVALID_PACKET)?;
-    let saddr_be: u32 = ctx
-        .load(ETH_HLEN + 12)
-        .map_err(|_| reason::INVALID_PACKET)?;
-    let daddr_be: u32 = ctx
-        .load(ETH_HLEN + 16)
-        .map_err(|_| reason::INVALID_PACKET)?;
+    // Direct reads where the linear data holds them (no helper call per address).
+    let saddr_be: u32 = read(ctx, ETH_HLEN + 12).map_err(|_| reason::INVALID_PACKET)?;
+    let daddr_be: u32 = read(ctx, ETH_HLEN + 16).map_err(|_| reason::INVALID_PACKET)?;
     let l4 = ETH_HLEN + ihl;
 
     let mut flow = Flow {

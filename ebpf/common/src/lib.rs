@@ -15,7 +15,7 @@
 
 /// Version of the layout of every pinned map. Bump it with any change to a type in this
 /// crate: a build refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
@@ -313,10 +313,20 @@ pub mod ct_flags {
 }
 
 /// Conntrack lifetimes in seconds (Cilium's defaults: TCP 6 h, non-TCP 60 s, closing 10 s).
+///
+/// [`CtEntry::last_seen_ns`] is refreshed at most once per [`ct_timeout::REFRESH_NS`] (a
+/// store on every packet would dirty the entry's cache line for every packet of both
+/// directions, which on a real node run on different CPUs). An entry therefore counts as
+/// expired only when it has been idle for its lifetime *plus* that granularity: a connection
+/// lives at least its lifetime after its last packet (never less) and at most one
+/// granularity more.
 pub mod ct_timeout {
     pub const TCP_SECS: u64 = 21_600;
     pub const NON_TCP_SECS: u64 = 60;
     pub const CLOSING_SECS: u64 = 10;
+    /// Granularity of [`crate::CtEntry::last_seen_ns`] (1 s; Cilium keeps lifetimes in
+    /// whole seconds).
+    pub const REFRESH_NS: u64 = 1_000_000_000;
 }
 
 /// Value of [`names::MAP_CT_V4`].
@@ -325,7 +335,8 @@ pub mod ct_timeout {
 pub struct CtEntry {
     /// `bpf_ktime_get_ns()` at creation (CLOCK_MONOTONIC).
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    /// `bpf_ktime_get_coarse_ns()` of the last packet in either direction, to within
+    /// [`ct_timeout::REFRESH_NS`] (see there).
     pub last_seen_ns: u64,
     pub packets_fwd: u64,
     pub packets_rev: u64,
@@ -342,7 +353,10 @@ pub struct CtEntry {
     /// `proxy_port_be`) was last computed; while it is current, forward packets skip the
     /// policy lookups.
     pub policy_rev: u32,
-    pub _pad2: u32,
+    /// The peer's identity as of `policy_rev` (the destination's for an egress connection,
+    /// the source's for an ingress one): forward packets with a current verdict reuse it
+    /// instead of an ipcache lookup.
+    pub remote_identity: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 
