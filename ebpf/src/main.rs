@@ -6,15 +6,23 @@
 //!
 //! 1. endpoint lookup by ifindex (unknown interface ⇒ drop 152, never pass);
 //! 2. parse: ARP passes; other L3 and IPv4 fragments are dropped while enforcing;
-//! 3. identities: the endpoint's own from `mb_endpoints`, the peer's from the ipcache (LPM,
-//!    unknown ⇒ world), or from the mark of a packet the proxy sent;
-//! 4. conntrack: a packet whose reversed tuple opened a live connection at this endpoint is a
-//!    reply and skips policy (Cilium: CT_REPLY skips policy);
-//! 5. policy: exact remote identity and any identity, each an LPM lookup over protocol and
-//!    port; higher precedence wins, then the longer L4 prefix, then the exact identity. Deny ⇒
-//!    drop 181, no entry ⇒ drop 133, a proxy port ⇒ redirect;
+//! 3. conntrack: one lookup of the connection as the endpoint sees it (its own address and
+//!    port first, whichever way the packet goes); a live entry opened in the other direction
+//!    makes the packet a reply, which skips policy (Cilium: CT_REPLY skips policy);
+//! 4. identities: the endpoint's own from `mb_endpoints`; the peer's cached in the conntrack
+//!    entry while its verdict is current, else from the ipcache (LPM, unknown ⇒ world) or
+//!    from the mark of a packet the proxy sent;
+//! 5. policy (skipped while an established connection's cached verdict is current): exact
+//!    remote identity and any identity, each an LPM lookup over protocol and port; higher
+//!    precedence wins, then the longer L4 prefix, then the exact identity. Deny ⇒ drop 181,
+//!    no entry ⇒ drop 133, a proxy port ⇒ redirect;
 //! 6. conntrack create/refresh (failure ⇒ drop 155), a flow event for new connections and
 //!    every drop, per-CPU counters by (direction, reason).
+//!
+//! The established path stores only what changed, so a connection's entry stays read-mostly
+//! (its two directions usually run on different CPUs): the packet counter, the time at most
+//! once per second (`ct_timeout::REFRESH_NS`), flags when a bit is new, the cached verdict
+//! when the revision moved.
 //!
 //! Redirect (egress): mark `0x0200 | port << 16`, then `bpf_sk_assign` to the proxy's socket
 //! (the established one for this tuple, else the listener on the proxy port); the node's
@@ -311,47 +319,40 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     // Conntrack ages in seconds: the coarse clock (jiffies resolution) is cheaper per packet.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let forward_key = CtKeyV4 {
-        saddr_be: flow.saddr_be,
-        daddr_be: flow.daddr_be,
-        sport_be: flow.sport_be,
-        dport_be: flow.dport_be,
+    // The connection as this endpoint sees it, the same for both directions.
+    let (local_addr_be, remote_addr_be, local_port_be, remote_port_be) = match direction {
+        Direction::Egress => (flow.saddr_be, flow.daddr_be, flow.sport_be, flow.dport_be),
+        Direction::Ingress => (flow.daddr_be, flow.saddr_be, flow.dport_be, flow.sport_be),
+    };
+    let ct_key = CtKeyV4 {
+        local_addr_be,
+        remote_addr_be,
+        local_port_be,
+        remote_port_be,
         endpoint_id: endpoint.endpoint_id,
         protocol: flow.protocol,
-        direction: direction as u8,
-        _pad: 0,
-    };
-    let reply_key = CtKeyV4 {
-        saddr_be: flow.daddr_be,
-        daddr_be: flow.saddr_be,
-        sport_be: flow.dport_be,
-        dport_be: flow.sport_be,
-        endpoint_id: endpoint.endpoint_id,
-        protocol: flow.protocol,
-        direction: direction.reverse() as u8,
-        _pad: 0,
+        _pad: [0; 3],
     };
 
-    // Replies of a live connection skip policy.
-    if let Some(entry) = CT_V4.get_ptr_mut(reply_key) {
-        // SAFETY: pointer into the map value; concurrent counter updates may race, which
-        // only makes statistics approximate.
-        let entry = unsafe { &mut *entry };
-        if !expired(entry, now, flow.protocol) {
-            touch(entry, now, ct_flags::SEEN_REPLY | closing_bits(&flow));
-            entry.packets_rev += 1;
-            return Ok(Action::Pass);
-        }
-    }
-
-    let existing = match CT_V4.get_ptr_mut(forward_key) {
-        // SAFETY: as above.
+    let existing = match CT_V4.get_ptr_mut(ct_key) {
         Some(entry) => {
+            // SAFETY: pointer into the map value; concurrent counter updates may race, which
+            // only makes statistics approximate.
             let entry = unsafe { &mut *entry };
-            let reopened = flow.protocol == proto::TCP
+            if expired(entry, now, flow.protocol) {
+                // Replaced below like any new connection (or, if policy drops this packet,
+                // left to be replaced or evicted later).
+                None
+            } else if entry.direction != direction as u8 {
+                // Replies of a live connection skip policy.
+                touch(entry, now, ct_flags::SEEN_REPLY | closing_bits(&flow));
+                entry.packets_rev += 1;
+                return Ok(Action::Pass);
+            } else if flow.protocol == proto::TCP
                 && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-                && entry.flags & ct_flags::CLOSING != 0;
-            if expired(entry, now, flow.protocol) || reopened {
+                && entry.flags & ct_flags::CLOSING != 0
+            {
+                // A new connection on the tuple of a closing one.
                 None
             } else {
                 Some(entry)
@@ -459,11 +460,12 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
                     Direction::Ingress => peer,
                 },
                 proxy_port_be,
+                direction: direction as u8,
                 _pad: 0,
                 policy_rev: revision,
                 remote_identity: peer,
             };
-            if CT_V4.insert(forward_key, entry, 0).is_err() {
+            if CT_V4.insert(ct_key, entry, 0).is_err() {
                 return drop_with(&site, reason::CT_CREATE_FAILED, matched, cookie);
             }
         }

@@ -15,7 +15,7 @@
 
 /// Version of the layout of every pinned map. Bump it with any change to a type in this
 /// crate: a build refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
@@ -283,22 +283,24 @@ pub struct PolicyEntry {
 }
 const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 12);
 
-/// Key of [`names::MAP_CT_V4`]: the tuple of the packet that opened the connection, in the
-/// direction it was first seen at this endpoint. A reply is found by reversing its tuple.
-/// For ICMP echo the identifier is the source "port" of the request and the destination "port"
-/// of the reply, so the reversal works the same way.
+/// Key of [`names::MAP_CT_V4`]: a connection as this endpoint sees it, oriented the same way
+/// for both directions (the endpoint's side first), so one lookup finds the connection for a
+/// packet either way; [`CtEntry::direction`] says which way it was opened, which tells a
+/// reply from a forward packet. For ICMP echo the identifier is the source "port" of the
+/// request and the destination "port" of the reply, so both land on the same key too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKeyV4 {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
-    pub sport_be: u16,
-    pub dport_be: u16,
+    /// The endpoint's address: the source of its egress packets, the destination of its
+    /// ingress packets.
+    pub local_addr_be: u32,
+    /// The peer's address.
+    pub remote_addr_be: u32,
+    pub local_port_be: u16,
+    pub remote_port_be: u16,
     pub endpoint_id: u32,
     pub protocol: u8,
-    /// [`Direction`] of the opening packet.
-    pub direction: u8,
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 20);
 
@@ -348,7 +350,10 @@ pub struct CtEntry {
     pub src_identity: u32,
     /// Proxy port of a redirected connection (network order), else 0.
     pub proxy_port_be: u16,
-    pub _pad: u16,
+    /// [`Direction`] of the packet that opened the connection: packets going the other way
+    /// are replies.
+    pub direction: u8,
+    pub _pad: u8,
     /// [`names::MAP_REVISION`] value when the forward verdict (allow, or redirect to
     /// `proxy_port_be`) was last computed; while it is current, forward packets skip the
     /// policy lookups.
