@@ -676,15 +676,12 @@ fn serve_echo(listener: TcpListener, stop: Arc<AtomicBool>) {
             let _ = conn.set_nodelay(true);
             tokio::spawn(async move {
                 let mut byte = [0u8; 1];
-                loop {
-                    match tokio::time::timeout(Duration::from_secs(30), conn.read(&mut byte)).await
-                    {
-                        Ok(Ok(1)) => {
-                            if conn.write_all(&byte).await.is_err() || byte[0] == REQUEST_CLOSE {
-                                break;
-                            }
-                        }
-                        _ => break,
+                // An idle connection is dropped after 30 s.
+                while let Ok(Ok(1)) =
+                    tokio::time::timeout(Duration::from_secs(30), conn.read(&mut byte)).await
+                {
+                    if conn.write_all(&byte).await.is_err() || byte[0] == REQUEST_CLOSE {
+                        break;
                     }
                 }
             });
