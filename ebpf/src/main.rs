@@ -38,7 +38,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
     },
     helpers::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp,
@@ -49,10 +50,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use membrane_common::{
-    CtEntry, CtKeyV4, Direction, EndpointInfo, FlowEvent, IpcacheKeyV4, IpcacheValue,
-    METRICS_EVENTS_LOST, METRICS_SLOTS, MetricsValue, PolicyEntry, PolicyKey, ct_flags, ct_timeout,
-    endpoint_flags, event_kind, identity, mark, match_type, metrics_index, policy_flags, proto,
-    reason, verdict,
+    CtEntry, CtKeyV4, Direction, EVENTS_WAKEUP_BYTES, EVENTS_WAKEUP_NS, EndpointInfo, FlowEvent,
+    IpcacheKeyV4, IpcacheValue, METRICS_EVENTS_LOST, METRICS_SLOTS, MetricsValue, PolicyEntry,
+    PolicyKey, ct_flags, ct_timeout, endpoint_flags, event_kind, identity, mark, match_type,
+    metrics_index, policy_flags, proto, reason, verdict,
 };
 
 // Map names must equal `membrane_common::names::*`; a datapath test checks the built object.
@@ -81,6 +82,9 @@ static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::pinned(METRICS_SLOTS, 0
 
 #[map(name = "mb_events")]
 static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+
+#[map(name = "mb_events_wakeup")]
+static EVENTS_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 /// `skb->pkt_type` for frames addressed to this host.
@@ -201,13 +205,17 @@ fn emit(site: &Site<'_>, v: &Verdict) {
     };
     // Reserved in the ring and written in place: no stack copy for `bpf_ringbuf_output`
     // to copy again.
+    // SAFETY: helper without preconditions.
+    let timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    // Decided before the reservation: keeps the reservation's lifetime short (the verifier
+    // tracks it as a reference).
+    let wakeup = wakeup_flag(timestamp_ns);
     let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
         bump(METRICS_EVENTS_LOST, 0);
         return;
     };
     slot.write(FlowEvent {
-        // SAFETY: helper without preconditions.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns,
         kind: v.kind,
         verdict: v.verdict,
         reason: v.reason,
@@ -230,7 +238,27 @@ fn emit(site: &Site<'_>, v: &Verdict) {
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         len: ctx.len(),
     });
-    slot.submit(0);
+    slot.submit(wakeup);
+}
+
+/// Whether this event wakes the ring buffer's reader (`EVENTS_WAKEUP_NS`,
+/// `EVENTS_WAKEUP_BYTES`).
+#[inline(always)]
+fn wakeup_flag(now_ns: u64) -> u64 {
+    let Some(last) = EVENTS_WAKEUP.get_ptr_mut(0) else {
+        // Unreachable (index 0 of a one-entry array); wake as the kernel would by default.
+        return 0;
+    };
+    // SAFETY: this CPU's slot; the program is not preempted while it runs.
+    let last = unsafe { &mut *last };
+    if now_ns.wrapping_sub(*last) >= EVENTS_WAKEUP_NS
+        || EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= EVENTS_WAKEUP_BYTES
+    {
+        *last = now_ns;
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
 }
 
 #[inline(always)]

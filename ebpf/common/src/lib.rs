@@ -39,8 +39,12 @@ pub mod names {
     pub const MAP_METRICS: &str = "mb_metrics";
     /// Flow events ([`crate::FlowEvent`]) for userspace.
     pub const MAP_EVENTS: &str = "mb_events";
+    /// Per-CPU `u64`: `bpf_ktime_get_ns()` of the last event after which this CPU woke the
+    /// ring buffer's reader (see [`crate::EVENTS_WAKEUP_NS`]). Scratch state of the loaded
+    /// programs, not pinned: a restarted datapath starts it afresh.
+    pub const MAP_EVENTS_WAKEUP: &str = "mb_events_wakeup";
     /// Every map the object must contain, and nothing else.
-    pub const ALL_MAPS: [&str; 8] = [
+    pub const ALL_MAPS: [&str; 9] = [
         MAP_ABI,
         MAP_REVISION,
         MAP_ENDPOINTS,
@@ -49,6 +53,7 @@ pub mod names {
         MAP_CT_V4,
         MAP_METRICS,
         MAP_EVENTS,
+        MAP_EVENTS_WAKEUP,
     ];
 
     /// tc program for packets leaving an endpoint (host-side veth, tc ingress hook).
@@ -383,6 +388,17 @@ pub const METRICS_EVENTS_LOST: u32 = 512;
 pub const fn metrics_index(direction: Direction, reason: u8) -> u32 {
     ((direction as u32) << 8) | reason as u32
 }
+
+/// Flow events wake the ring buffer's reader at most once per this interval per CPU, or
+/// when [`EVENTS_WAKEUP_BYTES`] are waiting; other events are written without a wakeup (a
+/// wakeup is an irq_work self-interrupt plus a task wakeup, several µs in a VM, and by
+/// default the kernel pays it for every event the reader has caught up with, i.e. for nearly
+/// every new connection). An event written without one waits for the next wakeup or for the
+/// reader's own poll timeout (the agent polls every 200 ms): at most that late.
+pub const EVENTS_WAKEUP_NS: u64 = 10_000_000;
+/// Bytes waiting in the ring buffer that wake the reader regardless of the interval (a
+/// sixteenth of the 1 MiB ring).
+pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// [`FlowEvent::kind`] values: Cilium's monitor message types.
 pub mod event_kind {
