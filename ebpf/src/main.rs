@@ -241,6 +241,9 @@ fn emit(site: &Site<'_>, v: &Verdict) {
     slot.submit(wakeup);
 }
 
+/// A [`FlowEvent`] in the ring: its 8-byte record header and the event.
+const EVENT_RECORD_BYTES: u64 = 8 + core::mem::size_of::<FlowEvent>() as u64;
+
 /// Whether this event wakes the ring buffer's reader (`EVENTS_WAKEUP_NS`,
 /// `EVENTS_WAKEUP_BYTES`).
 #[inline(always)]
@@ -251,8 +254,11 @@ fn wakeup_flag(now_ns: u64) -> u64 {
     };
     // SAFETY: this CPU's slot; the program is not preempted while it runs.
     let last = unsafe { &mut *last };
+    // Only the event that crosses the threshold: while the reader is behind (or absent)
+    // every further one would pay a wakeup again.
+    let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
     if now_ns.wrapping_sub(*last) >= EVENTS_WAKEUP_NS
-        || EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= EVENTS_WAKEUP_BYTES
+        || (pending < EVENTS_WAKEUP_BYTES && pending + EVENT_RECORD_BYTES >= EVENTS_WAKEUP_BYTES)
     {
         *last = now_ns;
         u64::from(BPF_RB_FORCE_WAKEUP)

@@ -397,7 +397,8 @@ pub const fn metrics_index(direction: Direction, reason: u8) -> u32 {
 /// reader's own poll timeout (the agent polls every 200 ms): at most that late.
 pub const EVENTS_WAKEUP_NS: u64 = 10_000_000;
 /// Bytes waiting in the ring buffer that wake the reader regardless of the interval (a
-/// sixteenth of the 1 MiB ring).
+/// sixteenth of the 1 MiB ring): the event that crosses it wakes the reader, the ones after
+/// it do not (a reader that is behind or absent would otherwise be woken for every event).
 pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// [`FlowEvent::kind`] values: Cilium's monitor message types.
