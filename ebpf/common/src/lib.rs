@@ -340,7 +340,7 @@ pub mod ct_timeout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` at creation (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns()` at creation (CLOCK_MONOTONIC, jiffies resolution).
     pub created_ns: u64,
     /// `bpf_ktime_get_coarse_ns()` of the last packet in either direction, to within
     /// [`ct_timeout::REFRESH_NS`] (see there).
