@@ -394,7 +394,7 @@ pub const fn metrics_index(direction: Direction, reason: u8) -> u32 {
 /// wakeup is an irq_work self-interrupt plus a task wakeup, several µs in a VM, and by
 /// default the kernel pays it for every event the reader has caught up with, i.e. for nearly
 /// every new connection). An event written without one waits for the next wakeup or for the
-/// reader's own poll timeout (the agent polls every 200 ms): at most that late.
+/// reader's own poll timeout (the agent polls every 50 ms): at most that late.
 pub const EVENTS_WAKEUP_NS: u64 = 10_000_000;
 /// Bytes waiting in the ring buffer that wake the reader regardless of the interval (a
 /// sixteenth of the 1 MiB ring): the event that crosses it wakes the reader, the ones after
