@@ -506,7 +506,10 @@ pub fn run(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<(), AgentError>
         threads.push(std::thread::spawn(move || {
             let (mut kernel_lost, mut undecodable) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
-                let batch = reader.wait(Duration::from_millis(200)).unwrap_or_default();
+                // The datapath wakes this reader at most every 10 ms per CPU (or when 64 KiB
+                // wait), so events written in between wait for this timeout: it bounds how
+                // late a flow reaches the observer.
+                let batch = reader.wait(Duration::from_millis(50)).unwrap_or_default();
                 let mut s = lock(&state);
                 for event in batch {
                     s.flows_seen += 1;

@@ -21,7 +21,7 @@ pub mod plumbing;
 
 pub use error::DatapathError;
 pub use events::{EventKind, EventReader, EventVerdict, FlowEventView};
-pub use loader::{Datapath, MapSizes};
+pub use loader::{Datapath, MapSizes, ProgramStats, RunTimeStats, enable_run_time_stats};
 pub use maps::{
     CtEntryView, CtMap, EndpointEntry, EndpointsMap, IpcacheMap, Ipv4Prefix, MetricsMap, PolicyMap,
     PolicyRule, PolicyVerdict, PortMatch,

@@ -386,6 +386,28 @@ impl Datapath {
         Ok(result.return_value as i32)
     }
 
+    /// The kernel's run statistics of `program` (cumulative; counted only while run-time
+    /// statistics are enabled, see [`enable_run_time_stats`]).
+    pub fn program_stats(&self, program: &'static str) -> Result<ProgramStats> {
+        let info = self
+            .ebpf
+            .program(program)
+            .ok_or(DatapathError::Missing {
+                kind: "program",
+                name: program,
+            })?
+            .info()
+            .map_err(|source| DatapathError::Program {
+                program,
+                op: "BPF_OBJ_GET_INFO_BY_FD".into(),
+                source,
+            })?;
+        Ok(ProgramStats {
+            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            run_count: info.run_count(),
+        })
+    }
+
     /// Detaches everything this instance attached and removes those pins. (Dropping a
     /// `Datapath` instead leaves links and maps pinned: that is a restart, not a teardown.)
     pub fn detach_all(&mut self) -> Result<()> {
@@ -395,6 +417,54 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Cumulative run statistics of one program as the kernel keeps them (`bpf_prog_info`'s
+/// `run_time_ns` and `run_cnt`): the time inside the program itself, without the hook's or
+/// `BPF_PROG_TEST_RUN`'s own overhead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+impl ProgramStats {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: ProgramStats) -> ProgramStats {
+        ProgramStats {
+            run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
+            run_count: self.run_count.saturating_sub(earlier.run_count),
+        }
+    }
+
+    /// Average ns per run, `None` before the first run.
+    pub fn ns_per_run(self) -> Option<f64> {
+        (self.run_count > 0).then(|| self.run_time_ns as f64 / self.run_count as f64)
+    }
+}
+
+/// Keeps the kernel's run-time statistics of BPF programs on (`BPF_ENABLE_STATS`, the switch
+/// behind the `kernel.bpf_stats_enabled` sysctl) while it lives. Dropping it, or the process
+/// dying, turns them back off unless something else holds them on: the kernel counts the
+/// holders, so this never overrides another user's setting.
+///
+/// While on, every BPF program on the machine pays two clock reads per run.
+pub struct RunTimeStats(
+    #[expect(
+        dead_code,
+        reason = "held for its drop: closing the fd disables the statistics"
+    )]
+    std::os::fd::OwnedFd,
+);
+
+/// Turns on run-time statistics for all BPF programs until the guard is dropped.
+pub fn enable_run_time_stats() -> Result<RunTimeStats> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map(RunTimeStats)
+        .map_err(|e| DatapathError::Io {
+            what: "BPF_ENABLE_STATS (run time)".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
 }
 
 fn classifier<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {

@@ -635,14 +635,28 @@ impl CtMap {
         for item in self.0.iter() {
             let (k, v) = item.map_err(map_err(names::MAP_CT_V4, "iterate"))?;
             let proxy_port = u16::from_be(v.proxy_port_be);
+            let direction = Direction::from_u8(v.direction).unwrap_or(Direction::Ingress);
+            let local = (
+                Ipv4Addr::from(k.local_addr_be.to_ne_bytes()),
+                k.local_port_be,
+            );
+            let remote = (
+                Ipv4Addr::from(k.remote_addr_be.to_ne_bytes()),
+                k.remote_port_be,
+            );
+            // Shown as opened: egress from the endpoint's side, ingress from the peer's.
+            let (src, dst) = match direction {
+                Direction::Egress => (local, remote),
+                Direction::Ingress => (remote, local),
+            };
             out.push(CtEntryView {
                 endpoint_id: k.endpoint_id,
-                direction: Direction::from_u8(k.direction).unwrap_or(Direction::Ingress),
+                direction,
                 protocol: k.protocol,
-                src: Ipv4Addr::from(k.saddr_be.to_ne_bytes()),
-                sport: u16::from_be(k.sport_be),
-                dst: Ipv4Addr::from(k.daddr_be.to_ne_bytes()),
-                dport: u16::from_be(k.dport_be),
+                src: src.0,
+                sport: u16::from_be(src.1),
+                dst: dst.0,
+                dport: u16::from_be(dst.1),
                 packets_fwd: v.packets_fwd,
                 packets_rev: v.packets_rev,
                 closing: v.flags & ct_flags::CLOSING != 0,

@@ -220,10 +220,23 @@ fn ingress_identity_allow_and_udp_reply() {
     );
     assert_eq!(f.count(Direction::Ingress, reason::POLICY_DENIED), 2);
     let ct = f.datapath.conntrack().list().expect("ct");
+    assert_eq!(ct.len(), 1, "one entry for both directions: {ct:?}");
     assert_eq!(
         ct[0].src_identity, PEER_IDENTITY,
         "ingress entries keep the source identity"
     );
+    assert_eq!(
+        (
+            ct[0].direction,
+            ct[0].src,
+            ct[0].sport,
+            ct[0].dst,
+            ct[0].dport
+        ),
+        (Direction::Ingress, PEER, 1111, POD, 5353),
+        "shown as opened, from the peer"
+    );
+    assert_eq!((ct[0].packets_fwd, ct[0].packets_rev), (1, 1));
 }
 
 #[test]

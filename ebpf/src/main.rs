@@ -6,15 +6,23 @@
 //!
 //! 1. endpoint lookup by ifindex (unknown interface ⇒ drop 152, never pass);
 //! 2. parse: ARP passes; other L3 and IPv4 fragments are dropped while enforcing;
-//! 3. identities: the endpoint's own from `mb_endpoints`, the peer's from the ipcache (LPM,
-//!    unknown ⇒ world), or from the mark of a packet the proxy sent;
-//! 4. conntrack: a packet whose reversed tuple opened a live connection at this endpoint is a
-//!    reply and skips policy (Cilium: CT_REPLY skips policy);
-//! 5. policy: exact remote identity and any identity, each an LPM lookup over protocol and
-//!    port; higher precedence wins, then the longer L4 prefix, then the exact identity. Deny ⇒
-//!    drop 181, no entry ⇒ drop 133, a proxy port ⇒ redirect;
+//! 3. conntrack: one lookup of the connection as the endpoint sees it (its own address and
+//!    port first, whichever way the packet goes); a live entry opened in the other direction
+//!    makes the packet a reply, which skips policy (Cilium: CT_REPLY skips policy);
+//! 4. identities: the endpoint's own from `mb_endpoints`; the peer's cached in the conntrack
+//!    entry while its verdict is current, else from the ipcache (LPM, unknown ⇒ world) or
+//!    from the mark of a packet the proxy sent;
+//! 5. policy (skipped while an established connection's cached verdict is current): exact
+//!    remote identity and any identity, each an LPM lookup over protocol and port; higher
+//!    precedence wins, then the longer L4 prefix, then the exact identity. Deny ⇒ drop 181,
+//!    no entry ⇒ drop 133, a proxy port ⇒ redirect;
 //! 6. conntrack create/refresh (failure ⇒ drop 155), a flow event for new connections and
 //!    every drop, per-CPU counters by (direction, reason).
+//!
+//! The established path stores only what changed, so a connection's entry stays read-mostly
+//! (its two directions usually run on different CPUs): the packet counter, the time at most
+//! once per second (`ct_timeout::REFRESH_NS`), flags when a bit is new, the cached verdict
+//! when the revision moved.
 //!
 //! Redirect (egress): mark `0x0200 | port << 16`, then `bpf_sk_assign` to the proxy's socket
 //! (the established one for this tuple, else the listener on the proxy port); the node's
@@ -30,7 +38,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
     },
     helpers::{
         bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_udp,
@@ -41,10 +50,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use membrane_common::{
-    CtEntry, CtKeyV4, Direction, EndpointInfo, FlowEvent, IpcacheKeyV4, IpcacheValue,
-    METRICS_EVENTS_LOST, METRICS_SLOTS, MetricsValue, PolicyEntry, PolicyKey, ct_flags, ct_timeout,
-    endpoint_flags, event_kind, identity, mark, match_type, metrics_index, policy_flags, proto,
-    reason, verdict,
+    CtEntry, CtKeyV4, Direction, EVENTS_WAKEUP_BYTES, EVENTS_WAKEUP_NS, EndpointInfo, FlowEvent,
+    IpcacheKeyV4, IpcacheValue, METRICS_EVENTS_LOST, METRICS_SLOTS, MetricsValue, PolicyEntry,
+    PolicyKey, ct_flags, ct_timeout, endpoint_flags, event_kind, identity, mark, match_type,
+    metrics_index, policy_flags, proto, reason, verdict,
 };
 
 // Map names must equal `membrane_common::names::*`; a datapath test checks the built object.
@@ -73,6 +82,9 @@ static METRICS: PerCpuArray<MetricsValue> = PerCpuArray::pinned(METRICS_SLOTS, 0
 
 #[map(name = "mb_events")]
 static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+
+#[map(name = "mb_events_wakeup")]
+static EVENTS_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 /// `skb->pkt_type` for frames addressed to this host.
@@ -191,9 +203,19 @@ fn emit(site: &Site<'_>, v: &Verdict) {
         Direction::Egress => (ep.identity, peer),
         Direction::Ingress => (peer, ep.identity),
     };
-    let event = FlowEvent {
-        // SAFETY: helper without preconditions.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    // Reserved in the ring and written in place: no stack copy for `bpf_ringbuf_output`
+    // to copy again.
+    // SAFETY: helper without preconditions.
+    let timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    // Decided before the reservation: keeps the reservation's lifetime short (the verifier
+    // tracks it as a reference).
+    let wakeup = wakeup_flag(timestamp_ns);
+    let Some(mut slot) = EVENTS.reserve::<FlowEvent>(0) else {
+        bump(METRICS_EVENTS_LOST, 0);
+        return;
+    };
+    slot.write(FlowEvent {
+        timestamp_ns,
         kind: v.kind,
         verdict: v.verdict,
         reason: v.reason,
@@ -215,9 +237,33 @@ fn emit(site: &Site<'_>, v: &Verdict) {
         // SAFETY: `skb` is the context pointer the kernel passed to this program.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         len: ctx.len(),
+    });
+    slot.submit(wakeup);
+}
+
+/// A [`FlowEvent`] in the ring: its 8-byte record header and the event.
+const EVENT_RECORD_BYTES: u64 = 8 + core::mem::size_of::<FlowEvent>() as u64;
+
+/// Whether this event wakes the ring buffer's reader (`EVENTS_WAKEUP_NS`,
+/// `EVENTS_WAKEUP_BYTES`).
+#[inline(always)]
+fn wakeup_flag(now_ns: u64) -> u64 {
+    let Some(last) = EVENTS_WAKEUP.get_ptr_mut(0) else {
+        // Unreachable (index 0 of a one-entry array); wake as the kernel would by default.
+        return 0;
     };
-    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
-        bump(METRICS_EVENTS_LOST, 0);
+    // SAFETY: this CPU's slot; the program is not preempted while it runs.
+    let last = unsafe { &mut *last };
+    // Only the event that crosses the threshold: while the reader is behind (or absent)
+    // every further one would pay a wakeup again.
+    let pending = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    if now_ns.wrapping_sub(*last) >= EVENTS_WAKEUP_NS
+        || (pending < EVENTS_WAKEUP_BYTES && pending + EVENT_RECORD_BYTES >= EVENTS_WAKEUP_BYTES)
+    {
+        *last = now_ns;
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 
@@ -307,68 +353,40 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     // Conntrack ages in seconds: the coarse clock (jiffies resolution) is cheaper per packet.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let revision = REVISION.get(0).copied().unwrap_or(0);
-    let forward_key = CtKeyV4 {
-        saddr_be: flow.saddr_be,
-        daddr_be: flow.daddr_be,
-        sport_be: flow.sport_be,
-        dport_be: flow.dport_be,
+    // The connection as this endpoint sees it, the same for both directions.
+    let (local_addr_be, remote_addr_be, local_port_be, remote_port_be) = match direction {
+        Direction::Egress => (flow.saddr_be, flow.daddr_be, flow.sport_be, flow.dport_be),
+        Direction::Ingress => (flow.daddr_be, flow.saddr_be, flow.dport_be, flow.sport_be),
+    };
+    let ct_key = CtKeyV4 {
+        local_addr_be,
+        remote_addr_be,
+        local_port_be,
+        remote_port_be,
         endpoint_id: endpoint.endpoint_id,
         protocol: flow.protocol,
-        direction: direction as u8,
-        _pad: 0,
-    };
-    let reply_key = CtKeyV4 {
-        saddr_be: flow.daddr_be,
-        daddr_be: flow.saddr_be,
-        sport_be: flow.dport_be,
-        dport_be: flow.sport_be,
-        endpoint_id: endpoint.endpoint_id,
-        protocol: flow.protocol,
-        direction: direction.reverse() as u8,
-        _pad: 0,
+        _pad: [0; 3],
     };
 
-    // Replies of a live connection skip policy.
-    if let Some(entry) = CT_V4.get_ptr_mut(reply_key) {
-        // SAFETY: pointer into the map value; concurrent counter updates may race, which
-        // only makes statistics approximate.
-        let entry = unsafe { &mut *entry };
-        if !expired(entry, now, flow.protocol) {
-            entry.last_seen_ns = now;
-            entry.packets_rev += 1;
-            entry.flags |= ct_flags::SEEN_REPLY | closing_bits(&flow);
-            return Ok(Action::Pass);
-        }
-    }
-
-    // The peer's identity: not needed for replies (above), so looked up only here.
-    let peer_addr = match direction {
-        Direction::Egress => flow.daddr_be,
-        Direction::Ingress => flow.saddr_be,
-    };
-    let peer = if from_proxy {
-        // The proxy speaks for the original source; the mark carries its identity.
-        mark::decode_identity(skb_mark)
-    } else {
-        lookup_identity(peer_addr)
-    };
-    let site = Site {
-        ctx,
-        ep: endpoint,
-        direction,
-        flow: &flow,
-        peer,
-    };
-
-    let existing = match CT_V4.get_ptr_mut(forward_key) {
-        // SAFETY: as above.
+    let existing = match CT_V4.get_ptr_mut(ct_key) {
         Some(entry) => {
+            // SAFETY: pointer into the map value; concurrent counter updates may race, which
+            // only makes statistics approximate.
             let entry = unsafe { &mut *entry };
-            let reopened = flow.protocol == proto::TCP
+            if expired(entry, now, flow.protocol) {
+                // Replaced below like any new connection (or, if policy drops this packet,
+                // left to be replaced or evicted later).
+                None
+            } else if entry.direction != direction as u8 {
+                // Replies of a live connection skip policy.
+                touch(entry, now, ct_flags::SEEN_REPLY | closing_bits(&flow));
+                entry.packets_rev += 1;
+                return Ok(Action::Pass);
+            } else if flow.protocol == proto::TCP
                 && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-                && entry.flags & ct_flags::CLOSING != 0;
-            if expired(entry, now, flow.protocol) || reopened {
+                && entry.flags & ct_flags::CLOSING != 0
+            {
+                // A new connection on the tuple of a closing one.
                 None
             } else {
                 Some(entry)
@@ -378,23 +396,49 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     };
     let is_new = existing.is_none();
 
-    // Policy. The ingress proxy already enforced this endpoint's ingress policy at L7.
+    // The ingress proxy already enforced this endpoint's ingress policy at L7.
+    let enforced = enforce && !(from_proxy && magic == mark::MAGIC_PROXY_INGRESS);
+    let revision = REVISION.get(0).copied().unwrap_or(0);
+    // An established connection whose verdict was computed at the current revision of
+    // policy, ipcache and endpoints keeps it, and the peer identity it was computed with:
+    // any change to those bumps the revision and sends the next packet through the lookups
+    // again (deletions take effect at once). Without enforcement there is no verdict to
+    // reuse, and the stored identity serves only events, which established connections do
+    // not emit (bar a failed redirect, whose drop event may then carry an identity older
+    // than the last revision).
+    let current = match &existing {
+        Some(entry) if !enforced || entry.policy_rev == revision => Some((
+            entry.remote_identity,
+            entry.rule_cookie,
+            entry.proxy_port_be,
+        )),
+        _ => None,
+    };
+
+    let peer = match current {
+        Some((remote, _, _)) => remote,
+        // The proxy speaks for the original source; the mark carries its identity.
+        None if from_proxy => mark::decode_identity(skb_mark),
+        None => lookup_identity(match direction {
+            Direction::Egress => flow.daddr_be,
+            Direction::Ingress => flow.saddr_be,
+        }),
+    };
+    let site = Site {
+        ctx,
+        ep: endpoint,
+        direction,
+        flow: &flow,
+        peer,
+    };
+
+    // Policy.
     let mut cookie = 0;
     let mut matched = match_type::NONE;
     let mut proxy_port_be = 0u16;
-    let enforced = enforce && !(from_proxy && magic == mark::MAGIC_PROXY_INGRESS);
     if enforced {
-        // An established connection whose verdict was computed at the current revision of
-        // policy, ipcache and endpoints keeps it: any change to those bumps the revision and
-        // sends the next packet through the lookups again (deletions take effect at once).
-        let cached = match &existing {
-            Some(entry) if entry.policy_rev == revision => {
-                Some((entry.rule_cookie, entry.proxy_port_be))
-            }
-            _ => None,
-        };
-        match cached {
-            Some((c, p)) => {
+        match current {
+            Some((_, c, p)) => {
                 cookie = c;
                 if !from_proxy {
                     proxy_port_be = p;
@@ -419,22 +463,22 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         }
     }
 
-    let src_identity = match direction {
-        Direction::Egress => endpoint.identity,
-        Direction::Ingress => peer,
+    let redirect_flag = if proxy_port_be != 0 {
+        ct_flags::PROXY_REDIRECT
+    } else {
+        0
     };
     match existing {
         Some(entry) => {
-            entry.last_seen_ns = now;
+            touch(entry, now, closing_bits(&flow));
             entry.packets_fwd += 1;
-            entry.flags |= closing_bits(&flow);
-            entry.policy_rev = revision;
-            entry.rule_cookie = cookie;
-            entry.proxy_port_be = proxy_port_be;
-            if proxy_port_be != 0 {
-                entry.flags |= ct_flags::PROXY_REDIRECT;
-            } else {
-                entry.flags &= !ct_flags::PROXY_REDIRECT;
+            // Written only when recomputed: a current entry stays read-mostly.
+            if entry.policy_rev != revision {
+                entry.policy_rev = revision;
+                entry.rule_cookie = cookie;
+                entry.proxy_port_be = proxy_port_be;
+                entry.remote_identity = peer;
+                entry.flags = (entry.flags & !ct_flags::PROXY_REDIRECT) | redirect_flag;
             }
         }
         None => {
@@ -443,20 +487,19 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
                 last_seen_ns: now,
                 packets_fwd: 1,
                 packets_rev: 0,
-                flags: closing_bits(&flow)
-                    | if proxy_port_be != 0 {
-                        ct_flags::PROXY_REDIRECT
-                    } else {
-                        0
-                    },
+                flags: closing_bits(&flow) | redirect_flag,
                 rule_cookie: cookie,
-                src_identity,
+                src_identity: match direction {
+                    Direction::Egress => endpoint.identity,
+                    Direction::Ingress => peer,
+                },
                 proxy_port_be,
+                direction: direction as u8,
                 _pad: 0,
                 policy_rev: revision,
-                _pad2: 0,
+                remote_identity: peer,
             };
-            if CT_V4.insert(forward_key, entry, 0).is_err() {
+            if CT_V4.insert(ct_key, entry, 0).is_err() {
                 return drop_with(&site, reason::CT_CREATE_FAILED, matched, cookie);
             }
         }
@@ -654,6 +697,20 @@ fn closing_bits(flow: &Flow) -> u32 {
     }
 }
 
+/// Marks a live entry as seen at `now` with `flags` set, storing only what changed: the
+/// timestamp at most once per [`ct_timeout::REFRESH_NS`], the flags when a bit is new.
+#[inline(always)]
+fn touch(entry: &mut CtEntry, now: u64, flags: u32) {
+    if now.wrapping_sub(entry.last_seen_ns) >= ct_timeout::REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
+    if entry.flags & flags != flags {
+        entry.flags |= flags;
+    }
+}
+
+/// Whether the entry outlived its lifetime. `last_seen_ns` lags by up to
+/// [`ct_timeout::REFRESH_NS`], which is added here so no entry expires early.
 #[inline(always)]
 fn expired(entry: &CtEntry, now: u64, protocol: u8) -> bool {
     let lifetime_secs = if entry.flags & ct_flags::CLOSING != 0 {
@@ -663,7 +720,7 @@ fn expired(entry: &CtEntry, now: u64, protocol: u8) -> bool {
     } else {
         ct_timeout::NON_TCP_SECS
     };
-    now.saturating_sub(entry.last_seen_ns) > lifetime_secs * NS_PER_SEC
+    now.saturating_sub(entry.last_seen_ns) > lifetime_secs * NS_PER_SEC + ct_timeout::REFRESH_NS
 }
 
 /// One byte at `offset`. Reads two bytes when they are there: for a one-byte bounds check
@@ -709,12 +766,9 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
         return Err(reason::FRAG_NOT_SUPPORTED);
     }
     let protocol: u8 = read_u8(ctx, ETH_HLEN + 9).map_err(|_| reason::INVALID_PACKET)?;
-    let saddr_be: u32 = ctx
-        .load(ETH_HLEN + 12)
-        .map_err(|_| reason::INVALID_PACKET)?;
-    let daddr_be: u32 = ctx
-        .load(ETH_HLEN + 16)
-        .map_err(|_| reason::INVALID_PACKET)?;
+    // Direct reads where the linear data holds them (no helper call per address).
+    let saddr_be: u32 = read(ctx, ETH_HLEN + 12).map_err(|_| reason::INVALID_PACKET)?;
+    let daddr_be: u32 = read(ctx, ETH_HLEN + 16).map_err(|_| reason::INVALID_PACKET)?;
     let l4 = ETH_HLEN + ihl;
 
     let mut flow = Flow {

@@ -228,6 +228,12 @@ fn redirect_reaches_a_transparent_listener_with_the_original_destination() {
         reply.is_reply(format!("proxied to {B_IP}:8080").as_bytes()),
         "the proxy answered and saw the original destination, got {reply:?}"
     );
+    // The server counts a request after writing its reply, so the client can see the reply
+    // first: give the count a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while proxy.served() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(proxy.served(), 1);
     let ct = node.datapath().conntrack().list().expect("ct");
     assert!(

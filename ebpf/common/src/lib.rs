@@ -15,7 +15,7 @@
 
 /// Version of the layout of every pinned map. Bump it with any change to a type in this
 /// crate: a build refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 4;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
@@ -39,8 +39,12 @@ pub mod names {
     pub const MAP_METRICS: &str = "mb_metrics";
     /// Flow events ([`crate::FlowEvent`]) for userspace.
     pub const MAP_EVENTS: &str = "mb_events";
+    /// Per-CPU `u64`: `bpf_ktime_get_ns()` of the last event after which this CPU woke the
+    /// ring buffer's reader (see [`crate::EVENTS_WAKEUP_NS`]). Scratch state of the loaded
+    /// programs, not pinned: a restarted datapath starts it afresh.
+    pub const MAP_EVENTS_WAKEUP: &str = "mb_events_wakeup";
     /// Every map the object must contain, and nothing else.
-    pub const ALL_MAPS: [&str; 8] = [
+    pub const ALL_MAPS: [&str; 9] = [
         MAP_ABI,
         MAP_REVISION,
         MAP_ENDPOINTS,
@@ -49,6 +53,7 @@ pub mod names {
         MAP_CT_V4,
         MAP_METRICS,
         MAP_EVENTS,
+        MAP_EVENTS_WAKEUP,
     ];
 
     /// tc program for packets leaving an endpoint (host-side veth, tc ingress hook).
@@ -283,22 +288,24 @@ pub struct PolicyEntry {
 }
 const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 12);
 
-/// Key of [`names::MAP_CT_V4`]: the tuple of the packet that opened the connection, in the
-/// direction it was first seen at this endpoint. A reply is found by reversing its tuple.
-/// For ICMP echo the identifier is the source "port" of the request and the destination "port"
-/// of the reply, so the reversal works the same way.
+/// Key of [`names::MAP_CT_V4`]: a connection as this endpoint sees it, oriented the same way
+/// for both directions (the endpoint's side first), so one lookup finds the connection for a
+/// packet either way; [`CtEntry::direction`] says which way it was opened, which tells a
+/// reply from a forward packet. For ICMP echo the identifier is the source "port" of the
+/// request and the destination "port" of the reply, so both land on the same key too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtKeyV4 {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
-    pub sport_be: u16,
-    pub dport_be: u16,
+    /// The endpoint's address: the source of its egress packets, the destination of its
+    /// ingress packets.
+    pub local_addr_be: u32,
+    /// The peer's address.
+    pub remote_addr_be: u32,
+    pub local_port_be: u16,
+    pub remote_port_be: u16,
     pub endpoint_id: u32,
     pub protocol: u8,
-    /// [`Direction`] of the opening packet.
-    pub direction: u8,
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 20);
 
@@ -313,19 +320,30 @@ pub mod ct_flags {
 }
 
 /// Conntrack lifetimes in seconds (Cilium's defaults: TCP 6 h, non-TCP 60 s, closing 10 s).
+///
+/// [`CtEntry::last_seen_ns`] is refreshed at most once per [`ct_timeout::REFRESH_NS`] (a
+/// store on every packet would dirty the entry's cache line for every packet of both
+/// directions, which on a real node run on different CPUs). An entry therefore counts as
+/// expired only when it has been idle for its lifetime *plus* that granularity: a connection
+/// lives at least its lifetime after its last packet (never less) and at most one
+/// granularity more.
 pub mod ct_timeout {
     pub const TCP_SECS: u64 = 21_600;
     pub const NON_TCP_SECS: u64 = 60;
     pub const CLOSING_SECS: u64 = 10;
+    /// Granularity of [`crate::CtEntry::last_seen_ns`] (1 s; Cilium keeps lifetimes in
+    /// whole seconds).
+    pub const REFRESH_NS: u64 = 1_000_000_000;
 }
 
 /// Value of [`names::MAP_CT_V4`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` at creation (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_coarse_ns()` at creation (CLOCK_MONOTONIC, jiffies resolution).
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet in either direction.
+    /// `bpf_ktime_get_coarse_ns()` of the last packet in either direction, to within
+    /// [`ct_timeout::REFRESH_NS`] (see there).
     pub last_seen_ns: u64,
     pub packets_fwd: u64,
     pub packets_rev: u64,
@@ -337,12 +355,18 @@ pub struct CtEntry {
     pub src_identity: u32,
     /// Proxy port of a redirected connection (network order), else 0.
     pub proxy_port_be: u16,
-    pub _pad: u16,
+    /// [`Direction`] of the packet that opened the connection: packets going the other way
+    /// are replies.
+    pub direction: u8,
+    pub _pad: u8,
     /// [`names::MAP_REVISION`] value when the forward verdict (allow, or redirect to
     /// `proxy_port_be`) was last computed; while it is current, forward packets skip the
     /// policy lookups.
     pub policy_rev: u32,
-    pub _pad2: u32,
+    /// The peer's identity as of `policy_rev` (the destination's for an egress connection,
+    /// the source's for an ingress one): forward packets with a current verdict reuse it
+    /// instead of an ipcache lookup.
+    pub remote_identity: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 
@@ -364,6 +388,18 @@ pub const METRICS_EVENTS_LOST: u32 = 512;
 pub const fn metrics_index(direction: Direction, reason: u8) -> u32 {
     ((direction as u32) << 8) | reason as u32
 }
+
+/// Flow events wake the ring buffer's reader at most once per this interval per CPU, or
+/// when [`EVENTS_WAKEUP_BYTES`] are waiting; other events are written without a wakeup (a
+/// wakeup is an irq_work self-interrupt plus a task wakeup, several µs in a VM, and by
+/// default the kernel pays it for every event the reader has caught up with, i.e. for nearly
+/// every new connection). An event written without one waits for the next wakeup or for the
+/// reader's own poll timeout (the agent polls every 50 ms): at most that late.
+pub const EVENTS_WAKEUP_NS: u64 = 10_000_000;
+/// Bytes waiting in the ring buffer that wake the reader regardless of the interval (a
+/// sixteenth of the 1 MiB ring): the event that crosses it wakes the reader, the ones after
+/// it do not (a reader that is behind or absent would otherwise be woken for every event).
+pub const EVENTS_WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// [`FlowEvent::kind`] values: Cilium's monitor message types.
 pub mod event_kind {
