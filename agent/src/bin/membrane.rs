@@ -152,6 +152,10 @@ struct ProxyArgs {
     /// NAME=IP:PORT, repeatable. Calls to other names fail with BAD_ARGUMENT.
     #[arg(long = "filter-upstream", value_name = "NAME=IP:PORT")]
     filter_upstreams: Vec<String>,
+    /// Threads serving connections (tokio workers). Default: one per CPU this process may
+    /// run on (its affinity mask, so `taskset -c 0 membrane proxy ...` gets one).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -365,9 +369,11 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     if let Some(set) = &filters {
         config.filters = Some(set.clone());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = args.workers {
+        runtime.worker_threads(usize::from(workers));
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         tokio::spawn(async move {
             while let Some(record) = records.recv().await {
