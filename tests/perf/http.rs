@@ -158,11 +158,20 @@ pub fn run() {
         sanity(target, peers[&target].addr);
     }
 
-    throughput(&peers);
-    latency(&peers);
+    // `MEMBRANE_PERF_HTTP_ONLY=throughput|latency|memory` runs one part.
+    let only = std::env::var("MEMBRANE_PERF_HTTP_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only == name;
+    if part("throughput") {
+        throughput(&peers);
+    }
+    if part("latency") {
+        latency(&peers);
+    }
     // The throughput peers are done; fresh instances for memory.
     drop(peers);
-    idle_memory(&tools, backend.addr);
+    if part("memory") {
+        idle_memory(&tools, backend.addr);
+    }
     drop(backend);
 }
 
