@@ -369,15 +369,31 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     if let Some(set) = &filters {
         config.filters = Some(set.clone());
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = args.workers {
-        runtime.worker_threads(usize::from(workers));
-    }
+    let mut runtime = match args.workers {
+        // One worker: the single-threaded scheduler, without the multi-threaded one's
+        // work-stealing queues and cross-thread wake-ups (nothing here blocks in place).
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(workers));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         tokio::spawn(async move {
+            use std::io::Write as _;
+            // Whatever is queued is written as one batch, then flushed: one write(2) per
+            // batch instead of one per line (stdout's line buffering), and nothing waits
+            // once the queue is empty.
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
             while let Some(record) = records.recv().await {
-                println!("{record}");
+                let _ = writeln!(out, "{record}");
+                while let Ok(record) = records.try_recv() {
+                    let _ = writeln!(out, "{record}");
+                }
+                let _ = out.flush();
             }
         });
         if let Some(set) = filters {
