@@ -850,10 +850,10 @@ fn process_tree(pid: u32) -> Vec<u32> {
             else {
                 continue;
             };
-            if let Some(fields) = stat_fields(p) {
-                if let Some(pp) = fields.get(1).and_then(|s| s.parse::<u32>().ok()) {
-                    parent.insert(p, pp);
-                }
+            if let Some(fields) = stat_fields(p)
+                && let Some(pp) = fields.get(1).and_then(|s| s.parse::<u32>().ok())
+            {
+                parent.insert(p, pp);
             }
         }
     }
