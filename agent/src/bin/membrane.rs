@@ -153,7 +153,8 @@ struct ProxyArgs {
     #[arg(long = "filter-upstream", value_name = "NAME=IP:PORT")]
     filter_upstreams: Vec<String>,
     /// Threads serving connections (tokio workers). Default: one per CPU this process may
-    /// run on (its affinity mask, so `taskset -c 0 membrane proxy ...` gets one).
+    /// run on (its affinity mask, so `taskset -c 0 membrane proxy ...` gets one). 1 runs
+    /// tokio's single-threaded scheduler, the cheapest per request on one core.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
 }
