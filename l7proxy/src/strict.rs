@@ -22,7 +22,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
@@ -94,7 +94,7 @@ pub struct Advance {
     pub violation: Option<Violation>,
 }
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A chunk-size line is hex digits plus extensions; nothing legitimate comes near this.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Chunk sizes above 16 hex digits overflow u64.
@@ -145,6 +145,8 @@ pub struct FramingValidator {
     state: State,
     /// The message being read asked to switch protocols: pass through after it.
     upgrade_after_message: bool,
+    /// Request heads validated so far.
+    heads: u64,
 }
 
 fn is_tchar(byte: u8) -> bool {
@@ -278,12 +280,28 @@ impl FramingValidator {
             limits,
             state: State::Start,
             upgrade_after_message: false,
+            heads: 0,
         }
     }
 
     /// True once the stream is HTTP/2 or upgraded: no more checks.
     pub fn is_passthrough(&self) -> bool {
         matches!(self.state, State::Passthrough)
+    }
+
+    /// Request heads validated so far (released once each).
+    pub fn heads(&self) -> u64 {
+        self.heads
+    }
+
+    /// True between two HTTP/1 messages: every byte validated so far belongs to a complete
+    /// message, and no line of the next head has been seen.
+    pub fn between_messages(&self) -> bool {
+        match &self.state {
+            State::Start => true,
+            State::Head(head) => head.scanned == 0,
+            _ => false,
+        }
     }
 
     fn next_message(&mut self) -> State {
@@ -380,6 +398,7 @@ impl FramingValidator {
                 }
                 self.upgrade_after_message =
                     head.connect || (head.upgrade && head.connection_upgrade);
+                self.heads += 1;
                 self.state = if head.transfer_encoding {
                     State::ChunkSize
                 } else {
@@ -489,11 +508,24 @@ const POISON: &[u8] = b"\0\r\n\r\n";
 /// Called once with the violation when a connection is rejected (for access records).
 pub type ViolationHook = Box<dyn FnOnce(&Violation) + Send + Sync>;
 
-/// Last time bytes moved on a connection, shared with the idle-timeout watchdog.
+/// What moves on a connection, shared between the [`StrictIo`] hyper owns and the driver of
+/// the connection: the last time bytes moved (the idle timeout), and where the request stream
+/// stands, so the driver can tell when hyper holds nothing but an idle keep-alive connection
+/// and put it to rest (`proxy::serve_connection`).
 #[derive(Debug)]
 pub struct Activity {
     origin: Instant,
     last_ms: AtomicU64,
+    /// Request heads handed over (or about to be: see `between_messages`).
+    heads: AtomicU64,
+    /// Every byte handed to hyper so far ends a complete message, none is held back, the
+    /// stream is HTTP/1 and not rejected.
+    between_messages: AtomicBool,
+    /// The last write to the socket would have blocked: hyper still holds bytes to send.
+    write_blocked: AtomicBool,
+    /// Set by the driver before a graceful hyper shutdown that must leave the socket open:
+    /// `poll_shutdown` then only flushes.
+    keep_open: AtomicBool,
 }
 
 impl Activity {
@@ -501,7 +533,26 @@ impl Activity {
         Arc::new(Self {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
+            heads: AtomicU64::new(0),
+            between_messages: AtomicBool::new(true),
+            write_blocked: AtomicBool::new(false),
+            keep_open: AtomicBool::new(false),
         })
+    }
+
+    /// Request heads handed to hyper so far.
+    pub fn heads(&self) -> u64 {
+        self.heads.load(Ordering::Relaxed)
+    }
+
+    /// Between two HTTP/1 messages with nothing held back and nothing left to write.
+    pub fn at_rest(&self) -> bool {
+        self.between_messages.load(Ordering::Relaxed) && !self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    /// While set, shutting the [`StrictIo`] down flushes it and leaves the socket open.
+    pub fn set_keep_open(&self, keep_open: bool) {
+        self.keep_open.store(keep_open, Ordering::Relaxed);
     }
 
     fn touch(&self) {
@@ -554,6 +605,22 @@ impl<S> StrictIo<S> {
         &self.inner
     }
 
+    /// True when bytes read from the socket wait to be handed over.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || self.poison.is_some()
+    }
+
+    /// Tells the driver where the request stream stands (see [`Activity`]).
+    fn publish(&self) {
+        self.activity
+            .heads
+            .store(self.validator.heads(), Ordering::Relaxed);
+        self.activity.between_messages.store(
+            self.validator.between_messages() && self.pending.is_empty() && !self.failed,
+            Ordering::Relaxed,
+        );
+    }
+
     fn fail(&mut self, violation: Violation) {
         tracing::debug!(%violation, "rejecting malformed HTTP/1 request");
         self.failed = true;
@@ -587,6 +654,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for StrictIo<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let polled = this.poll_read_validated(cx, out);
+        this.publish();
+        polled
+    }
+}
+
+impl<S: AsyncRead + Unpin> StrictIo<S> {
+    fn poll_read_validated(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
@@ -664,7 +744,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StrictIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.activity
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        let written = ready!(polled)?;
         this.activity.touch();
         Poll::Ready(Ok(written))
     }
@@ -675,7 +759,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StrictIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.activity
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        let written = ready!(polled)?;
         this.activity.touch();
         Poll::Ready(Ok(written))
     }
@@ -689,7 +777,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StrictIo<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.activity.keep_open.load(Ordering::Relaxed) {
+            // The driver takes the socket back to wait for the next request.
+            return Pin::new(&mut this.inner).poll_flush(cx);
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

@@ -401,6 +401,90 @@ async fn idle_connections_are_closed() -> Result<()> {
     proxy.stop().await
 }
 
+/// An idle HTTP/1.1 connection is put to rest between requests (hyper's state is dropped,
+/// the socket kept): later requests on it, a head split over two writes, and pipelined
+/// requests are all still answered, in order, on the same connection.
+#[tokio::test]
+async fn kept_alive_connections_serve_requests_after_idling() -> Result<()> {
+    let upstream = start_upstream().await?;
+    let proxy = start_proxy(upstream.addr, Some(sample_policy())).await?;
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    stream
+        .write_all(b"GET /public/1 HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+        .await?;
+    read_until(&mut stream, "ok GET /public/1").await?;
+    // Idle for a while, then a head that arrives in two parts.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(b"GET /public/2 HTTP/1.1\r\nHo").await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(b"st: svc.test\r\n\r\n").await?;
+    read_until(&mut stream, "ok GET /public/2").await?;
+    // Two pipelined requests in one write, one denied, then one more allowed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+        .write_all(
+            b"GET /private HTTP/1.1\r\nHost: svc.test\r\n\r\nGET /public/3 HTTP/1.1\r\nHost: svc.test\r\n\r\n",
+        )
+        .await?;
+    let replies = read_until(&mut stream, "ok GET /public/3").await?;
+    let denied = replies.find("403 Forbidden").context("the 403")?;
+    let allowed = replies.find("ok GET /public/3").context("the 200")?;
+    assert!(denied < allowed, "answered in order: {replies}");
+    assert!(!replies.contains("connection: close"), "{replies}");
+    assert_eq!(upstream.count(), 3);
+    proxy.stop().await
+}
+
+/// Bytes the strict reader judged to be a request body are never parsed as a request, even
+/// when the upstream answers without reading that body.
+#[tokio::test]
+async fn an_unread_body_is_never_a_request() -> Result<()> {
+    let upstream = start_upstream().await?;
+    let proxy = start_proxy(upstream.addr, None).await?;
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: svc.test\r\n\r\n";
+    let mut stream = TcpStream::connect(proxy.addr).await?;
+    let mut request = format!(
+        "POST /not-echo HTTP/1.1\r\nHost: svc.test\r\ncontent-length: {}\r\n\r\n",
+        smuggled.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(smuggled);
+    stream.write_all(&request).await?;
+    read_until(&mut stream, "ok POST /not-echo").await?;
+    // Whether the connection stays open or not, the next request is a real one.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if stream
+        .write_all(b"GET /after HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+        .await
+        .is_ok()
+    {
+        let _ = read_to_close_or(&mut stream, "ok GET /after").await;
+    }
+    assert!(
+        upstream.seen().iter().all(|seen| seen.uri != "/smuggled"),
+        "{:?}",
+        upstream.seen()
+    );
+    proxy.stop().await
+}
+
+/// Reads until `needle` arrives or the connection closes (bounded).
+async fn read_to_close_or(stream: &mut TcpStream, needle: &str) -> Result<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&out).contains(needle) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 #[tokio::test]
 async fn run_returns_after_shutdown() -> Result<()> {
     let upstream = start_upstream().await?;

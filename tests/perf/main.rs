@@ -4,6 +4,7 @@
 //! cargo run --release -p membrane-tests --bin membrane-perf -- datapath   # ns/packet: TEST_RUN, bpf_stats
 //! cargo run --release -p membrane-tests --bin membrane-perf -- veth       # TCP_RR / TCP_CRR between pods
 //! cargo run --release -p membrane-tests --bin membrane-perf -- proxy      # req/s with vs without a Wasm filter
+//! cargo run --release -p membrane-tests --bin membrane-perf -- http       # vs haproxy, nginx, direct (http.rs)
 //! ```
 //!
 //! `datapath` loads the programs with 100, 10k and 100k ipcache and policy entries and reports
@@ -39,6 +40,7 @@ use membrane_tests::{NsGuard, PinGuard, packet, require_root, unique_name};
 mod dns;
 mod empty_prog;
 mod events;
+mod http;
 mod proxy;
 
 fn main() {
@@ -46,6 +48,11 @@ fn main() {
     if what == "proxy" {
         // Loopback only: no root, no namespaces.
         proxy::run();
+        return;
+    }
+    if what == "http" {
+        // Loopback only, like `proxy`; raises its own open-file limit.
+        http::run();
         return;
     }
     require_root();
@@ -56,7 +63,7 @@ fn main() {
         "dns" => dns::run(),
         "events" => events::run(),
         _ => {
-            eprintln!("usage: membrane-perf datapath|veth|dns|events|proxy");
+            eprintln!("usage: membrane-perf datapath|veth|dns|events|proxy|http");
             std::process::exit(2);
         }
     }

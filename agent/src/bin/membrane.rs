@@ -152,6 +152,11 @@ struct ProxyArgs {
     /// NAME=IP:PORT, repeatable. Calls to other names fail with BAD_ARGUMENT.
     #[arg(long = "filter-upstream", value_name = "NAME=IP:PORT")]
     filter_upstreams: Vec<String>,
+    /// Threads serving connections (tokio workers). Default: one per CPU this process may
+    /// run on (its affinity mask, so `taskset -c 0 membrane proxy ...` gets one). 1 runs
+    /// tokio's single-threaded scheduler, the cheapest per request on one core.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -365,13 +370,31 @@ fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     if let Some(set) = &filters {
         config.filters = Some(set.clone());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = match args.workers {
+        // One worker: the single-threaded scheduler, without the multi-threaded one's
+        // work-stealing queues and cross-thread wake-ups (nothing here blocks in place).
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(workers));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         tokio::spawn(async move {
+            use std::io::Write as _;
+            // Whatever is queued is written as one batch, then flushed: one write(2) per
+            // batch instead of one per line (stdout's line buffering), and nothing waits
+            // once the queue is empty.
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
             while let Some(record) = records.recv().await {
-                println!("{record}");
+                let _ = writeln!(out, "{record}");
+                while let Ok(record) = records.try_recv() {
+                    let _ = writeln!(out, "{record}");
+                }
+                let _ = out.flush();
             }
         });
         if let Some(set) = filters {
