@@ -25,7 +25,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::{UnixListener, UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -445,13 +445,9 @@ impl AgentChannel {
         proxy_expected: bool,
     ) -> Outcome {
         let revision = snapshot.revision;
-        {
-            let mut inner = self.lock();
+        self.publish_whole(Kind::Dns, revision, wait, proxy_expected, |inner| {
             inner.dns = Some(snapshot);
-            let message = inner.full(Kind::Dns).expect("just set");
-            inner.send(&message);
-        }
-        self.wait(Kind::Dns, revision, wait, proxy_expected)
+        })
     }
 
     /// Makes `snapshot` the filter attachments and sends it whole; then waits.
@@ -462,13 +458,28 @@ impl AgentChannel {
         proxy_expected: bool,
     ) -> Outcome {
         let revision = snapshot.revision;
+        self.publish_whole(Kind::Filters, revision, wait, proxy_expected, |inner| {
+            inner.filters = Some(snapshot);
+        })
+    }
+
+    /// Stores a configuration of `kind` (`store`), sends it whole, then waits.
+    fn publish_whole(
+        &self,
+        kind: Kind,
+        revision: u64,
+        wait: Duration,
+        proxy_expected: bool,
+        store: impl FnOnce(&mut Inner),
+    ) -> Outcome {
         {
             let mut inner = self.lock();
-            inner.filters = Some(snapshot);
-            let message = inner.full(Kind::Filters).expect("just set");
-            inner.send(&message);
+            store(&mut inner);
+            if let Some(message) = inner.full(kind) {
+                inner.send(&message);
+            }
         }
-        self.wait(Kind::Filters, revision, wait, proxy_expected)
+        self.wait(kind, revision, wait, proxy_expected)
     }
 
     /// Waits at most `wait` for the proxy's answer to `revision` of `kind`. Without a
@@ -651,19 +662,8 @@ impl LineReader {
 /// Writes `value` as JSON to `path` atomically (a temporary file, flushed, renamed over).
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".tmp-{}", std::process::id()));
-    let temporary = PathBuf::from(temporary);
-    let result = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    result.map_err(|e| format!("{}: {e}", path.display()))
+    membrane_l7proxy::redirect::store::write_atomically(path, &bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -368,25 +368,30 @@ pub fn write_snapshot(
     snapshot: &PolicySnapshot,
 ) -> Result<(), SnapshotError> {
     let path = path.as_ref();
-    let bytes = serde_json::to_vec_pretty(snapshot).map_err(SnapshotError::Serialize)?;
-    let write_error = |source| SnapshotError::Write {
+    let mut bytes = serde_json::to_vec_pretty(snapshot).map_err(SnapshotError::Serialize)?;
+    bytes.push(b'\n');
+    write_atomically(path, &bytes).map_err(|source| SnapshotError::Write {
         path: path.to_owned(),
         source,
-    };
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file next to it, flushed to disk, then
+/// renamed over `path` (removed again if anything fails). Blocking file I/O.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(format!(".tmp-{}", std::process::id()));
     let temporary = PathBuf::from(temporary);
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.write_all(b"\n")?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temporary);
     }
-    result.map_err(write_error)
+    result
 }
 
 /// The HTTP policy of every local endpoint, swapped atomically, looked up per request.
