@@ -106,16 +106,7 @@ impl Target {
 }
 
 pub fn run() {
-    let exe = std::env::current_exe().expect("current exe");
-    let membrane = exe.with_file_name("membrane");
-    if !membrane.is_file() {
-        eprintln!(
-            "{} not found: build it in the same profile first, e.g. \
-             `cargo build --release -p membrane-agent --bin membrane`",
-            membrane.display()
-        );
-        std::process::exit(2);
-    }
+    let membrane = crate::membrane_binary();
     for tool in ["taskset", "wrk", "nginx", "haproxy"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -186,6 +177,23 @@ impl Tools {
     fn backend(&self, name: &str, cpu: usize) -> Peer {
         let addr = free_port();
         let conf = format!(
+            "{preamble}\
+               keepalive_timeout 300s;\n\
+               server {{\n\
+                 listen {addr} backlog=4096;\n\
+                 location / {{ return 200 \"ok\\n\"; }}\n\
+               }}\n\
+             }}\n",
+            preamble = self.nginx_preamble(name)
+        );
+        self.start_nginx(name, cpu, addr, &conf)
+    }
+
+    /// The start of an nginx configuration: one worker in the foreground, files in this run's
+    /// directory, no access log, keep-alive without a request limit; the `http` block is
+    /// left open.
+    fn nginx_preamble(&self, name: &str) -> String {
+        format!(
             "worker_processes 1;\n\
              daemon off;\n\
              pid {dir}/{name}.pid;\n\
@@ -195,16 +203,9 @@ impl Tools {
              http {{\n\
                access_log off;\n\
                default_type text/plain;\n\
-               keepalive_requests 1000000000;\n\
-               keepalive_timeout 300s;\n\
-               server {{\n\
-                 listen {addr} backlog=4096;\n\
-                 location / {{ return 200 \"ok\\n\"; }}\n\
-               }}\n\
-             }}\n",
+               keepalive_requests 1000000000;\n",
             dir = self.dir.display()
-        );
-        self.start_nginx(name, cpu, addr, &conf)
+        )
     }
 
     /// Starts `target` (a proxy) on [`PROXY_CPU`] in front of `backend`.
@@ -284,16 +285,7 @@ impl Tools {
                     ));
                 }
                 let conf = format!(
-                    "worker_processes 1;\n\
-                     daemon off;\n\
-                     pid {dir}/{name}.pid;\n\
-                     error_log {dir}/{name}.error.log warn;\n\
-                     # open files: the limit this benchmark raised and passed on\n\
-                     events {{ worker_connections 19000; }}\n\
-                     http {{\n\
-                       access_log off;\n\
-                       default_type text/plain;\n\
-                       keepalive_requests 1000000000;\n\
+                    "{preamble}\
                        keepalive_timeout 60s;\n\
                        upstream backend {{\n\
                          server {backend};\n\
@@ -314,7 +306,7 @@ impl Tools {
                          }}\n\
                        }}\n\
                      }}\n",
-                    dir = self.dir.display()
+                    preamble = self.nginx_preamble(&name)
                 );
                 self.start_nginx(&name, PROXY_CPU, addr, &conf)
             }

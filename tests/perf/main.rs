@@ -73,6 +73,22 @@ const EP: u32 = 7;
 const EP_IDENTITY: u32 = 500;
 const POD: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 
+/// The `membrane` binary of this benchmark's build profile (next to it); exits with a hint
+/// when it was not built.
+fn membrane_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let membrane = exe.with_file_name("membrane");
+    if !membrane.is_file() {
+        eprintln!(
+            "{} not found: build it in the same profile first, e.g. \
+             `cargo build --release -p membrane-agent --bin membrane`",
+            membrane.display()
+        );
+        std::process::exit(2);
+    }
+    membrane
+}
+
 fn peer_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0A00_0000 | (i + 1))
 }

@@ -31,15 +31,7 @@ const TARGET: &str = "wasm32-wasip1";
 
 pub fn run() {
     let exe = std::env::current_exe().expect("current exe");
-    let membrane = exe.with_file_name("membrane");
-    if !membrane.is_file() {
-        eprintln!(
-            "{} not found: build it in the same profile first, e.g. \
-             `cargo build --release -p membrane-agent --bin membrane`",
-            membrane.display()
-        );
-        std::process::exit(2);
-    }
+    let membrane = crate::membrane_binary();
     let module = build_guest(&exe);
     let upstream = start_upstream();
     let mut plain = Proxy::start(&membrane, upstream, None);
