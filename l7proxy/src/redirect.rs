@@ -33,14 +33,12 @@ pub mod store;
 pub mod tls_sni;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use membrane_common::mark;
-use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -60,24 +58,9 @@ pub const DEFAULT_INGRESS_PORT: u16 = 15002;
 /// pool is dropped (its idle connections close; requests using it finish).
 const MAX_UPSTREAM_POOLS: usize = 4096;
 
-/// Which side of a local endpoint a redirected flow is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Leaving a local endpoint: the endpoint is the source.
-    Egress,
-    /// Entering a local endpoint: the endpoint is the destination.
-    Ingress,
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Egress => "egress",
-            Self::Ingress => "ingress",
-        })
-    }
-}
+/// Which side of a local endpoint a redirected flow is on (declared with the snapshots
+/// that carry it).
+pub use membrane_agent_api::snapshot::Direction;
 
 /// The `SO_MARK` of upstream connections: "from the egress/ingress proxy" plus the source
 /// identity in Cilium's layout (`membrane_common::mark::encode_identity`: the low 16 bits in
