@@ -37,6 +37,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // Headless browser that renders the agent's flow page in `agent/tests/ui.rs`.
     "chromium",
+    // The cluster store: `membrane-cluster`'s tests start their own etcd 3.4 processes.
+    "etcd-server",
+    // `protoc` for etcd-client's build script (etcd's gRPC protos).
+    "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
