@@ -199,7 +199,9 @@ pub enum AllocError {
     #[error("cannot allocate an identity for an empty label set")]
     EmptyLabels,
     /// CIDR, `fqdn:` and `cidrgroup:` label sets get node-local identities, never stored.
-    #[error("labels `{labels}` have a node-local identity scope; they are not allocated in the cluster store")]
+    #[error(
+        "labels `{labels}` have a node-local identity scope; they are not allocated in the cluster store"
+    )]
     LocalScope {
         /// The labels.
         labels: String,
@@ -300,7 +302,9 @@ pub enum IpamError {
     #[error("clusterPoolIPv4PodCIDRList is empty")]
     NoPool,
     /// Every block of every pool is claimed.
-    #[error("pod CIDR pool exhausted: every /{mask} block of {pools} is claimed (node `{node}` gets none)")]
+    #[error(
+        "pod CIDR pool exhausted: every /{mask} block of {pools} is claimed (node `{node}` gets none)"
+    )]
     PoolExhausted {
         /// The pools, space-separated.
         pools: String,

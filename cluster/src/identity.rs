@@ -272,7 +272,13 @@ impl IdentityAllocator {
         if let Some(id) = reserved_identity_for(labels) {
             return Some(id);
         }
-        self.shared.cache.read().ok()?.by_labels.get(labels).copied()
+        self.shared
+            .cache
+            .read()
+            .ok()?
+            .by_labels
+            .get(labels)
+            .copied()
     }
 
     /// The labels of `id`, if known (local cache).
@@ -297,11 +303,7 @@ impl IdentityAllocator {
         self.shared
             .local
             .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(l, r)| (r.id, (l.clone(), r.refs)))
-                    .collect()
-            })
+            .map(|m| m.iter().map(|(l, r)| (r.id, (l.clone(), r.refs))).collect())
             .unwrap_or_default()
     }
 
@@ -437,7 +439,11 @@ impl Shared {
         Ok(txn_get_first(&resp))
     }
 
-    async fn allocate_in_store(&self, labels: &Labels, lk: &LabelsKey) -> Result<Identity, AllocError> {
+    async fn allocate_in_store(
+        &self,
+        labels: &Labels,
+        lk: &LabelsKey,
+    ) -> Result<Identity, AllocError> {
         let inner = self.store.inner();
         let lock_name = keys::identity_lock_key(lk);
         for attempt in 0..MAX_ALLOC_ATTEMPTS {
@@ -483,8 +489,7 @@ impl Shared {
             .await?;
         let mut candidates: Vec<Identity> = Vec::new();
         for kv in &refs {
-            let decoded =
-                keys::key_str(kv.key()).and_then(|k| IdentityRef::decode(k, kv.value()));
+            let decoded = keys::key_str(kv.key()).and_then(|k| IdentityRef::decode(k, kv.value()));
             match decoded {
                 Ok(IdentityRef(id)) if !candidates.contains(&id) => candidates.push(id),
                 Ok(_) => {}
@@ -566,7 +571,10 @@ impl Shared {
             match self.reference(r.id, &r.key).await? {
                 Reference::Written => {}
                 Reference::MasterMissing => {
-                    tracing::warn!(id = r.id.get(), "cluster store: re-creating missing identity master key");
+                    tracing::warn!(
+                        id = r.id.get(),
+                        "cluster store: re-creating missing identity master key"
+                    );
                     self.create(r.id, &r.key).await?;
                 }
                 Reference::OtherLabels(stored) => {

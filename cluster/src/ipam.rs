@@ -47,7 +47,7 @@ impl Ipv4Cidr {
     }
 
     /// The prefix length.
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -144,11 +144,11 @@ impl ClusterPoolConfig {
             return Err(IpamError::NoPool);
         }
         for pool in &self.pod_cidr_list {
-            if self.mask_size < pool.len() || self.mask_size > 30 {
+            if self.mask_size < pool.prefix_len() || self.mask_size > 30 {
                 return Err(IpamError::BadMask {
                     pool: pool.to_string(),
                     mask: self.mask_size,
-                    min: pool.len(),
+                    min: pool.prefix_len(),
                 });
             }
         }
@@ -158,7 +158,7 @@ impl ClusterPoolConfig {
     /// Every block, in hand-out order (pools in list order, blocks by address).
     pub fn blocks(&self) -> impl Iterator<Item = Ipv4Cidr> + '_ {
         self.pod_cidr_list.iter().flat_map(move |pool| {
-            let count = 1u64 << (self.mask_size.saturating_sub(pool.len()));
+            let count = 1u64 << (self.mask_size.saturating_sub(pool.prefix_len()));
             (0..count).filter_map(move |i| pool.block(self.mask_size, i))
         })
     }
@@ -302,10 +302,10 @@ pub struct EndpointAddressAllocator {
 impl EndpointAddressAllocator {
     /// An allocator for `block` (at most /30).
     pub fn new(block: Ipv4Cidr) -> Result<EndpointAddressAllocator, IpamError> {
-        if block.len() > 30 {
+        if block.prefix_len() > 30 {
             return Err(IpamError::BadMask {
                 pool: block.to_string(),
-                mask: block.len(),
+                mask: block.prefix_len(),
                 min: 0,
             });
         }
@@ -381,7 +381,13 @@ mod tests {
             "10.0.0.0/8".parse::<Ipv4Cidr>().unwrap().to_string(),
             "10.0.0.0/8"
         );
-        for bad in ["10.0.0.1/8", "10.0.0.0/33", "10.0.0.0", "x/8", "10.0.0.0/+8"] {
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "x/8",
+            "10.0.0.0/+8",
+        ] {
             assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
         }
     }
@@ -389,7 +395,10 @@ mod tests {
     #[test]
     fn blocks_in_order() {
         let pool = ClusterPoolConfig {
-            pod_cidr_list: vec!["10.1.0.0/23".parse().unwrap(), "10.9.0.0/24".parse().unwrap()],
+            pod_cidr_list: vec![
+                "10.1.0.0/23".parse().unwrap(),
+                "10.9.0.0/24".parse().unwrap(),
+            ],
             mask_size: 24,
         };
         pool.validate().unwrap();
@@ -409,7 +418,10 @@ mod tests {
         let got: Vec<Ipv4Addr> = (0..5).map(|_| a.allocate().unwrap()).collect();
         assert_eq!(got.first(), Some(&Ipv4Addr::new(10, 244, 1, 2)));
         assert_eq!(got.last(), Some(&Ipv4Addr::new(10, 244, 1, 6)));
-        assert!(matches!(a.allocate(), Err(IpamError::BlockExhausted { .. })));
+        assert!(matches!(
+            a.allocate(),
+            Err(IpamError::BlockExhausted { .. })
+        ));
         assert!(a.release(Ipv4Addr::new(10, 244, 1, 4)));
         assert_eq!(a.allocate().unwrap(), Ipv4Addr::new(10, 244, 1, 4));
         assert!(matches!(

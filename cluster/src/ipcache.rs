@@ -190,11 +190,7 @@ impl IpcacheSync {
     /// Every entry of the cluster (this node's included), by address.
     pub fn snapshot(&self) -> BTreeMap<IpAddr, IpcacheEntry> {
         self.map
-            .with_entries(|m| {
-                m.values()
-                    .map(|s| (s.value.ip, s.value.clone()))
-                    .collect()
-            })
+            .with_entries(|m| m.values().map(|s| (s.value.ip, s.value.clone())).collect())
             .unwrap_or_default()
     }
 
@@ -261,7 +257,13 @@ impl Shared {
             };
             let value = own.entry.encode();
             let lease = inner.session_lease(&key)?;
-            let put = || TxnOp::put(key.clone(), value.clone(), Some(PutOptions::new().with_lease(lease)));
+            let put = || {
+                TxnOp::put(
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            };
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                 .and_then([put()])

@@ -132,12 +132,13 @@ impl LabelsKey {
 
     /// Parses the stored form found at `key`.
     pub fn decode(key: &str, text: &str) -> Result<Labels, DecodeError> {
-        let labels = Labels::parse(text.split(';').filter(|p| !p.is_empty())).map_err(|source| {
-            DecodeError::Labels {
-                key: key.to_owned(),
-                source,
-            }
-        })?;
+        let labels =
+            Labels::parse(text.split(';').filter(|p| !p.is_empty())).map_err(|source| {
+                DecodeError::Labels {
+                    key: key.to_owned(),
+                    source,
+                }
+            })?;
         if labels.is_empty() {
             return Err(DecodeError::Key {
                 key: key.to_owned(),
@@ -217,7 +218,10 @@ impl StoreValue for IdentityLabels {
     const TYPE_NAME: &'static str = "identity label set";
     fn decode(key: &str, bytes: &[u8]) -> Result<Self, DecodeError> {
         parse_identity_id_key(key)?;
-        Ok(IdentityLabels(LabelsKey::decode(key, value_str(key, bytes)?)?))
+        Ok(IdentityLabels(LabelsKey::decode(
+            key,
+            value_str(key, bytes)?,
+        )?))
     }
     fn encode(&self) -> Vec<u8> {
         // Callers encode through `LabelsKey::encode`, which rejects `;`; a label set that
@@ -481,10 +485,7 @@ impl std::fmt::Display for PolicyName {
 /// `policies/v1/<kind>/<namespace or _>/<name>`; `None` if an element is not a usable
 /// path element.
 pub fn policy_key(name: &PolicyName) -> Option<String> {
-    let ns = name
-        .namespace
-        .as_deref()
-        .unwrap_or(CLUSTER_SCOPE_NAMESPACE);
+    let ns = name.namespace.as_deref().unwrap_or(CLUSTER_SCOPE_NAMESPACE);
     let ok = |s: &str| !s.is_empty() && !s.contains('/') && !s.chars().any(char::is_control);
     if !ok(&name.kind) || !ok(ns) || !ok(&name.name) {
         return None;
@@ -610,14 +611,13 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = IdentityRef::decode(
-            "membrane/state/identities/v1/value/k8s:a=b;/n1",
-            b"twelve",
-        )
-        .unwrap_err();
+        let e = IdentityRef::decode("membrane/state/identities/v1/value/k8s:a=b;/n1", b"twelve")
+            .unwrap_err();
         assert!(e.to_string().contains("value/k8s:a=b;/n1"), "{e}");
         for bad in [&b"+5"[..], b"0", b" 5", b"-1"] {
-            assert!(IdentityRef::decode("membrane/state/identities/v1/value/k8s:a=b;/n1", bad).is_err());
+            assert!(
+                IdentityRef::decode("membrane/state/identities/v1/value/k8s:a=b;/n1", bad).is_err()
+            );
         }
 
         let key = ip_key("default", "10.0.0.1".parse().unwrap());
@@ -631,7 +631,10 @@ mod tests {
         let extra = br#"{"ip":"10.0.0.1","identity":300,"node":"n","hostIp":"192.0.2.1","x":1}"#;
         assert!(IpcacheEntry::decode(&key, extra).is_err());
         let good = br#"{"ip":"10.0.0.1","identity":300,"node":"n","hostIp":"192.0.2.1"}"#;
-        assert_eq!(IpcacheEntry::decode(&key, good).unwrap().identity, Identity(300));
+        assert_eq!(
+            IpcacheEntry::decode(&key, good).unwrap().identity,
+            Identity(300)
+        );
 
         let id_key = identity_id_key(Identity(300));
         assert!(IdentityLabels::decode(&id_key, b"").is_err());
@@ -678,6 +681,9 @@ mod tests {
         assert_eq!(NodeInfo::decode(&key, &v.encode()).unwrap(), v);
         assert!(NodeInfo::decode(&node_key("default", "n2"), &v.encode()).is_err());
         let cidr: Ipv4Cidr = "10.244.1.0/24".parse().unwrap();
-        assert_eq!(parse_podcidr_key(&podcidr_key("default", cidr)).unwrap(), cidr);
+        assert_eq!(
+            parse_podcidr_key(&podcidr_key("default", cidr)).unwrap(),
+            cidr
+        );
     }
 }

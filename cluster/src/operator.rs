@@ -19,8 +19,8 @@
 //! The leader only avoids doing the work twice.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -150,7 +150,13 @@ impl Operator {
             node: inner.node().to_owned(),
         }
         .encode();
-        let put = || TxnOp::put(key, value.clone(), Some(PutOptions::new().with_lease(lease)));
+        let put = || {
+            TxnOp::put(
+                key,
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        };
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([put()])
@@ -168,7 +174,11 @@ impl Operator {
                     leader = kv.lease() == lease || {
                         // Ours under an old lease: take it back under the current one.
                         let txn = Txn::new()
-                            .when([Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision())])
+                            .when([Compare::mod_revision(
+                                key,
+                                CompareOp::Equal,
+                                kv.mod_revision(),
+                            )])
                             .and_then([put()]);
                         inner.txn(key, txn).await?.succeeded()
                     };
@@ -254,12 +264,13 @@ impl Operator {
             }
             match marks.get(&id).copied() {
                 Some(m) if m.mod_revision == kv.mod_revision() => {
-                    if m.at.elapsed() < grace || report.deleted.len() >= s.config.max_deletes_per_round {
+                    if m.at.elapsed() < grace
+                        || report.deleted.len() >= s.config.max_deletes_per_round
+                    {
                         report.pending.push(id);
                         continue;
                     }
-                    let value_prefix =
-                        format!("{}{labels_text}/", keys::IDENTITY_VALUE_PREFIX);
+                    let value_prefix = format!("{}{labels_text}/", keys::IDENTITY_VALUE_PREFIX);
                     let txn = Txn::new()
                         .when([
                             Compare::mod_revision(key, CompareOp::Equal, m.mod_revision),

@@ -18,7 +18,9 @@ pub enum PolicyStoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A kind, namespace or name that cannot be a key path element.
-    #[error("policy `{name}` cannot be stored: kind, namespace and name must be non-empty, without `/` (and the namespace not `_`)")]
+    #[error(
+        "policy `{name}` cannot be stored: kind, namespace and name must be non-empty, without `/` (and the namespace not `_`)"
+    )]
     BadName {
         /// The name.
         name: String,

@@ -356,8 +356,9 @@ impl Store {
         let session = self.inner.session.borrow().lease;
         let lock = *self.inner.lock_lease.borrow();
         for lease in [session, lock].into_iter().flatten() {
-            let _ = tokio::time::timeout(self.inner.config.request_timeout(), c.lease_revoke(lease))
-                .await;
+            let _ =
+                tokio::time::timeout(self.inner.config.request_timeout(), c.lease_revoke(lease))
+                    .await;
         }
     }
 
@@ -430,7 +431,12 @@ impl Inner {
     }
 
     /// A stream (watch, keep-alive) failed.
-    pub(crate) fn note_stream_error(&self, op: &'static str, key: &str, source: etcd_client::Error) {
+    pub(crate) fn note_stream_error(
+        &self,
+        op: &'static str,
+        key: &str,
+        source: etcd_client::Error,
+    ) {
         let disconnect = is_unavailable(&source);
         let e = StoreError::Request {
             op,
@@ -517,14 +523,21 @@ impl Inner {
         if keys_only {
             opts = opts.with_keys_only();
         }
-        let mut resp = self.call("get prefix", prefix, c.get(prefix, Some(opts))).await?;
+        let mut resp = self
+            .call("get prefix", prefix, c.get(prefix, Some(opts)))
+            .await?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.note_revision(Some(rev));
         Ok((resp.take_kvs(), rev))
     }
 
     /// Writes `key`, under the session lease if `leased`. Returns the revision.
-    pub(crate) async fn put(&self, key: &str, value: Vec<u8>, leased: bool) -> Result<i64, StoreError> {
+    pub(crate) async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        leased: bool,
+    ) -> Result<i64, StoreError> {
         let mut opts = PutOptions::new();
         if leased {
             opts = opts.with_lease(self.session_lease(key)?);
@@ -564,7 +577,8 @@ impl Inner {
         let opts = etcd_client::WatchOptions::new()
             .with_prefix()
             .with_start_revision(start_revision);
-        self.call("watch", prefix, c.watch(prefix, Some(opts))).await
+        self.call("watch", prefix, c.watch(prefix, Some(opts)))
+            .await
     }
 
     /// Takes the distributed lock `name` (etcd's lock service, held under the lock lease so
@@ -577,7 +591,11 @@ impl Inner {
         })?;
         let mut c = self.client.clone();
         let resp = self
-            .call("lock", name, c.lock(name, Some(LockOptions::new().with_lease(lease))))
+            .call(
+                "lock",
+                name,
+                c.lock(name, Some(LockOptions::new().with_lease(lease))),
+            )
             .await?;
         Ok(LockGuard {
             key: resp.key().to_vec(),
@@ -607,7 +625,10 @@ impl Inner {
         let mut backoff = Backoff::new();
         loop {
             let mut c = self.client.clone();
-            let expired = match self.call("lease keep-alive", name, c.lease_keep_alive(lease)).await {
+            let expired = match self
+                .call("lease keep-alive", name, c.lease_keep_alive(lease))
+                .await
+            {
                 Ok((mut keeper, mut stream)) => {
                     backoff.reset();
                     loop {
@@ -633,7 +654,11 @@ impl Inner {
                 tokio::time::sleep(backoff.next()).await;
                 continue;
             }
-            tracing::warn!(lease, kind = name, "cluster store: lease expired, granting a new one");
+            tracing::warn!(
+                lease,
+                kind = name,
+                "cluster store: lease expired, granting a new one"
+            );
             match kind {
                 LeaseKind::Session => self.session.send_modify(|s| s.lease = None),
                 LeaseKind::Lock => {
@@ -642,7 +667,10 @@ impl Inner {
             }
             loop {
                 let mut c = self.client.clone();
-                match self.call("lease grant", name, c.lease_grant(ttl, None)).await {
+                match self
+                    .call("lease grant", name, c.lease_grant(ttl, None))
+                    .await
+                {
                     Ok(resp) => {
                         lease = resp.id();
                         match kind {
@@ -677,9 +705,7 @@ fn is_unavailable(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     use tonic::Code;
     match e {
-        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => {
-            true
-        }
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => true,
         E::GRpcStatus(s) => matches!(
             s.code(),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled

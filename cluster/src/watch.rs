@@ -165,7 +165,9 @@ impl<V: StoreValue> Shared<V> {
                 };
                 let prev = match self.entries.write() {
                     Ok(mut m) => {
-                        if m.get(&key).is_some_and(|e| e.mod_revision == entry.mod_revision) {
+                        if m.get(&key)
+                            .is_some_and(|e| e.mod_revision == entry.mod_revision)
+                        {
                             return; // unchanged (re-list)
                         }
                         m.insert(key.clone(), entry.clone()).map(|e| e.value)

@@ -43,7 +43,11 @@ async fn count_prefix(store: &Store, prefix: &str) -> Result<usize> {
         .etcd()
         .get(
             prefix,
-            Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
         )
         .await?;
     Ok(usize::try_from(resp.count())?)
@@ -121,7 +125,10 @@ async fn same_labels_same_identity_on_three_nodes() -> Result<()> {
     assert_eq!(count_prefix(store, keys::IDENTITY_VALUE_PREFIX).await?, 60);
     assert_eq!(count_prefix(store, keys::IDENTITY_ID_PREFIX).await?, 30);
     // Allocating again reuses the number others still reference.
-    assert_eq!(a1.allocate(&sets[3]).await?, *seen[&sets[3]].first().unwrap());
+    assert_eq!(
+        a1.allocate(&sets[3]).await?,
+        *seen[&sets[3]].first().unwrap()
+    );
     for (s, _) in &nodes {
         s.close().await;
     }
@@ -172,9 +179,18 @@ async fn gc_collects_only_unreferenced_identities_after_two_phases() -> Result<(
     // Phase 2: only the identity still unreferenced goes.
     let r2 = op2.gc_round().await?;
     assert_eq!(r2.deleted, vec![id_unused]);
-    assert!(s2.etcd().get(id_key(id_unused), None).await?.kvs().is_empty());
+    assert!(
+        s2.etcd()
+            .get(id_key(id_unused), None)
+            .await?
+            .kvs()
+            .is_empty()
+    );
     assert_eq!(s2.etcd().get(id_key(id_used), None).await?.kvs().len(), 1);
-    assert_eq!(s2.etcd().get(id_key(id_revived), None).await?.kvs().len(), 1);
+    assert_eq!(
+        s2.etcd().get(id_key(id_revived), None).await?.kvs().len(),
+        1
+    );
     assert!(eventually(WAIT, || a1.labels_of(id_unused).is_none()).await);
     assert_eq!(s2.status().metrics.identities_collected, 1);
 
@@ -196,7 +212,8 @@ async fn dead_nodes_ipcache_entries_go_with_its_lease() -> Result<()> {
     assert!(ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await);
     let mut events = ip2.subscribe();
     for i in 1..=3 {
-        ip1.publish(entry(&s1, [10, 0, 1, i], 300 + u32::from(i))).await?;
+        ip1.publish(entry(&s1, [10, 0, 1, i], 300 + u32::from(i)))
+            .await?;
     }
     ip2.publish(entry(&s2, [10, 0, 2, 1], 400)).await?;
     assert!(eventually(WAIT, || ip2.snapshot().len() == 4).await);
@@ -239,7 +256,11 @@ async fn own_keys_deleted_by_someone_are_recreated() -> Result<()> {
     nodes1
         .register("192.0.2.1".parse()?, Some("10.244.1.0/24".parse()?), None)
         .await?;
-    assert!(eventually(WAIT, || ip2.get(e.ip).is_some() && nodes2.nodes().contains_key("n1")).await);
+    assert!(
+        eventually(WAIT, || ip2.get(e.ip).is_some()
+            && nodes2.nodes().contains_key("n1"))
+        .await
+    );
 
     let mut raw = s2.etcd();
     let ip_key = keys::ip_key("default", e.ip);
@@ -287,7 +308,10 @@ async fn ip_claimed_by_two_nodes_keeps_the_older_claim() -> Result<()> {
     let ip2 = IpcacheSync::start(&s2);
     assert!(ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await);
     ip1.publish(entry(&s1, [10, 0, 0, 5], 300)).await?;
-    let err = ip2.publish(entry(&s2, [10, 0, 0, 5], 301)).await.unwrap_err();
+    let err = ip2
+        .publish(entry(&s2, [10, 0, 0, 5], 301))
+        .await
+        .unwrap_err();
     match &err {
         IpcacheError::Conflict {
             owner, claimant, ..
@@ -295,12 +319,22 @@ async fn ip_claimed_by_two_nodes_keeps_the_older_claim() -> Result<()> {
         other => panic!("unexpected {other}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("n1") && msg.contains("n2") && msg.contains("10.0.0.5"), "{msg}");
+    assert!(
+        msg.contains("n1") && msg.contains("n2") && msg.contains("10.0.0.5"),
+        "{msg}"
+    );
     assert_eq!(s2.status().metrics.ip_conflicts, 1);
-    assert!(eventually(WAIT, || ip1.get("10.0.0.5".parse().unwrap()).is_some_and(|e| e.node == "n1")).await);
+    assert!(
+        eventually(WAIT, || ip1
+            .get("10.0.0.5".parse().unwrap())
+            .is_some_and(|e| e.node == "n1"))
+        .await
+    );
     // n2 cannot withdraw n1's entry.
     assert!(!ip2.withdraw("10.0.0.5".parse()?).await?);
-    ip2.publish(entry(&s2, [10, 0, 0, 5], 301)).await.unwrap_err();
+    ip2.publish(entry(&s2, [10, 0, 0, 5], 301))
+        .await
+        .unwrap_err();
     // When n1 lets go, n2's wanted entry takes the address.
     assert!(ip1.withdraw("10.0.0.5".parse()?).await?);
     assert!(
@@ -321,8 +355,12 @@ async fn bad_stored_values_are_named_counted_and_skipped() -> Result<()> {
     let mut raw = s1.etcd();
     let bad_ip_key = keys::ip_key("default", "10.0.0.9".parse()?);
     raw.put(bad_ip_key.as_str(), "{not json", None).await?;
-    raw.put(keys::identity_id_key(Identity(999)), "nosuchsource:x=y;", None)
-        .await?;
+    raw.put(
+        keys::identity_id_key(Identity(999)),
+        "nosuchsource:x=y;",
+        None,
+    )
+    .await?;
     raw.put(format!("{}default/not-an-ip", keys::IP_PREFIX), "{}", None)
         .await?;
     let ip = IpcacheSync::start(&s1);
@@ -369,7 +407,9 @@ async fn cluster_pool_never_hands_a_block_twice_and_reports_exhaustion() -> Resu
     let mut tasks = Vec::new();
     for (s, a) in &allocs {
         let (a, node) = (a.clone(), s.node().to_owned());
-        tasks.push(tokio::spawn(async move { (node.clone(), a.allocate(&node).await) }));
+        tasks.push(tokio::spawn(async move {
+            (node.clone(), a.allocate(&node).await)
+        }));
     }
     let mut got = BTreeMap::new();
     let mut exhausted = Vec::new();
@@ -378,7 +418,14 @@ async fn cluster_pool_never_hands_a_block_twice_and_reports_exhaustion() -> Resu
             (node, Ok(block)) => {
                 assert!(got.insert(block, node).is_none(), "block handed twice");
             }
-            (node, Err(IpamError::PoolExhausted { node: n, pools, mask })) => {
+            (
+                node,
+                Err(IpamError::PoolExhausted {
+                    node: n,
+                    pools,
+                    mask,
+                }),
+            ) => {
                 assert_eq!((n.as_str(), mask), (node.as_str(), 24));
                 assert_eq!(pools, "10.10.0.0/23 10.20.0.0/24");
                 exhausted.push(node);
@@ -416,9 +463,15 @@ async fn policy_documents_put_list_watch_delete() -> Result<()> {
         name: "allow-web".into(),
     };
     let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n".to_owned();
-    p1.put(&name, text.clone(), PolicyFormat::Yaml, "tester").await?;
+    p1.put(&name, text.clone(), PolicyFormat::Yaml, "tester")
+        .await?;
     let key = keys::policy_key(&name).unwrap();
-    assert!(eventually(WAIT, || watched.get(&key).is_some_and(|d| d.value.text == text)).await);
+    assert!(
+        eventually(WAIT, || watched
+            .get(&key)
+            .is_some_and(|d| d.value.text == text))
+        .await
+    );
     let listed = p1.list().await?;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[&name].applied_by, "tester");
@@ -444,7 +497,9 @@ async fn etcd_restart_reports_failure_then_resyncs() -> Result<()> {
     let ip2 = IpcacheSync::start(&s2);
     let ip3 = IpcacheSync::start(&s3);
     let a1 = IdentityAllocator::start(&s1, IdentityRange::default());
-    assert!(ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await && a1.wait_synced(WAIT).await);
+    assert!(
+        ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await && a1.wait_synced(WAIT).await
+    );
     let web = labels("web");
     let id = a1.allocate(&web).await?;
     ip1.publish(entry(&s1, [10, 0, 1, 1], id.get())).await?;
@@ -473,7 +528,9 @@ async fn etcd_restart_reports_failure_then_resyncs() -> Result<()> {
 
     etcd.restart()?;
     assert!(
-        eventually(WAIT, || s1.status().connected && s1.session().generation > generation).await,
+        eventually(WAIT, || s1.status().connected
+            && s1.session().generation > generation)
+        .await,
         "{:?}",
         s1.status()
     );

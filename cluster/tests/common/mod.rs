@@ -86,7 +86,9 @@ impl Etcd {
                 Ok(())
             });
         }
-        let child = cmd.spawn().context("starting etcd (Debian's etcd-server)")?;
+        let child = cmd
+            .spawn()
+            .context("starting etcd (Debian's etcd-server)")?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
         while Instant::now() < deadline {
@@ -102,7 +104,10 @@ impl Etcd {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.kill();
-        bail!("etcd not healthy within {READY_TIMEOUT_MS} ms; log: {}", self.log_tail())
+        bail!(
+            "etcd not healthy within {READY_TIMEOUT_MS} ms; log: {}",
+            self.log_tail()
+        )
     }
 
     fn healthy(&self) -> bool {
@@ -110,8 +115,7 @@ impl Etcd {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        if s
-            .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             .is_err()
         {
             return false;
