@@ -8,12 +8,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{Etcd, eventually};
+use common::{CutProxy, Etcd, config_for, eventually};
 use membrane_cluster::keys;
 use membrane_cluster::{
     AllocError, ClusterPoolConfig, IdentityAllocator, IdentityRange, IpamError, IpcacheEntry,
     IpcacheError, IpcacheEvent, IpcacheSync, NodeRegistry, Operator, OperatorConfig,
-    PodCidrAllocator, PolicyFormat, PolicyName, PolicyStore, Store,
+    PodCidrAllocator, PolicyFormat, PolicyName, PolicyStore, Store, StoreError, TlsFiles,
 };
 use membrane_policy::{Identity, Labels};
 
@@ -555,6 +555,124 @@ async fn etcd_restart_reports_failure_then_resyncs() -> Result<()> {
     // The store works again for new labels.
     let id2 = a1.allocate(&labels("new")).await?;
     assert_ne!(id2, id);
+    s1.close().await;
+    s2.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() -> Result<()> {
+    let etcd = Etcd::start_tls()?;
+    let pki = etcd.pki().unwrap().clone();
+    let mut cfg = etcd.config("n1", 10);
+    cfg.tls = Some(TlsFiles {
+        ca: pki.ca(),
+        cert: Some(pki.cert("client")),
+        key: Some(pki.key("client")),
+        server_name: None,
+    });
+    let s1 = Store::connect(cfg.clone()).await?;
+    let ip1 = IpcacheSync::start(&s1);
+    assert!(ip1.wait_synced(WAIT).await);
+    ip1.publish(entry(&s1, [10, 0, 0, 1], 300)).await?;
+    assert!(eventually(WAIT, || ip1.snapshot().len() == 1).await);
+    assert!(s1.status().connected);
+
+    // Without a client certificate etcd refuses the client; the error names the endpoint.
+    let mut no_cert = cfg.clone();
+    no_cert.node = "n2".into();
+    if let Some(t) = &mut no_cert.tls {
+        t.cert = None;
+        t.key = None;
+    }
+    let err = Store::connect(no_cert).await.err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            StoreError::Connect { .. } | StoreError::ConnectTimeout { .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&etcd.endpoint()), "{err}");
+    // A missing CA file is named.
+    let mut missing = cfg;
+    if let Some(t) = &mut missing.tls {
+        t.ca = pki.dir.join("nope.crt");
+    }
+    let err = Store::connect(missing).await.err().expect("no CA");
+    assert!(matches!(err, StoreError::TlsFile { .. }), "{err}");
+    assert!(err.to_string().contains("nope.crt"), "{err}");
+    s1.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_node_relists_after_compaction_and_drains_stale_entries() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let proxy = CutProxy::start(etcd.client_port()).await?;
+    // n1 reaches etcd through the proxy; n2 directly.
+    let s1 = Store::connect(config_for(proxy.endpoint(), "n1", 10)).await?;
+    let s2 = etcd.connect("n2", 10).await?;
+    let ip1 = IpcacheSync::start(&s1);
+    let ip2 = IpcacheSync::start(&s2);
+    assert!(ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await);
+    let (a, b, c) = (
+        entry(&s2, [10, 0, 2, 1], 300),
+        entry(&s2, [10, 0, 2, 2], 301),
+        entry(&s2, [10, 0, 2, 3], 302),
+    );
+    ip2.publish(a.clone()).await?;
+    ip2.publish(b.clone()).await?;
+    assert!(eventually(WAIT, || ip1.snapshot().len() == 2).await);
+    let relists = s1.status().metrics.relists;
+    let mut events = ip1.subscribe();
+
+    proxy.cut();
+    assert!(
+        eventually(WAIT, || !s1.status().connected).await,
+        "{:?}",
+        s1.status()
+    );
+    // Meanwhile: a goes, c comes, and etcd compacts the history n1 would resume from.
+    assert!(ip2.withdraw(a.ip).await?);
+    ip2.publish(c.clone()).await?;
+    let rev = s2
+        .etcd()
+        .get(keys::HEARTBEAT_KEY, None)
+        .await?
+        .header()
+        .unwrap()
+        .revision();
+    s2.etcd().compact(rev, None).await?;
+
+    proxy.restore();
+    assert!(
+        eventually(WAIT, || {
+            let snap = ip1.snapshot();
+            snap.len() == 2 && snap.contains_key(&b.ip) && snap.contains_key(&c.ip)
+        })
+        .await,
+        "{:?}",
+        ip1.snapshot()
+    );
+    assert!(
+        s1.status().metrics.relists > relists,
+        "{:?}",
+        s1.status().metrics
+    );
+    let mut saw = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        saw.push(ev);
+    }
+    assert!(
+        saw.contains(&IpcacheEvent::Delete {
+            ip: a.ip,
+            node: "n2".into()
+        }),
+        "{saw:?}"
+    );
+    assert!(saw.contains(&IpcacheEvent::Upsert(c.clone())), "{saw:?}");
+    assert!(eventually(WAIT, || s1.status().connected).await);
     s1.close().await;
     s2.close().await;
     Ok(())
