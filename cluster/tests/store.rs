@@ -678,3 +678,66 @@ async fn partitioned_node_relists_after_compaction_and_drains_stale_entries() ->
     s2.close().await;
     Ok(())
 }
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Latency measurement, not a test (no timing asserts): run with
+/// `cargo test -p membrane-cluster --test store -- --ignored --nocapture latency`.
+/// Prints p50/p99 of a new identity's allocation, of another node's allocation of the same
+/// labels (reuse path), and of ipcache propagation (publish on n1 → event on n2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; prints latencies"]
+async fn latency_identity_allocation_and_ipcache_propagation() -> Result<()> {
+    const N: usize = 500;
+    let etcd = Etcd::start()?;
+    let s1 = etcd.connect("n1", 30).await?;
+    let s2 = etcd.connect("n2", 30).await?;
+    let a1 = IdentityAllocator::start(&s1, IdentityRange::default());
+    let a2 = IdentityAllocator::start(&s2, IdentityRange::default());
+    let ip1 = IpcacheSync::start(&s1);
+    let ip2 = IpcacheSync::start(&s2);
+    assert!(a1.wait_synced(WAIT).await && a2.wait_synced(WAIT).await);
+    assert!(ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await);
+    let (mut new, mut reuse, mut prop) = (Vec::new(), Vec::new(), Vec::new());
+    let mut events = ip2.subscribe();
+    for i in 0..N {
+        let l = labels(&format!("lat-{i}"));
+        let t = std::time::Instant::now();
+        let id = a1.allocate(&l).await?;
+        new.push(t.elapsed());
+        let t = std::time::Instant::now();
+        assert_eq!(a2.allocate(&l).await?, id);
+        reuse.push(t.elapsed());
+        let i = u8::try_from(i % 250)?;
+        let e = entry(&s1, [10, 1, u8::try_from(prop.len() / 250)?, i], id.get());
+        let t = std::time::Instant::now();
+        ip1.publish(e.clone()).await?;
+        loop {
+            match tokio::time::timeout(WAIT, events.recv()).await?? {
+                IpcacheEvent::Upsert(got) if got == e => break,
+                _ => {}
+            }
+        }
+        prop.push(t.elapsed());
+    }
+    for (name, v) in [
+        ("identity allocation, new labels", &mut new),
+        ("identity allocation, labels of another node", &mut reuse),
+        ("ipcache publish on n1 -> event on n2", &mut prop),
+    ] {
+        v.sort();
+        println!(
+            "{name}: n={} p50={:?} p99={:?} max={:?}",
+            v.len(),
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v[v.len() - 1]
+        );
+    }
+    s1.close().await;
+    s2.close().await;
+    Ok(())
+}
