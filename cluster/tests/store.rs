@@ -203,13 +203,23 @@ async fn gc_collects_only_unreferenced_identities_after_two_phases() -> Result<(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_nodes_ipcache_entries_go_with_its_lease() -> Result<()> {
+async fn dead_nodes_ipcache_entries_and_registration_go_with_its_lease() -> Result<()> {
     let etcd = Etcd::start()?;
     let s1 = etcd.connect("n1", 2).await?;
     let s2 = etcd.connect("n2", 2).await?;
     let ip1 = IpcacheSync::start(&s1);
     let ip2 = IpcacheSync::start(&s2);
+    let nodes1 = NodeRegistry::start(&s1);
+    let nodes2 = NodeRegistry::start(&s2);
     assert!(ip1.wait_synced(WAIT).await && ip2.wait_synced(WAIT).await);
+    assert!(nodes2.wait_synced(WAIT).await);
+    nodes1
+        .register(
+            "192.0.2.1".parse()?,
+            Some("10.0.1.0/24".parse()?),
+            Some("192.0.2.1:4244".parse()?),
+        )
+        .await?;
     let mut events = ip2.subscribe();
     for i in 1..=3 {
         ip1.publish(entry(&s1, [10, 0, 1, i], 300 + u32::from(i)))
@@ -217,6 +227,12 @@ async fn dead_nodes_ipcache_entries_go_with_its_lease() -> Result<()> {
     }
     ip2.publish(entry(&s2, [10, 0, 2, 1], 400)).await?;
     assert!(eventually(WAIT, || ip2.snapshot().len() == 4).await);
+    assert!(
+        eventually(WAIT, || nodes2.nodes().get("n1").is_some_and(|n| n
+            .hubble_address
+            == Some("192.0.2.1:4244".parse().unwrap())))
+        .await
+    );
     let got = ip2.get("10.0.1.2".parse()?).unwrap();
     assert_eq!((got.identity, got.node.as_str()), (Identity(302), "n1"));
     assert_eq!(got.pod.as_deref(), Some("pod-2"));
@@ -236,6 +252,13 @@ async fn dead_nodes_ipcache_entries_go_with_its_lease() -> Result<()> {
         }
     }
     assert_eq!(deleted.len(), 3);
+    // Its registration goes with the same lease.
+    assert!(
+        eventually(Duration::from_secs(4), || !nodes2
+            .nodes()
+            .contains_key("n1"))
+        .await
+    );
     assert!(ip2.get("10.0.2.1".parse()?).is_some());
     s2.close().await;
     Ok(())
