@@ -45,9 +45,10 @@ use tokio::task::JoinSet;
 
 use crate::access::AccessLog;
 use crate::policy::HttpPolicy;
-use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection, upstream_client};
+use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection};
 use crate::strict::HeaderLimits;
 use crate::transparent::bind_transparent;
+use crate::upstream::upstream_client;
 
 /// Default port of the egress listener (flows leaving local endpoints).
 pub const DEFAULT_EGRESS_PORT: u16 = 15001;
@@ -560,14 +561,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mark = upstream_mark(Direction::Ingress, 4242);
-        let stream = crate::proxy::connect_upstream(addr, Some(mark), Duration::from_secs(5))
+        let stream = crate::upstream::connect_upstream(addr, Some(mark), Duration::from_secs(5))
             .await
             .unwrap_or_else(|e| panic!("SO_MARK needs CAP_NET_ADMIN (run as root): {e}"));
         assert_eq!(
             socket2::SockRef::from(&stream).mark().expect("SO_MARK"),
             mark
         );
-        let unmarked = crate::proxy::connect_upstream(addr, None, Duration::from_secs(5))
+        let unmarked = crate::upstream::connect_upstream(addr, None, Duration::from_secs(5))
             .await
             .expect("connect");
         assert_eq!(

@@ -37,6 +37,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // Headless browser that renders the agent's flow page in `agent/tests/ui.rs`.
     "chromium",
+    // The cluster store: `membrane-cluster`'s tests start their own etcd 3.4 processes.
+    "etcd-server",
+    // `protoc` for etcd-client's build script (etcd's gRPC protos).
+    "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -424,6 +428,10 @@ const DEPENDENCY_RULES: &[(&str, &[&str])] = &[
     ),
     ("membrane-datapath", &["membrane-l7proxy"]),
     ("membrane-policy", &["aya", "tokio", "wasmtime"]),
+    (
+        "membrane-cluster",
+        &["aya", "wasmtime", "membrane-agent", "membrane-datapath"],
+    ),
 ];
 
 /// Packages allowed to depend on `membrane-lab`.
