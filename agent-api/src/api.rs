@@ -332,6 +332,66 @@ pub struct StatusReply {
     pub dns_proxy: DnsProxyStatus,
     pub fqdn: FqdnStatus,
     pub filters: FilterStatus,
+    /// The cluster store and the nodes known; `None` when the agent runs without
+    /// `--kvstore`.
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// `membrane status`'s cluster block (an agent with `--kvstore`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    /// This node's name in the cluster.
+    pub node: String,
+    /// Whether this node's registration is written (it needs `--node-ip`).
+    pub registered: bool,
+    pub store: StoreHealth,
+    /// Every node registered in the store, by name.
+    pub nodes: Vec<ClusterNodeRow>,
+    /// Cluster identities known (the store's `id/` mirrored).
+    pub identities: usize,
+    /// Other nodes' endpoint addresses in this node's ipcache.
+    pub remote_endpoints: usize,
+    /// This node's endpoints published to the cluster ipcache.
+    pub published_endpoints: usize,
+    /// Policy documents in the store.
+    pub policies: usize,
+    /// Stored policy documents that do not parse on this node, `name: problem` (they
+    /// change nothing here).
+    pub policy_errors: Vec<String>,
+}
+
+/// Health of the connection to the store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// `etcd`.
+    pub kind: String,
+    pub endpoints: Vec<String>,
+    pub connected: bool,
+    /// The last error (names endpoint and key), with its time in ms since the Unix epoch.
+    pub last_error: Option<String>,
+    pub last_error_at_unix_ms: Option<u64>,
+    /// Highest store revision seen.
+    pub revision: i64,
+    /// The session lease TTL, seconds.
+    pub lease_ttl_secs: i64,
+    /// Bumped on each new lease and each reconnect (own keys are re-published then).
+    pub session_generation: u64,
+    /// Stored values that did not parse (skipped).
+    pub bad_values: u64,
+    /// Addresses claimed by two nodes.
+    pub ip_conflicts: u64,
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterNodeRow {
+    pub name: String,
+    pub underlay_ip: String,
+    pub pod_cidr: Option<String>,
+    /// True for the node answering.
+    pub this_node: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -525,6 +585,34 @@ mod tests {
                 revision: 7,
                 revision_applied: 7,
             },
+            cluster: Some(ClusterStatus {
+                cluster: "default".into(),
+                node: "n1".into(),
+                registered: true,
+                store: StoreHealth {
+                    kind: "etcd".into(),
+                    endpoints: vec!["http://127.0.0.1:2379".into()],
+                    connected: false,
+                    last_error: Some("etcd get `membrane/.heartbeat` failed".into()),
+                    last_error_at_unix_ms: Some(1_733_000_000_123),
+                    revision: 42,
+                    lease_ttl_secs: 900,
+                    session_generation: 3,
+                    bad_values: 0,
+                    ip_conflicts: 0,
+                },
+                nodes: vec![ClusterNodeRow {
+                    name: "n1".into(),
+                    underlay_ip: "192.168.0.11".into(),
+                    pod_cidr: None,
+                    this_node: true,
+                }],
+                identities: 4,
+                remote_endpoints: 2,
+                published_endpoints: 1,
+                policies: 1,
+                policy_errors: vec![],
+            }),
         };
         let wire = serde_json::to_value(Response::reply(&status).expect("encode")).expect("json");
         let back: StatusReply =

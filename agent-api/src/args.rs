@@ -3,9 +3,12 @@
 //! same struct and renders it with `to_args()`, so a spawn cannot drift from the parser (a
 //! test parses every rendering back).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, ValueEnum};
 
 /// Default HTTP proxy port for egress redirects; ingress redirects use the next one.
 pub const DEFAULT_HTTP_PROXY_PORT: u16 = 15001;
@@ -15,6 +18,12 @@ pub const DEFAULT_DNS_PROXY_PORT: u16 = 15053;
 pub const DEFAULT_FLOW_CAPACITY: usize = 4095;
 /// Run name of the lab (and of an agent given no `--name`).
 pub const DEFAULT_RUN_NAME: &str = "membrane-lab";
+/// Cluster name by default (Cilium's `cluster-name` default).
+pub const DEFAULT_CLUSTER_NAME: &str = "default";
+/// Lease TTL of a node's keys in the cluster store by default, seconds: Cilium's
+/// `KVstoreLeaseTTL` (15 min). A dead node's entries leave the other nodes this long after
+/// its last keep-alive; the lab and tests use seconds.
+pub const DEFAULT_KVSTORE_LEASE_TTL_SECS: i64 = 15 * 60;
 
 /// `membrane-agent`.
 #[derive(Parser, Clone, Debug, PartialEq, Eq)]
@@ -56,6 +65,116 @@ pub struct AgentArgs {
     /// one it bound).
     #[arg(long, value_name = "FD", hide = true)]
     pub ui_listen_fd: Option<i32>,
+    /// Run without the node proxy (`membrane-proxy`): L7 rules and DNS rules then have no
+    /// proxy socket and their flows are dropped, never let through. For tests of L3/L4 and
+    /// of the cluster store.
+    #[arg(long)]
+    pub no_proxy: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// The cluster store (Cilium's `kvstore` flags). Without `--kvstore` the agent runs one
+/// node on its own: identities are allocated locally and nothing is shared.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct ClusterArgs {
+    /// The cluster store: `etcd`. With it, endpoint identities are allocated cluster-wide,
+    /// endpoints are published to (and other nodes' read from) the cluster ipcache, the node
+    /// registers, and `policy apply|delete` go through the store.
+    #[arg(long, value_enum, requires = "kvstore_endpoints")]
+    pub kvstore: Option<KvstoreKind>,
+    /// etcd client URLs, comma-separated (`http://10.0.0.1:2379`, `https://…` with TLS).
+    #[arg(
+        long,
+        value_name = "URL,...",
+        value_delimiter = ',',
+        requires = "kvstore"
+    )]
+    pub kvstore_endpoints: Vec<String>,
+    /// CA bundle (PEM) that signs the etcd servers' certificates; turns TLS on.
+    #[arg(long, value_name = "FILE", requires = "kvstore")]
+    pub kvstore_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`.
+    #[arg(long, value_name = "FILE", requires_all = ["kvstore_ca", "kvstore_key"])]
+    pub kvstore_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "kvstore_cert")]
+    pub kvstore_key: Option<PathBuf>,
+    /// Lease TTL of this node's keys in the store, seconds (≥ 2): a node that dies leaves
+    /// the others' ipcache this long after its last keep-alive.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_KVSTORE_LEASE_TTL_SECS)]
+    pub kvstore_lease_ttl: i64,
+    /// Cluster name: a path element of the store's keys, and the `cluster` entity's label.
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_CLUSTER_NAME)]
+    pub cluster_name: String,
+    /// This node's name in the cluster (default: the run name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// This node's underlay address (how other nodes reach its pods). The node registers in
+    /// the store only with it; ipcache entries name it as their host.
+    #[arg(long, value_name = "IP")]
+    pub node_ip: Option<IpAddr>,
+}
+
+/// Kinds of cluster store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvstoreKind {
+    /// etcd v3.
+    Etcd,
+}
+
+impl Default for ClusterArgs {
+    fn default() -> Self {
+        Self {
+            kvstore: None,
+            kvstore_endpoints: Vec::new(),
+            kvstore_ca: None,
+            kvstore_cert: None,
+            kvstore_key: None,
+            kvstore_lease_ttl: DEFAULT_KVSTORE_LEASE_TTL_SECS,
+            cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
+            node_name: None,
+            node_ip: None,
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// The arguments that parse back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(KvstoreKind::Etcd) = self.kvstore {
+            out.extend(["--kvstore".into(), "etcd".into()]);
+        }
+        if !self.kvstore_endpoints.is_empty() {
+            out.extend([
+                "--kvstore-endpoints".into(),
+                self.kvstore_endpoints.join(","),
+            ]);
+        }
+        for (flag, file) in [
+            ("--kvstore-ca", &self.kvstore_ca),
+            ("--kvstore-cert", &self.kvstore_cert),
+            ("--kvstore-key", &self.kvstore_key),
+        ] {
+            if let Some(f) = file {
+                out.extend([flag.to_owned(), f.display().to_string()]);
+            }
+        }
+        out.extend([
+            "--kvstore-lease-ttl".into(),
+            self.kvstore_lease_ttl.to_string(),
+            "--cluster-name".into(),
+            self.cluster_name.clone(),
+        ]);
+        if let Some(n) = &self.node_name {
+            out.extend(["--node-name".into(), n.clone()]);
+        }
+        if let Some(ip) = self.node_ip {
+            out.extend(["--node-ip".into(), ip.to_string()]);
+        }
+        out
+    }
 }
 
 impl AgentArgs {
@@ -71,6 +190,8 @@ impl AgentArgs {
             dns: DnsSettings::default(),
             ui_listen: None,
             ui_listen_fd: None,
+            no_proxy: false,
+            cluster: ClusterArgs::default(),
         }
     }
 
@@ -100,6 +221,10 @@ impl AgentArgs {
         if let Some(fd) = self.ui_listen_fd {
             out.extend(["--ui-listen-fd".into(), fd.to_string()]);
         }
+        if self.no_proxy {
+            out.push("--no-proxy".into());
+        }
+        out.extend(self.cluster.to_args());
         out
     }
 }
@@ -272,6 +397,69 @@ mod tests {
         args.ui_listen_fd = None;
         args.ui_listen = Some("127.0.0.1:0".parse().expect("addr"));
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.no_proxy = true;
+        args.cluster = ClusterArgs {
+            kvstore: Some(KvstoreKind::Etcd),
+            kvstore_endpoints: vec![
+                "https://10.0.0.1:2379".into(),
+                "https://10.0.0.2:2379".into(),
+            ],
+            kvstore_ca: Some("/etc/membrane/etcd/ca.crt".into()),
+            kvstore_cert: Some("/etc/membrane/etcd/client.crt".into()),
+            kvstore_key: Some("/etc/membrane/etcd/client.key".into()),
+            kvstore_lease_ttl: 5,
+            cluster_name: "east".into(),
+            node_name: Some("node-1".into()),
+            node_ip: Some("192.168.0.11".parse().expect("ip")),
+        };
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.cluster.kvstore_ca = None;
+        args.cluster.kvstore_cert = None;
+        args.cluster.kvstore_key = None;
+        args.cluster.node_ip = None;
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+    }
+
+    #[test]
+    fn kvstore_flags_need_each_other() {
+        let parse = |extra: &[&str]| {
+            AgentArgs::try_parse_from(
+                ["membrane-agent", "--node-netns", "n"]
+                    .into_iter()
+                    .chain(extra.iter().copied()),
+            )
+        };
+        assert!(parse(&["--kvstore", "etcd"]).is_err(), "endpoints required");
+        assert!(parse(&["--kvstore-endpoints", "http://e:2379"]).is_err());
+        assert!(
+            parse(&[
+                "--kvstore",
+                "consul",
+                "--kvstore-endpoints",
+                "http://e:2379"
+            ])
+            .is_err()
+        );
+        let ok = parse(&[
+            "--kvstore",
+            "etcd",
+            "--kvstore-endpoints",
+            "http://a:2379,http://b:2379",
+        ])
+        .expect("parses");
+        assert_eq!(ok.cluster.kvstore_endpoints.len(), 2);
+        assert!(
+            parse(&[
+                "--kvstore",
+                "etcd",
+                "--kvstore-endpoints",
+                "http://e:2379",
+                "--kvstore-cert",
+                "c"
+            ])
+            .is_err(),
+            "a certificate needs its key and a CA"
+        );
     }
 
     #[test]

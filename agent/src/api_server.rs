@@ -12,20 +12,22 @@ use std::{
 
 use membrane_agent_api::{
     api::{
-        self, DatapathStatus, DnsProxyStatus, EndpointAdded, FilterRow, FilterStatus, FlowStatus,
-        IdentityRow, MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, PolicyApplied, PolicyDeleted,
-        PolicyRow, Request, Response, StatusReply,
+        self, DatapathStatus, DnsProxyStatus, EndpointAdded, EndpointSpec, FilterRow, FilterStatus,
+        FlowStatus, IdentityRow, MAX_REQUEST_BYTES, MAX_REQUESTS_PER_CONNECTION, PolicyApplied,
+        PolicyDeleted, PolicyRow, Request, Response, StatusReply,
     },
     shutdown::Shutdown,
     wasm_resource,
 };
+use membrane_cluster::PolicyName;
 use membrane_policy::PolicyRef;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
 use crate::{
+    cluster::{ClusterClient, split_for_store},
     daemon::{State, confirm, lock},
     error::AgentError,
-    policies::kind_from_str,
+    policies::{kind_from_str, parse_all},
 };
 
 /// How long a client may take to send a request line.
@@ -94,11 +96,136 @@ async fn serve_connection(conn: tokio::net::UnixStream, state: Arc<Mutex<State>>
 }
 
 /// One request: the state changed under its lock, then the proxy's confirmation awaited
-/// without it.
+/// without it. With a cluster store, the requests that talk to it (endpoint add, policy
+/// apply and delete) make their store round trips without the state lock.
 fn handle(state: &Mutex<State>, request: Request) -> Response {
-    let response = lock(state).handle(request);
+    let cluster = lock(state).cluster.clone();
+    let response = match (cluster, request) {
+        (Some(c), Request::EndpointAdd { endpoint }) => {
+            let name = format!("{}/{}", endpoint.namespace, endpoint.name);
+            reply(
+                add_endpoint_clustered(state, &c, endpoint)
+                    .map(|endpoint_id| EndpointAdded { endpoint_id })
+                    .map_err(|e| format!("endpoint {name}: {e}")),
+            )
+        }
+        (Some(c), Request::PolicyApply { text, source }) => {
+            reply(apply_clustered(state, &c, &text, &source).map_err(|e| e.to_string()))
+        }
+        (
+            Some(c),
+            Request::PolicyDelete {
+                kind,
+                namespace,
+                name,
+            },
+        ) => reply(delete_clustered(state, &c, &kind, namespace, name)),
+        (_, request) => lock(state).handle(request),
+    };
     confirm(state);
     response
+}
+
+/// `EndpointAdd` with a cluster store: labels under the lock, the identity from the store
+/// without it, then the endpoint under the lock again (re-checked: another request may
+/// have registered it meanwhile).
+fn add_endpoint_clustered(
+    state: &Mutex<State>,
+    cluster: &ClusterClient,
+    spec: EndpointSpec,
+) -> Result<u32, AgentError> {
+    let labels = {
+        let s = lock(state);
+        if let Some(id) = s.check_endpoint(&spec)? {
+            return Ok(id);
+        }
+        s.endpoint_labels(&spec)?
+    };
+    let identity = if labels.is_local_scope() {
+        None
+    } else {
+        Some(cluster.allocate(&labels).map_err(AgentError::Cluster)?)
+    };
+    let mut s = lock(state);
+    let id = match s.insert_endpoint(spec, None, labels.clone(), identity) {
+        Ok(id) => id,
+        Err(e) => {
+            if identity.is_some() {
+                cluster.release(labels);
+            }
+            return Err(e);
+        }
+    };
+    s.reconcile()?;
+    Ok(id)
+}
+
+/// `PolicyApply` with a cluster store: the text is validated whole (a text with any problem
+/// is refused before anything is stored), stored one document per policy, and put in force
+/// here at once; every other node's agent takes it from its watch. If the store fails
+/// midway, the documents stored before the failure stay (the error names the one that
+/// failed).
+fn apply_clustered(
+    state: &Mutex<State>,
+    cluster: &ClusterClient,
+    text: &str,
+    source: &str,
+) -> Result<PolicyApplied, AgentError> {
+    parse_all(text, source).map_err(AgentError::PolicyInput)?;
+    let documents = split_for_store(text, source).map_err(AgentError::Cluster)?;
+    let mut stored = Vec::with_capacity(documents.len());
+    for d in documents {
+        let revision = cluster
+            .put_policy(&d.name, d.text.clone())
+            .map_err(AgentError::Cluster)?;
+        stored.push((d, revision));
+    }
+    let mut s = lock(state);
+    let mut applied = Vec::with_capacity(stored.len());
+    for (d, revision) in &stored {
+        s.take_cluster_doc(&d.name, &d.text, *revision);
+        applied.push(d.name.to_string());
+    }
+    s.reconcile()?;
+    Ok(PolicyApplied { applied })
+}
+
+/// `PolicyDelete` with a cluster store: deleted from the store, and here at once.
+fn delete_clustered(
+    state: &Mutex<State>,
+    cluster: &ClusterClient,
+    kind: &str,
+    namespace: Option<String>,
+    name: String,
+) -> Result<PolicyDeleted, String> {
+    let stored = if kind == wasm_resource::KIND {
+        PolicyName {
+            kind: kind.to_owned(),
+            namespace: Some(namespace.unwrap_or_else(|| "default".to_owned())),
+            name,
+        }
+    } else {
+        let Some(kind) = kind_from_str(kind) else {
+            return Err(format!(
+                "unknown policy kind `{kind}` (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy, WasmFilter)"
+            ));
+        };
+        PolicyName::from(&PolicyRef {
+            kind,
+            namespace,
+            name,
+        })
+    };
+    if !cluster.delete_policy(&stored).map_err(|e| e.to_string())? {
+        return Err(format!("no {stored} in the cluster store"));
+    }
+    let mut s = lock(state);
+    if s.drop_cluster_doc(&stored) {
+        s.reconcile().map_err(|e| e.to_string())?;
+    }
+    Ok(PolicyDeleted {
+        deleted: stored.to_string(),
+    })
 }
 
 fn reply<T: serde::Serialize>(result: Result<T, String>) -> Response {
@@ -278,6 +405,15 @@ impl State {
                     .channel
                     .applied(membrane_agent_api::proxy_channel::Kind::Filters),
             },
+            cluster: self.cluster.as_ref().map(|c| {
+                c.status(
+                    self.remote_ipcache.len(),
+                    self.cluster_doc_errors
+                        .iter()
+                        .map(|(n, (_, e))| format!("{n}: {e}"))
+                        .collect(),
+                )
+            }),
         }
     }
 }

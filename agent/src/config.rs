@@ -5,15 +5,12 @@ use std::path::PathBuf;
 
 use membrane_agent_api::{
     RunDir,
-    args::{AgentArgs, DnsSettings},
+    args::{AgentArgs, ClusterArgs, DnsSettings},
 };
 use membrane_datapath::MapSizes;
 
 /// Metrics port inside the node namespace (Hubble's default).
 pub const METRICS_PORT: u16 = 9965;
-
-/// Cluster name for the `cluster` entity (Cilium's default).
-pub const CLUSTER_NAME: &str = "default";
 
 /// First endpoint id the agent hands out (ids below are Cilium's reserved range for host
 /// and health endpoints).
@@ -46,6 +43,9 @@ pub struct AgentConfig {
     /// The DNS proxy's knobs, passed to `membrane-proxy`.
     pub dns: DnsSettings,
     pub map_sizes: MapSizes,
+    /// The cluster store (`--kvstore …`) and the cluster's and node's names. The cluster name
+    /// is also the `cluster` entity's label value without a store.
+    pub cluster: ClusterArgs,
 }
 
 impl AgentConfig {
@@ -66,10 +66,16 @@ impl AgentConfig {
             metrics_port: Some(METRICS_PORT),
             ui_listen: args.ui_listen,
             ui_listen_fd: args.ui_listen_fd,
-            proxy: true,
+            proxy: !args.no_proxy,
             dns: args.dns,
             map_sizes: MapSizes::default(),
+            cluster: args.cluster,
         }
+    }
+
+    /// This node's name in the cluster: `--node-name`, else the run name.
+    pub fn node_name(&self) -> &str {
+        self.cluster.node_name.as_deref().unwrap_or(&self.name)
     }
 
     pub fn run_dir(&self) -> RunDir {

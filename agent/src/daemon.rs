@@ -35,7 +35,8 @@ use membrane_policy::{
 };
 
 use crate::{
-    config::{AgentConfig, CLUSTER_NAME, FIRST_ENDPOINT_ID},
+    cluster::{ClusterClient, SYNC_DEBOUNCE},
+    config::{AgentConfig, FIRST_ENDPOINT_ID},
     error::{AgentError, dp_err, io_err},
     fqdn,
     policies::{AppliedPolicies, PolicyFile},
@@ -86,6 +87,16 @@ pub(crate) struct State {
     /// Snapshots sent and not yet confirmed: whoever changed the state waits for them after
     /// releasing the state lock ([`confirm`]).
     pub(crate) pending: Vec<PendingPublish>,
+    /// The cluster store (`--kvstore`); `None` on a node of its own.
+    pub(crate) cluster: Option<Arc<ClusterClient>>,
+    /// Other nodes' endpoints (from the cluster ipcache), written into this node's ipcache.
+    pub(crate) remote_ipcache: BTreeMap<std::net::Ipv4Addr, Identity>,
+    /// Policy documents of the cluster store in force here.
+    pub(crate) cluster_docs: BTreeMap<membrane_cluster::PolicyName, crate::policies::ClusterDoc>,
+    /// Stored documents that do not parse here, by name (their previous version, if any,
+    /// stays in force).
+    /// (revision, problem).
+    pub(crate) cluster_doc_errors: BTreeMap<membrane_cluster::PolicyName, (i64, String)>,
 }
 
 /// Runs the agent until `shutdown` (SIGTERM/SIGINT in the binary).
@@ -106,6 +117,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(io_err("start the async runtime"))?;
+    let cluster = ClusterClient::start(&config, &runtime).map_err(AgentError::Cluster)?;
     let enricher = Arc::new(StaticEnricher::new(config.node_netns.clone()));
     let observer = {
         let _context = runtime.enter();
@@ -146,6 +158,10 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         filter_snapshot: None,
         channel: AgentChannel::new(),
         pending: Vec::new(),
+        cluster: cluster.clone(),
+        remote_ipcache: BTreeMap::new(),
+        cluster_docs: BTreeMap::new(),
+        cluster_doc_errors: BTreeMap::new(),
     };
     // Serving the proxy channel before the first reconcile: an adopted proxy reconnects and
     // is brought up to date by it.
@@ -159,6 +175,9 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     state.restore_applied();
     state.restore_endpoints();
     state.scan_policy_dir();
+    if let Some(c) = &cluster {
+        state.take_cluster_view(c.view());
+    }
     state.reconcile()?;
 
     let state = Arc::new(Mutex::new(state));
@@ -206,6 +225,9 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
             lock(&state).fqdn_save();
         }));
     }
+    if let Some(c) = &cluster {
+        start_cluster_sync(&runtime, c, &state);
+    }
     if config.policy_dir.is_some() {
         let (state, shutdown) = (state.clone(), shutdown.clone());
         threads.push(std::thread::spawn(move || {
@@ -230,6 +252,9 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     for t in threads {
         let _ = t.join();
     }
+    if let Some(c) = &cluster {
+        c.halt();
+    }
     runtime.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(run_dir.hubble_socket());
     // Only our own socket: a successor may already have bound the path.
@@ -241,6 +266,41 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     }
     tracing::info!("agent stopped; the datapath keeps enforcing from its pinned maps and links");
     Ok(())
+}
+
+/// Brings the model in line with the cluster store whenever it changes: waits for a change,
+/// lets more accumulate for [`SYNC_DEBOUNCE`], then takes one view (memory, no request) and
+/// reconciles once on a blocking thread. At most one sync runs at a time and nothing queues:
+/// however many events arrive, the next sync reads the state they left.
+fn start_cluster_sync(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &Arc<ClusterClient>,
+    state: &Arc<Mutex<State>>,
+) {
+    let (cluster, state) = (cluster.clone(), state.clone());
+    let mut changes = cluster.changes();
+    runtime.spawn(async move {
+        while changes.changed().await.is_ok() {
+            tokio::time::sleep(SYNC_DEBOUNCE).await;
+            changes.borrow_and_update();
+            let (cluster, state) = (cluster.clone(), state.clone());
+            let synced = tokio::task::spawn_blocking(move || {
+                let view = cluster.view();
+                let mut s = lock(&state);
+                if s.take_cluster_view(view)
+                    && let Err(e) = s.reconcile()
+                {
+                    tracing::error!(error = %e, "reconcile after a cluster store change failed");
+                }
+                drop(s);
+                confirm(&state);
+            })
+            .await;
+            if let Err(e) = synced {
+                tracing::error!(error = %e, "cluster sync task failed");
+            }
+        }
+    });
 }
 
 pub(crate) fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -270,7 +330,7 @@ impl State {
         self.refresh_fqdn()?;
         let mut options =
             ResolveOptions::new(self.config.http_proxy_port, self.config.dns_proxy_port);
-        options.cluster_name = CLUSTER_NAME.to_owned();
+        options.cluster_name = self.config.cluster.cluster_name.clone();
         // Resolve, allocating CIDR identities on the way (they only exist once a policy
         // references the prefix).
         let mut desired: BTreeMap<u32, EndpointPolicy> = BTreeMap::new();
@@ -302,6 +362,7 @@ impl State {
         }
         let want = reconcile::desired_state(
             &locals,
+            &self.remote_ipcache,
             &prefixes,
             &self.fqdn.ips,
             self.config.http_proxy_port,
@@ -312,6 +373,22 @@ impl State {
         for (id, labels) in self.identities.iter() {
             self.enricher
                 .insert_identity(id.0, labels.iter().map(|l| l.to_string()).collect());
+        }
+        if let Some(c) = &self.cluster {
+            // What this node publishes to the cluster ipcache (the publisher, a task of its
+            // own, diffs it; nothing here waits on the store).
+            c.set_local_endpoints(
+                self.endpoints
+                    .values()
+                    .map(|e| {
+                        let ip = std::net::IpAddr::V4(e.spec.ipv4);
+                        (
+                            ip,
+                            c.local_entry(ip, e.identity, &e.spec.namespace, &e.spec.name),
+                        )
+                    })
+                    .collect(),
+            );
         }
         self.send_proxy_snapshots(&desired)?;
         self.resolved = desired;

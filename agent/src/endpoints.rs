@@ -8,13 +8,39 @@ use membrane_agent_api::{
     run_dir::write_atomically,
 };
 use membrane_observer::EndpointMeta;
-use membrane_policy::{IdentityAllocator as _, Labels};
+use membrane_policy::{Identity, IdentityAllocator as _, Labels};
 
 use crate::{
-    config::CLUSTER_NAME,
     daemon::{Endpoint, State},
     error::{AgentError, dp_err, io_err},
 };
+
+/// An endpoint's security labels: its pod labels (`k8s:` unless they name a source), the
+/// namespace label, and the cluster label the `cluster` entity selects by (Cilium adds it
+/// to every pod).
+pub(crate) fn endpoint_labels(
+    spec: &EndpointSpec,
+    cluster_name: &str,
+) -> Result<Labels, AgentError> {
+    let mut texts: Vec<String> = Vec::new();
+    for l in &spec.labels {
+        if !l.contains('=') {
+            return Err(AgentError::LabelNotKeyValue(l.clone()));
+        }
+        texts.push(if l.contains(':') && !l.starts_with("app.kubernetes.io") {
+            l.clone()
+        } else {
+            format!("k8s:{l}")
+        });
+    }
+    texts.push(format!(
+        "k8s:io.kubernetes.pod.namespace={}",
+        spec.namespace
+    ));
+    texts.push(format!("k8s:io.cilium.k8s.policy.cluster={cluster_name}"));
+    let labels = Labels::parse(texts.iter().map(String::as_str)).map_err(AgentError::Labels)?;
+    Ok(membrane_policy::filter_security_relevant(&labels))
+}
 
 impl State {
     /// A restart: takes over the endpoints the previous agent registered, in identity order
@@ -84,18 +110,16 @@ impl State {
         write_atomically(&path, &bytes).map_err(io_err(format!("write {}", path.display())))
     }
 
-    pub(crate) fn add_endpoint(
-        &mut self,
-        spec: EndpointSpec,
-        id: Option<u32>,
-    ) -> Result<u32, AgentError> {
+    /// Checks `spec` against the registered endpoints: `Some(id)` if it is registered with
+    /// exactly these settings, an error if its name, address or interface is taken.
+    pub(crate) fn check_endpoint(&self, spec: &EndpointSpec) -> Result<Option<u32>, AgentError> {
         if spec.name.is_empty() || spec.namespace.is_empty() {
             return Err(AgentError::EndpointUnnamed);
         }
         let key = (spec.namespace.clone(), spec.name.clone());
         if let Some(existing) = self.endpoints.get(&key) {
-            if existing.spec == spec {
-                return Ok(existing.id);
+            if existing.spec == *spec {
+                return Ok(Some(existing.id));
             }
             return Err(AgentError::EndpointConflict { id: existing.id });
         }
@@ -110,35 +134,78 @@ impl State {
                 owner: format!("{}/{}", clash.spec.namespace, clash.spec.name),
             });
         }
-        let mut texts: Vec<String> = Vec::new();
-        for l in &spec.labels {
-            if !l.contains('=') {
-                return Err(AgentError::LabelNotKeyValue(l.clone()));
-            }
-            texts.push(if l.contains(':') && !l.starts_with("app.kubernetes.io") {
-                l.clone()
-            } else {
-                format!("k8s:{l}")
-            });
+        Ok(None)
+    }
+
+    /// The labels of `spec` on this node.
+    pub(crate) fn endpoint_labels(&self, spec: &EndpointSpec) -> Result<Labels, AgentError> {
+        endpoint_labels(spec, &self.config.cluster.cluster_name)
+    }
+
+    /// Registers an endpoint, its identity allocated here. With a cluster store this waits
+    /// for the store while holding `&mut self`: only for start-up (restoring endpoints,
+    /// before the state is shared); the API allocates without the state lock and calls
+    /// [`State::insert_endpoint`].
+    pub(crate) fn add_endpoint(
+        &mut self,
+        spec: EndpointSpec,
+        id: Option<u32>,
+    ) -> Result<u32, AgentError> {
+        if let Some(existing) = self.check_endpoint(&spec)? {
+            return Ok(existing);
         }
-        texts.push(format!(
-            "k8s:io.kubernetes.pod.namespace={}",
-            spec.namespace
-        ));
-        // The `cluster` entity selects pods by this label (Cilium adds it to every pod).
-        texts.push(format!("k8s:io.cilium.k8s.policy.cluster={CLUSTER_NAME}"));
-        let labels = Labels::parse(texts.iter().map(String::as_str)).map_err(AgentError::Labels)?;
-        let labels = membrane_policy::filter_security_relevant(&labels);
-        let identity = match self.identities.lookup(&labels) {
-            Some(id) => id,
-            None => {
-                let id = self
-                    .allocator
-                    .allocate(&labels)
-                    .map_err(AgentError::Identity)?;
+        let labels = self.endpoint_labels(&spec)?;
+        let cluster_identity = match &self.cluster {
+            Some(c) if !labels.is_local_scope() => {
+                Some(c.allocate(&labels).map_err(AgentError::Cluster)?)
+            }
+            _ => None,
+        };
+        let result = self.insert_endpoint(spec, id, labels.clone(), cluster_identity);
+        if result.is_err()
+            && cluster_identity.is_some()
+            && let Some(c) = &self.cluster
+        {
+            c.release(labels);
+        }
+        result
+    }
+
+    /// Registers an endpoint with `labels`: its identity is `cluster_identity` (allocated
+    /// from the cluster store by the caller) or, without one, from the node's allocator.
+    /// Re-checks the registered endpoints: the caller may have let the state lock go.
+    pub(crate) fn insert_endpoint(
+        &mut self,
+        spec: EndpointSpec,
+        id: Option<u32>,
+        labels: Labels,
+        cluster_identity: Option<Identity>,
+    ) -> Result<u32, AgentError> {
+        if let Some(existing) = self.check_endpoint(&spec)? {
+            if cluster_identity.is_some()
+                && let Some(c) = &self.cluster
+            {
+                c.release(labels);
+            }
+            return Ok(existing);
+        }
+        let key = (spec.namespace.clone(), spec.name.clone());
+        let identity = match cluster_identity {
+            Some(id) => {
                 self.identities.insert(id, labels.clone());
                 id
             }
+            None => match self.identities.lookup(&labels) {
+                Some(id) => id,
+                None => {
+                    let id = self
+                        .allocator
+                        .allocate(&labels)
+                        .map_err(AgentError::Identity)?;
+                    self.identities.insert(id, labels.clone());
+                    id
+                }
+            },
         };
         let id = id.unwrap_or_else(|| {
             let id = self.next_endpoint_id;
@@ -179,6 +246,12 @@ impl State {
         let Some(endpoint) = self.endpoints.remove(&key) else {
             return Err(AgentError::NoSuchEndpoint);
         };
+        if let Some(c) = &self.cluster
+            && !endpoint.labels.is_local_scope()
+        {
+            // Does not wait: the release runs on the runtime.
+            c.release(endpoint.labels.clone());
+        }
         self.datapath
             .detach_endpoint(&endpoint.spec.host_ifname)
             .map_err(dp_err("detach programs"))?;

@@ -65,6 +65,8 @@ pub enum AgentError {
         "flow page on {0}: it has no authentication; give a loopback address such as 127.0.0.1:9966"
     )]
     UiNotLoopback(SocketAddr),
+    #[error("{0}")]
+    Cluster(#[source] crate::cluster::ClusterError),
 }
 
 pub(crate) fn dp_err(what: impl Into<String>) -> impl FnOnce(DatapathError) -> AgentError {

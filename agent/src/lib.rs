@@ -5,15 +5,17 @@
 //! supervises the node proxy.
 //!
 //! One module per job: [`config`], [`api_server`] (the local API), [`endpoints`],
-//! [`policies`] (the watched directory and the applied-policy store), [`reconcile`] (the
-//! desired state, computed purely, then applied to the maps), [`proxy`] (supervision, the
-//! channel's snapshots, records), [`flows`], [`servers`], [`fqdn`]; [`daemon`] ties them
-//! together.
+//! [`policies`] (the watched directory, the applied-policy store, the cluster store's
+//! documents), [`reconcile`] (the desired state, computed purely, then applied to the maps),
+//! [`proxy`] (supervision, the channel's snapshots, records), [`flows`], [`servers`],
+//! [`fqdn`], [`cluster`] (the cluster store: identities, ipcache, nodes, policies on etcd);
+//! [`daemon`] ties them together.
 //!
 //! Must not depend on wasmtime, the lab or the CLI (checked by `cargo xtask test`); talks to
 //! the proxy only through `membrane-agent-api`.
 
 pub mod api_server;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod datapath_sync;

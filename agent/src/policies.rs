@@ -4,7 +4,7 @@
 //! a restarted agent). Both hold policies of the three kinds and `WasmFilter` resources.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Duration, SystemTime},
 };
@@ -13,6 +13,7 @@ use membrane_agent_api::{
     run_dir::write_atomically,
     wasm_resource::{self, WasmFilterResource},
 };
+use membrane_cluster::{PolicyDocument, PolicyName};
 use membrane_policy::{Policy, PolicyKind, PolicyRef, parse_documents};
 
 use crate::{
@@ -63,7 +64,103 @@ pub(crate) fn kind_from_str(kind: &str) -> Option<PolicyKind> {
     }
 }
 
+/// A policy document of the cluster store in force on this node.
+pub(crate) struct ClusterDoc {
+    /// Store revision of the write it came from.
+    revision: i64,
+    refs: Vec<PolicyRef>,
+    wasm: Vec<String>,
+}
+
 impl State {
+    /// Takes the cluster store's documents: new and changed ones parsed (one that does not
+    /// parse is reported and changes nothing: its previous version stays), vanished ones
+    /// removed. Returns whether the repository changed.
+    pub(crate) fn take_cluster_policies(
+        &mut self,
+        docs: BTreeMap<PolicyName, (i64, PolicyDocument)>,
+    ) -> bool {
+        let mut changed = false;
+        for (name, (revision, doc)) in &docs {
+            changed |= self.take_cluster_doc(name, &doc.text, *revision);
+        }
+        let gone: Vec<PolicyName> = self
+            .cluster_docs
+            .keys()
+            .filter(|n| !docs.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            changed |= self.drop_cluster_doc(&name);
+        }
+        self.cluster_doc_errors.retain(|n, _| docs.contains_key(n));
+        changed
+    }
+
+    /// One stored document at `revision`; older revisions than the one in force are
+    /// ignored (a local apply and the watch may deliver the same write twice, in any order).
+    pub(crate) fn take_cluster_doc(
+        &mut self,
+        name: &PolicyName,
+        text: &str,
+        revision: i64,
+    ) -> bool {
+        if self
+            .cluster_docs
+            .get(name)
+            .is_some_and(|d| d.revision >= revision)
+            || self
+                .cluster_doc_errors
+                .get(name)
+                .is_some_and(|(r, _)| *r >= revision)
+        {
+            return false;
+        }
+        match parse_all(text, &format!("cluster store {name}")) {
+            Ok((policies, filters)) => {
+                self.drop_cluster_doc(name);
+                let refs = policies.iter().map(|p| p.policy_ref()).collect();
+                for p in policies {
+                    self.repo.replace(p);
+                }
+                let wasm = filters.iter().map(|f| f.key()).collect();
+                for f in filters {
+                    self.wasm_filters.insert(f.key(), f);
+                }
+                self.cluster_docs.insert(
+                    name.clone(),
+                    ClusterDoc {
+                        revision,
+                        refs,
+                        wasm,
+                    },
+                );
+                self.cluster_doc_errors.remove(name);
+                true
+            }
+            Err(e) => {
+                tracing::error!(policy = %name, revision, error = %e, "stored policy rejected on this node; its previous version stays in force");
+                self.cluster_doc_errors
+                    .insert(name.clone(), (revision, e.to_string()));
+                false
+            }
+        }
+    }
+
+    /// Removes what a stored document put in force; true if it had.
+    pub(crate) fn drop_cluster_doc(&mut self, name: &PolicyName) -> bool {
+        let Some(old) = self.cluster_docs.remove(name) else {
+            return false;
+        };
+        for r in old.refs {
+            self.repo.remove(&r);
+        }
+        for k in old.wasm {
+            self.wasm_filters.remove(&k);
+        }
+        true
+    }
+
     /// Adds or replaces every policy and filter of `text`; nothing of a text with any
     /// problem is applied (the repository is untouched). Returns what is now in force.
     pub(crate) fn apply_text(

@@ -1,8 +1,8 @@
 //! Reconcile, in two halves:
 //!
 //! - [`desired_state`] (pure, no I/O): from every local endpoint's resolved policy, its
-//!   interface index and address, the CIDR prefixes policies reference and the addresses the
-//!   DNS proxy learned, the exact contents the endpoints map, the ipcache and the policy map
+//!   interface index and address, other nodes' endpoints (the cluster ipcache), the CIDR
+//!   prefixes policies reference and the addresses the DNS proxy learned, the exact contents the endpoints map, the ipcache and the policy map
 //!   must have;
 //! - [`apply`]: makes the kernel maps equal to it — missing entries written first (no window
 //!   without them), stale ones removed after.
@@ -49,14 +49,18 @@ pub struct DesiredState {
     pub cookies: BTreeMap<u32, String>,
 }
 
-/// The maps' contents for these endpoints. `prefixes` are the CIDR identities policies
+/// The maps' contents for these endpoints. `remote` are other nodes' endpoints from the
+/// cluster ipcache (empty without a cluster store); `prefixes` the CIDR identities policies
 /// reference; `learned` the addresses the DNS proxy learned with their `fqdn:` identities.
-/// Precedence in the ipcache: the node's own address is the host, then endpoints' addresses,
-/// then CIDR prefixes, then learned addresses (a pod's address is never relabelled by a DNS
-/// answer). Ingress HTTP redirects go to the proxy's ingress listener, the port after
+/// Precedence in the ipcache, highest first: the node's own address is the host; local
+/// endpoints' addresses (what this node registered wins over whatever another node claims
+/// for the same address); remote endpoints' addresses; CIDR prefixes; learned addresses
+/// (a pod's address, local or remote, is never relabelled by a CIDR rule or a DNS answer).
+/// Ingress HTTP redirects go to the proxy's ingress listener, the port after
 /// `http_proxy_port`.
 pub fn desired_state(
     endpoints: &[LocalEndpoint<'_>],
+    remote: &BTreeMap<Ipv4Addr, Identity>,
     prefixes: &BTreeMap<IpPrefix, Identity>,
     learned: &BTreeMap<Ipv4Addr, Identity>,
     http_proxy_port: u16,
@@ -80,6 +84,9 @@ pub fn desired_state(
     );
     for e in endpoints {
         state.ipcache.insert(Ipv4Prefix::host(e.ipv4), e.identity);
+    }
+    for (ip, id) in remote {
+        state.ipcache.entry(Ipv4Prefix::host(*ip)).or_insert(id.0);
     }
     for (prefix, id) in prefixes {
         if let Some(v4) = datapath_sync::ipv4_prefix(prefix) {
@@ -246,7 +253,14 @@ spec:
             identity: 1000,
             policy: &policy,
         }];
-        let s = desired_state(&eps, &BTreeMap::new(), &BTreeMap::new(), HTTP_PORT).expect("ok");
+        let s = desired_state(
+            &eps,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            HTTP_PORT,
+        )
+        .expect("ok");
         let e = s.endpoints[&7];
         assert_eq!((e.endpoint_id, e.identity), (1001, 1000));
         assert!(!e.enforce_ingress && !e.enforce_egress);
@@ -273,7 +287,14 @@ spec:
             identity: 2000,
             policy: &policy,
         }];
-        let s = desired_state(&eps, &BTreeMap::new(), &BTreeMap::new(), HTTP_PORT).expect("ok");
+        let s = desired_state(
+            &eps,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            HTTP_PORT,
+        )
+        .expect("ok");
         assert!(s.endpoints[&8].enforce_ingress);
         let redirect = s
             .rules
@@ -319,7 +340,7 @@ spec:
             (Ipv4Addr::new(192, 0, 2, 9), Identity(0x0100_0004)),
             (Ipv4Addr::new(198, 51, 100, 1), Identity(0x0100_0005)),
         ]);
-        let s = desired_state(&eps, &prefixes, &learned, HTTP_PORT).expect("ok");
+        let s = desired_state(&eps, &BTreeMap::new(), &prefixes, &learned, HTTP_PORT).expect("ok");
         assert_eq!(s.ipcache[&Ipv4Prefix::host(ip)], 1000, "the pod wins");
         let block =
             datapath_sync::ipv4_prefix(&"192.0.2.0/24".parse().expect("prefix")).expect("v4");
@@ -332,6 +353,49 @@ spec:
         assert_eq!(
             s.ipcache[&Ipv4Prefix::host(Ipv4Addr::new(198, 51, 100, 1))],
             0x0100_0005
+        );
+    }
+
+    #[test]
+    fn remote_endpoints_come_after_local_ones_and_before_cidrs_and_dns() {
+        let policy = resolved("", 1001, "client");
+        let local = Ipv4Addr::new(10, 0, 1, 1);
+        let eps = [LocalEndpoint {
+            id: 1001,
+            ifindex: 7,
+            ipv4: local,
+            identity: 1000,
+            policy: &policy,
+        }];
+        let remote_ip = Ipv4Addr::new(10, 0, 2, 1);
+        let learned_ip = Ipv4Addr::new(10, 0, 2, 2);
+        let remote = BTreeMap::from([
+            (remote_ip, Identity(2000)),
+            // Another node claims a local endpoint's address: the local registration wins.
+            (local, Identity(3000)),
+        ]);
+        let prefixes = BTreeMap::from([(
+            "10.0.2.1/32".parse::<IpPrefix>().expect("prefix"),
+            Identity(0x0100_0001),
+        )]);
+        let learned = BTreeMap::from([
+            (remote_ip, Identity(0x0100_0002)),
+            (learned_ip, Identity(0x0100_0003)),
+        ]);
+        let s = desired_state(&eps, &remote, &prefixes, &learned, HTTP_PORT).expect("ok");
+        assert_eq!(s.ipcache[&Ipv4Prefix::host(local)], 1000, "local wins");
+        assert_eq!(
+            s.ipcache[&Ipv4Prefix::host(remote_ip)],
+            2000,
+            "a remote pod is never relabelled by a CIDR rule or a DNS answer"
+        );
+        assert_eq!(s.ipcache[&Ipv4Prefix::host(learned_ip)], 0x0100_0003);
+        let without =
+            desired_state(&eps, &BTreeMap::new(), &prefixes, &learned, HTTP_PORT).expect("ok");
+        assert_eq!(
+            without.ipcache[&Ipv4Prefix::host(remote_ip)],
+            0x0100_0001,
+            "a remote entry that went leaves the address to the rest"
         );
     }
 
@@ -355,11 +419,24 @@ spec:
                 policy: &server,
             },
         ];
-        let a = desired_state(&eps, &BTreeMap::new(), &BTreeMap::new(), HTTP_PORT).expect("ok");
+        let a = desired_state(
+            &eps,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            HTTP_PORT,
+        )
+        .expect("ok");
         let mut reversed = eps.to_vec();
         reversed.reverse();
-        let b =
-            desired_state(&reversed, &BTreeMap::new(), &BTreeMap::new(), HTTP_PORT).expect("ok");
+        let b = desired_state(
+            &reversed,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            HTTP_PORT,
+        )
+        .expect("ok");
         assert_eq!(a, b, "endpoint order does not matter");
         assert_eq!(a.endpoints.len(), 2);
     }

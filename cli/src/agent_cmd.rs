@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use membrane_agent_api::{Client, api::StatusReply};
+use membrane_agent_api::{
+    Client,
+    api::{ClusterStatus, StatusReply},
+};
 
 /// Which agent to talk to.
 #[derive(Args, Debug, Clone)]
@@ -91,6 +94,14 @@ fn print<T: serde::Serialize>(target: &AgentTarget, value: &T, table: impl FnOnc
 
 /// The status lines, from the typed reply (a revision is a number on both sides).
 pub fn render_status(s: &StatusReply) -> String {
+    let now_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    render_status_at(s, now_unix_ms)
+}
+
+/// [`render_status`] with the current time given (ages of errors are relative to it).
+pub fn render_status_at(s: &StatusReply, now_unix_ms: u64) -> String {
     let mut out = String::new();
     let mut line = |l: String| {
         out.push_str(&l);
@@ -155,7 +166,63 @@ pub fn render_status(s: &StatusReply) -> String {
         us(f.plumbing_us_p50),
         us(f.plumbing_us_p99)
     ));
+    if let Some(c) = &s.cluster {
+        render_cluster(c, now_unix_ms, &mut line);
+    }
     out
+}
+
+/// The cluster block of `membrane status`.
+fn render_cluster(c: &ClusterStatus, now_unix_ms: u64, line: &mut impl FnMut(String)) {
+    let st = &c.store;
+    line(format!(
+        "Cluster:     {} (this node: {}{})",
+        c.cluster,
+        c.node,
+        if c.registered {
+            ""
+        } else {
+            ", not registered: no --node-ip"
+        }
+    ));
+    line(format!(
+        "  Store:     {} {} at {}, revision {}, lease TTL {} s, session {}",
+        st.kind,
+        if st.connected { "Ok" } else { "FAILING" },
+        st.endpoints.join(","),
+        st.revision,
+        st.lease_ttl_secs,
+        st.session_generation
+    ));
+    if let Some(e) = &st.last_error {
+        let age = st.last_error_at_unix_ms.map_or("-".to_owned(), |at| {
+            format!("{} s ago", now_unix_ms.saturating_sub(at) / 1000)
+        });
+        line(format!("  Last error ({age}): {e}"));
+    }
+    if st.bad_values > 0 || st.ip_conflicts > 0 {
+        line(format!(
+            "  Problems:  {} stored value(s) that do not parse, {} address(es) claimed by two nodes",
+            st.bad_values, st.ip_conflicts
+        ));
+    }
+    line(format!(
+        "  Contents:  {} identities, {} endpoint(s) published, {} remote endpoint(s) in the ipcache, {} policy document(s)",
+        c.identities, c.published_endpoints, c.remote_endpoints, c.policies
+    ));
+    for e in &c.policy_errors {
+        line(format!("             rejected here: {e}"));
+    }
+    line(format!("  Nodes:     {}", c.nodes.len()));
+    for n in &c.nodes {
+        line(format!(
+            "    {:<20} {:<16} {}{}",
+            n.name,
+            n.underlay_ip,
+            n.pod_cidr.as_deref().unwrap_or("-"),
+            if n.this_node { "  (this node)" } else { "" }
+        ));
+    }
 }
 
 pub fn status(target: &AgentTarget) -> anyhow::Result<()> {
@@ -288,6 +355,65 @@ mod tests {
         );
         assert!(
             text.contains("revision 1765120000000007 (1765120000000007 applied by the proxy)"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("Cluster:"),
+            "no store, no cluster block: {text}"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_store_failing_with_its_last_error_and_the_nodes() {
+        let mut reply: StatusReply = serde_json::from_value(serde_json::json!({
+            "node": "lab", "uptime_secs": 3,
+            "datapath": {"pin_dir": "/sys/fs/bpf/membrane/lab", "abi_version": 3, "attached_interfaces": 5},
+            "endpoints": 5, "identities": 12, "policies": 4, "policy_dir": null, "policy_errors": [],
+            "reconciles": 9,
+            "flows": {"kept": 1, "capacity": 4095, "seen": 1, "lost_in_kernel": 0},
+            "proxy": "running",
+            "dns_proxy": {"port": 15053, "deny_response": "refused", "endpoints_with_dns_rules": 2, "revision_applied": 1},
+            "fqdn": {"entries": 0, "addresses": 0, "identities": 0, "learns": 0, "fast_path": 0, "plumbing_us_p50": null, "plumbing_us_p99": null},
+            "filters": {"resources": 0, "attachments": 0, "revision": 0, "revision_applied": 0},
+            "cluster": {
+                "cluster": "default", "node": "node-1", "registered": true,
+                "store": {"kind": "etcd", "endpoints": ["http://127.0.0.1:2379"], "connected": false,
+                          "last_error": "etcd get `membrane/.heartbeat` at http://127.0.0.1:2379 failed: connection refused",
+                          "last_error_at_unix_ms": 1_000_000, "revision": 57, "lease_ttl_secs": 900,
+                          "session_generation": 2, "bad_values": 1, "ip_conflicts": 0},
+                "nodes": [
+                    {"name": "node-1", "underlay_ip": "192.168.0.11", "pod_cidr": null, "this_node": true},
+                    {"name": "node-2", "underlay_ip": "192.168.0.12", "pod_cidr": "10.0.2.0/24", "this_node": false}
+                ],
+                "identities": 7, "remote_endpoints": 3, "published_endpoints": 2, "policies": 1,
+                "policy_errors": ["CiliumNetworkPolicy default/x: spec: unknown field"]
+            }
+        }))
+        .expect("the agent's reply decodes");
+        let text = render_status_at(&reply, 1_042_000);
+        for want in [
+            "Cluster:     default (this node: node-1)",
+            "Store:     etcd FAILING at http://127.0.0.1:2379, revision 57",
+            "Last error (42 s ago): etcd get `membrane/.heartbeat` at http://127.0.0.1:2379 failed: connection refused",
+            "1 stored value(s) that do not parse",
+            "7 identities, 2 endpoint(s) published, 3 remote endpoint(s) in the ipcache, 1 policy document(s)",
+            "rejected here: CiliumNetworkPolicy default/x: spec: unknown field",
+            "Nodes:     2",
+            "node-1               192.168.0.11     -  (this node)",
+            "node-2               192.168.0.12     10.0.2.0/24",
+        ] {
+            assert!(text.contains(want), "missing `{want}` in:\n{text}");
+        }
+        let c = reply.cluster.as_mut().expect("cluster");
+        c.store.connected = true;
+        c.store.last_error = None;
+        c.store.bad_values = 0;
+        c.registered = false;
+        let text = render_status_at(&reply, 1_042_000);
+        assert!(text.contains("etcd Ok at"), "{text}");
+        assert!(text.contains("not registered: no --node-ip"), "{text}");
+        assert!(
+            !text.contains("Last error") && !text.contains("Problems"),
             "{text}"
         );
     }

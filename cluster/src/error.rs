@@ -189,6 +189,25 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// True when the error says etcd could not be reached (refused, timed out, no session
+    /// lease), as opposed to a request etcd refused or a value that does not parse: what
+    /// callers fall back to their caches on.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Connect { .. }
+            | StoreError::ConnectTimeout { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::NoLease { .. } => true,
+            StoreError::Request { source, .. } => crate::store::is_unavailable(source),
+            StoreError::Config(_)
+            | StoreError::TlsFile { .. }
+            | StoreError::Decode(_)
+            | StoreError::Closed => false,
+        }
+    }
+}
+
 /// Allocating or releasing a cluster-wide identity failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {

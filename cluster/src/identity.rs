@@ -226,7 +226,28 @@ impl IdentityAllocator {
         if let Some(id) = self.shared.take_local_ref(labels) {
             return Ok(id);
         }
-        let id = self.shared.allocate_in_store(labels, &lk).await?;
+        let id = match self.shared.allocate_in_store(labels, &lk).await {
+            Ok(id) => id,
+            // etcd unreachable: a label set the cluster already numbered (the local cache of
+            // `id/`) keeps its number, so an endpoint with known labels can still be added
+            // during an outage (reference `cluster.md` §1.5). The reference is taken locally
+            // now and written by the resync on the reconnect's new session generation; the
+            // collector cannot take the identity meanwhile (it needs two rounds a grace
+            // period apart, and etcd is down for it too). New label sets fail.
+            Err(AllocError::Store(e)) if e.is_unavailable() => match self.lookup(labels) {
+                Some(id) => {
+                    tracing::warn!(
+                        id = id.get(),
+                        labels = %labels,
+                        error = %e,
+                        "cluster store unreachable: using the cached identity; its reference is written on reconnect"
+                    );
+                    id
+                }
+                None => return Err(AllocError::Store(e)),
+            },
+            Err(e) => return Err(e),
+        };
         if let Ok(mut local) = self.shared.local.lock() {
             local.insert(
                 labels.clone(),
@@ -470,7 +491,9 @@ impl Shared {
             }
             let guard = match inner.lock(&lock_name).await {
                 Ok(g) => g,
-                Err(StoreError::Timeout { .. }) => continue,
+                // A lock wait that times out is contention while etcd answers; with etcd
+                // gone it is the outage, and 16 more waits would only delay the error.
+                Err(StoreError::Timeout { .. }) if inner.is_connected() => continue,
                 Err(e) => return Err(e.into()),
             };
             let r = self.allocate_locked(labels, lk, attempt).await;

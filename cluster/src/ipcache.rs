@@ -75,6 +75,9 @@ struct Own {
 struct Shared {
     store: Store,
     own: Arc<Mutex<BTreeMap<IpAddr, Own>>>,
+    /// Own entries withdrawn while etcd was unreachable: deleted on the next resync (the
+    /// key would otherwise stay under this node's live lease for good).
+    withdrawn: Mutex<BTreeMap<IpAddr, IpcacheEntry>>,
     conflicts: Mutex<VecDeque<IpConflict>>,
 }
 
@@ -129,6 +132,7 @@ impl IpcacheSync {
         let shared = Arc::new(Shared {
             store: store.clone(),
             own,
+            withdrawn: Mutex::new(BTreeMap::new()),
             conflicts: Mutex::new(VecDeque::new()),
         });
         let s = shared.clone();
@@ -156,6 +160,9 @@ impl IpcacheSync {
             });
         }
         let ip = entry.ip;
+        if let Ok(mut w) = self.shared.withdrawn.lock() {
+            w.remove(&ip);
+        }
         if let Ok(mut own) = self.shared.own.lock() {
             let created = own.get(&ip).and_then(|o| o.created);
             own.insert(
@@ -169,22 +176,21 @@ impl IpcacheSync {
         self.shared.claim(ip).await
     }
 
-    /// Withdraws an endpoint of this node; true if its key was deleted.
+    /// Withdraws an endpoint of this node; true if its key was deleted. If etcd cannot be
+    /// reached the withdrawal is kept and done by the next resync (after the reconnect).
     pub async fn withdraw(&self, ip: IpAddr) -> Result<bool, IpcacheError> {
         let Some(own) = self.shared.own.lock().ok().and_then(|mut o| o.remove(&ip)) else {
             return Ok(false);
         };
-        let key = keys::ip_key(self.shared.store.cluster(), ip);
-        // Only our own claim: never delete another node's entry for the address.
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                own.entry.encode(),
-            )])
-            .and_then([TxnOp::delete(key.clone(), None)]);
-        let resp = self.shared.store.inner().txn(&key, txn).await?;
-        Ok(resp.succeeded())
+        match self.shared.delete_own(&own.entry).await {
+            Ok(deleted) => Ok(deleted),
+            Err(e) => {
+                if let Ok(mut w) = self.shared.withdrawn.lock() {
+                    w.insert(ip, own.entry);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Every entry of the cluster (this node's included), by address.
@@ -332,7 +338,34 @@ impl Shared {
         })
     }
 
+    /// Deletes the key of `entry` if it still holds exactly this node's value: never
+    /// another node's entry for the address.
+    async fn delete_own(&self, entry: &IpcacheEntry) -> Result<bool, crate::StoreError> {
+        let key = keys::ip_key(self.store.cluster(), entry.ip);
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                entry.encode(),
+            )])
+            .and_then([TxnOp::delete(key.clone(), None)]);
+        Ok(self.store.inner().txn(&key, txn).await?.succeeded())
+    }
+
     async fn claim_all(&self) -> usize {
+        let withdrawn: Vec<IpcacheEntry> = self
+            .withdrawn
+            .lock()
+            .map(|w| w.values().cloned().collect())
+            .unwrap_or_default();
+        for entry in withdrawn {
+            if self.delete_own(&entry).await.is_ok()
+                && let Ok(mut w) = self.withdrawn.lock()
+                && w.get(&entry.ip) == Some(&entry)
+            {
+                w.remove(&entry.ip);
+            }
+        }
         let ips: Vec<IpAddr> = self
             .own
             .lock()

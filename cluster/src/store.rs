@@ -394,6 +394,11 @@ impl Inner {
         &self.config.node
     }
 
+    /// True while the last request (or probe) succeeded.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.health.lock().is_ok_and(|h| h.connected)
+    }
+
     fn note_revision(&self, rev: Option<i64>) {
         if let Some(r) = rev {
             self.revision.fetch_max(r, Ordering::Relaxed);
@@ -701,7 +706,7 @@ impl Inner {
 }
 
 /// True for errors that mean etcd is unreachable (as opposed to a refused request).
-fn is_unavailable(e: &etcd_client::Error) -> bool {
+pub(crate) fn is_unavailable(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     use tonic::Code;
     match e {

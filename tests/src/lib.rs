@@ -4,7 +4,7 @@
 //! Owns: unique names per test ([`unique_name`]), RAII guards that clean up also when a test
 //! panics (network namespaces, private bpffs mounts, a whole [`TestNode`]), a sweep of what a
 //! killed test run left behind ([`sweep_stale`]), and bounded real-socket clients and servers
-//! that run inside a namespace ([`net`]).
+//! that run inside a namespace ([`net`]), a real etcd per test ([`etcd::Etcd`]).
 //!
 //! Privileged tests call [`require_root`] first: they fail loudly when they cannot run, they
 //! never skip. Nothing here touches the root network namespace: all traffic goes between
@@ -14,6 +14,7 @@
 //! `membrane-perf` benchmarks); it must not depend on the agent, whose tests build on this
 //! crate.
 
+pub mod etcd;
 pub mod net;
 mod node;
 pub mod packet;
