@@ -144,7 +144,7 @@ fn add_endpoint_clustered(
     let identity = if labels.is_local_scope() {
         None
     } else {
-        Some(cluster.allocate(&labels).map_err(AgentError::Cluster)?)
+        Some(cluster.allocate(&labels).map_err(AgentError::from)?)
     };
     let mut s = lock(state);
     let id = match s.insert_endpoint(spec, None, labels.clone(), identity) {
@@ -172,12 +172,12 @@ fn apply_clustered(
     source: &str,
 ) -> Result<PolicyApplied, AgentError> {
     parse_all(text, source).map_err(AgentError::PolicyInput)?;
-    let documents = split_for_store(text, source).map_err(AgentError::Cluster)?;
+    let documents = split_for_store(text, source).map_err(AgentError::from)?;
     let mut stored = Vec::with_capacity(documents.len());
     for d in documents {
         let revision = cluster
             .put_policy(&d.name, d.text.clone())
-            .map_err(AgentError::Cluster)?;
+            .map_err(AgentError::from)?;
         stored.push((d, revision));
     }
     let mut s = lock(state);

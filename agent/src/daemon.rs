@@ -117,7 +117,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(io_err("start the async runtime"))?;
-    let cluster = ClusterClient::start(&config, &runtime).map_err(AgentError::Cluster)?;
+    let cluster = ClusterClient::start(&config, &runtime).map_err(AgentError::from)?;
     let enricher = Arc::new(StaticEnricher::new(config.node_netns.clone()));
     let observer = {
         let _context = runtime.enter();

@@ -157,7 +157,7 @@ impl State {
         let labels = self.endpoint_labels(&spec)?;
         let cluster_identity = match &self.cluster {
             Some(c) if !labels.is_local_scope() => {
-                Some(c.allocate(&labels).map_err(AgentError::Cluster)?)
+                Some(c.allocate(&labels).map_err(AgentError::from)?)
             }
             _ => None,
         };

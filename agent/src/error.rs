@@ -65,8 +65,16 @@ pub enum AgentError {
         "flow page on {0}: it has no authentication; give a loopback address such as 127.0.0.1:9966"
     )]
     UiNotLoopback(SocketAddr),
+    /// Boxed: the store's errors carry etcd's, and every `Result` of the agent pays for
+    /// the largest variant.
     #[error("{0}")]
-    Cluster(#[source] crate::cluster::ClusterError),
+    Cluster(#[source] Box<crate::cluster::ClusterError>),
+}
+
+impl From<crate::cluster::ClusterError> for AgentError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        AgentError::Cluster(Box::new(e))
+    }
 }
 
 pub(crate) fn dp_err(what: impl Into<String>) -> impl FnOnce(DatapathError) -> AgentError {
