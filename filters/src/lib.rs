@@ -55,12 +55,13 @@ mod vm;
 
 pub use chain::{ChainStream, FilterChain};
 pub use config::{
-    FailurePolicy, FilterLimits, FilterLog, FilterSpec, HostConfig, LogLevel, LogSink,
+    FailurePolicy, FilterLimits, FilterLog, FilterProtocol, FilterSpec, HostConfig, LogLevel,
+    LogSink,
 };
 pub use error::FilterError;
 pub use filter::Filter;
 pub use host::FilterHost;
-pub use inspect::{ImportReport, ImportStatus, ModuleReport};
+pub use inspect::{ContextTypes, ImportReport, ImportStatus, ModuleReport};
 pub use shared::{MetricKind, MetricSnapshot};
 pub use types::{
     Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp,

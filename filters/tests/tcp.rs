@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use common::guest_at;
 use membrane_filters::{
-    Action, FilterChain, FilterHost, FilterLog, FilterSpec, HostConfig, PeerInfo, PeerType,
-    StreamInfo,
+    Action, FilterChain, FilterHost, FilterLog, FilterProtocol, FilterSpec, HostConfig, PeerInfo,
+    PeerType, StreamInfo,
 };
 
 fn rewrite_filter() -> Vec<u8> {
@@ -47,7 +47,7 @@ fn info() -> StreamInfo {
 #[test]
 fn upstream_sdk_stream_filter_rewrites_both_directions() -> Result<()> {
     let (host, logs) = host_with_logs();
-    let filter = host.load(FilterSpec::new("tcp-rewrite", rewrite_filter()))?;
+    let filter = host.load(FilterSpec::new("tcp-rewrite", rewrite_filter()).with_protocol(FilterProtocol::Tcp))?;
     let chain = FilterChain::new(vec![filter]);
     let mut conn = chain.start_connection(info());
     assert_eq!(conn.on_new_connection(), Action::Continue);
@@ -81,7 +81,7 @@ fn upstream_sdk_stream_filter_rewrites_both_directions() -> Result<()> {
 #[test]
 fn a_stream_filter_closes_the_connection() -> Result<()> {
     let (host, _logs) = host_with_logs();
-    let filter = host.load(FilterSpec::new("tcp-rewrite", rewrite_filter()))?;
+    let filter = host.load(FilterSpec::new("tcp-rewrite", rewrite_filter()).with_protocol(FilterProtocol::Tcp))?;
     let chain = FilterChain::new(vec![filter]);
     let mut conn = chain.start_connection(info());
     assert_eq!(conn.on_new_connection(), Action::Continue);
@@ -93,8 +93,8 @@ fn a_stream_filter_closes_the_connection() -> Result<()> {
 #[test]
 fn two_stream_filters_see_each_others_output_in_envoy_order() -> Result<()> {
     let (host, _logs) = host_with_logs();
-    let a = host.load(FilterSpec::new("a", rewrite_filter()))?;
-    let b = host.load(FilterSpec::new("b", rewrite_filter()))?;
+    let a = host.load(FilterSpec::new("a", rewrite_filter()).with_protocol(FilterProtocol::Tcp))?;
+    let b = host.load(FilterSpec::new("b", rewrite_filter()).with_protocol(FilterProtocol::Tcp))?;
     let chain = FilterChain::new(vec![a, b]);
     let mut conn = chain.start_connection(info());
     assert_eq!(conn.on_new_connection(), Action::Continue);
