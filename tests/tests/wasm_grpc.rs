@@ -5,7 +5,8 @@
 //! request: send what the filters asked for, deliver what comes back, until the phase goes
 //! on. Covered: allowed, denied (HTTP and gRPC clients), server error statuses (with the
 //! message), server down (connect refused), a server that never answers (timeout), an unknown
-//! upstream (ParseFailure, as Envoy).
+//! upstream (ParseFailure, as Envoy). The same cases run with the example filter written with
+//! membrane's SDK (`examples/filters/grpc-authz`).
 
 #[path = "../../filters/tests/common/mod.rs"]
 mod guests;
@@ -28,6 +29,10 @@ use membrane_l7proxy::grpc_callout::{
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
+
+fn membrane_sdk_filter() -> Vec<u8> {
+    guests::guest_at("examples/filters/grpc-authz", "grpc-authz")
+}
 
 fn upstream_sdk_filter() -> Vec<u8> {
     guests::guest_at(
@@ -362,6 +367,109 @@ fn upstream_sdk_grpc_authorization_server_down_and_timeout() -> Result<()> {
         let (status, body, _, _) = reply(&out.action);
         assert_eq!(status, 500);
         assert_eq!(body, "dispatch failed: ParseFailure\n");
+        Ok(())
+    })
+}
+
+fn load_ours(host: &FilterHost, config: &str) -> Result<FilterChain> {
+    let filter = host.load(
+        FilterSpec::new("grpc-authz", membrane_sdk_filter())
+            .with_config(config)
+            .with_callout_upstreams(["authz".to_owned()]),
+    )?;
+    Ok(FilterChain::new(vec![filter]))
+}
+
+#[test]
+fn membrane_sdk_grpc_authorization_allowed_denied_errors_down_and_timeout() -> Result<()> {
+    let rt = runtime();
+    rt.block_on(async {
+        let server = start_auth_server().await?;
+        let host = FilterHost::new(HostConfig::default())?;
+        let chain = load_ours(&host, "upstream=authz\ntimeout_ms=300\n")?;
+        let client = GrpcCalloutClient::new(None, Duration::from_secs(1));
+        let upstreams = HashMap::from([("authz".to_owned(), server.addr)]);
+
+        // Allowed: resumed, with the header the filter added on the way.
+        let mut stream = chain.start_stream(StreamInfo::default());
+        let mut calls = client.calls();
+        let head = Headers::request("GET", "/", "api.test", [("x-authz-service", "allowed")]);
+        let first = stream.on_request_headers(head, true);
+        let action = settle(&mut stream, first, &mut calls, &upstreams).await;
+        assert_eq!(action, Action::Continue);
+        assert_eq!(stream.request_headers().get_str("x-authz"), Some("allowed"));
+        drop(stream);
+        assert_eq!(
+            server.seen_from.lock().unwrap().last().map(String::as_str),
+            Some("membrane-sdk")
+        );
+
+        // Denied: 403; for a gRPC client PERMISSION_DENIED.
+        let out = request(&chain, &client, &upstreams, "denied", "text/plain").await;
+        let (status, body, _, _) = reply(&out.action);
+        assert_eq!((status, body.as_str()), (403, "access denied\n"));
+        let out = request(&chain, &client, &upstreams, "denied", "application/grpc").await;
+        assert_eq!(reply(&out.action).2, Some(7));
+
+        // Server error statuses: NOT_FOUND from the service, then injected ones.
+        let out = request(&chain, &client, &upstreams, "unknown", "text/plain").await;
+        let (status, _, _, headers) = reply(&out.action);
+        assert_eq!(status, 503);
+        assert_eq!(headers.get_str("x-authz-grpc-status"), Some("5"));
+        server.fail_with.store(13, Ordering::SeqCst);
+        let out = request(&chain, &client, &upstreams, "allowed", "text/plain").await;
+        assert_eq!(
+            reply(&out.action).3.get_str("x-authz-grpc-status"),
+            Some("13")
+        );
+        server.fail_with.store(-1, Ordering::SeqCst);
+
+        // Server down: UNAVAILABLE.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?
+        };
+        let down = HashMap::from([("authz".to_owned(), closed)]);
+        let out = request(&chain, &client, &down, "allowed", "text/plain").await;
+        assert_eq!(
+            reply(&out.action).3.get_str("x-authz-grpc-status"),
+            Some("14")
+        );
+
+        // A server that never answers: the configured 300 ms ⇒ DEADLINE_EXCEEDED.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let silent_addr = silent.local_addr()?;
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let hung = HashMap::from([("authz".to_owned(), silent_addr)]);
+        let out = request(&chain, &client, &hung, "allowed", "text/plain").await;
+        assert_eq!(
+            reply(&out.action).3.get_str("x-authz-grpc-status"),
+            Some("4")
+        );
+        assert!(out.elapsed < Duration::from_secs(5), "{:?}", out.elapsed);
+
+        // Fail open: a failed call lets the request through.
+        let open = load_ours(&host, "upstream=authz\ntimeout_ms=300\nfail_open=true\n")?;
+        let out = request(&open, &client, &down, "allowed", "text/plain").await;
+        assert_eq!(out.action, Action::Continue);
+
+        // An upstream the filter may not call: the SDK returns the error (ParseFailure)
+        // and the stream's on_error answers 503 — no trap.
+        let other = load_ours(&host, "upstream=nosuch\n")?;
+        let out = request(&other, &client, &upstreams, "allowed", "text/plain").await;
+        assert_eq!(reply(&out.action).0, 503);
+        assert!(
+            !out.decisions
+                .iter()
+                .any(|d| matches!(d, DecisionKind::Failed { .. })),
+            "{:?}",
+            out.decisions
+        );
         Ok(())
     })
 }
