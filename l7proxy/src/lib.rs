@@ -22,6 +22,9 @@
 //!   `filter_path` (private) drives it: head conversions, the callout loop, filtered bodies.
 //! - [`grpc_callout`]: the HTTP/2 client that carries the filters' gRPC calls and streams
 //!   (plain types; the filter host's `GrpcOp`s are adapted to it by the node proxy).
+//! - [`tcp_filter`]: TCP (stream) filters on L4 relays: the chain trait
+//!   ([`tcp_filter::ConnectionFilters`]), the filtered relay (also used by the TLS relay), and
+//!   the standalone proxy's TCP mode ([`tcp_filter::TcpProxy`]).
 //! - [`access`]: access records on a bounded channel that never blocks traffic.
 //! - [`standalone`]: the reverse-proxy mode (`membrane proxy --listen --upstream --policy`).
 //! - [`policy_file`]: the standalone mode's YAML policy file.
@@ -48,6 +51,7 @@ mod proxy;
 pub mod redirect;
 pub mod standalone;
 pub mod strict;
+pub mod tcp_filter;
 pub mod transparent;
 
 pub use proxy::ACCESS_DENIED_BODY;

@@ -3,9 +3,10 @@
 //! Envoy's network filter chain.
 //!
 //! - On a new connection it logs `new connection from <source.address>`.
-//! - Client → server: every line is buffered until complete (Pause keeps the bytes, the
-//!   callback sees them again with the next ones), then `ping` becomes `PING`; a line `quit`
-//!   closes the connection (`proxy_close_stream`).
+//! - Client → server: bytes are buffered until a line is complete (Pause keeps them, the
+//!   callback sees them again with the next ones), then `ping` becomes `PING` (byte-wise:
+//!   binary bytes before the lines pass unchanged); a line `quit` closes the connection
+//!   (`proxy_close_stream`).
 //! - Server → client: every chunk gets `[wasm]` prepended (`set_upstream_data(0, 0, ..)`).
 //! - Closes are logged with the peer type.
 
@@ -37,14 +38,14 @@ impl StreamContext for Rewrite {
         if !data.ends_with(b"\n") && !end_of_stream {
             return Action::Pause;
         }
-        let text = String::from_utf8_lossy(&data);
-        if text.lines().any(|l| l == "quit") {
+        if data.split(|b| *b == b'\n').any(|line| line == b"quit") {
             info!("quit: closing");
             self.close_downstream();
             return Action::Continue;
         }
-        let rewritten = text.replace("ping", "PING");
-        self.set_downstream_data(0, size, rewritten.as_bytes());
+        // Byte-wise, so binary data (a TLS ClientHello before the lines) passes unchanged.
+        let rewritten = replace(&data, b"ping", b"PING");
+        self.set_downstream_data(0, size, &rewritten);
         Action::Continue
     }
 
@@ -70,4 +71,19 @@ fn peer_name(peer: PeerType) -> &'static str {
         PeerType::Remote => "remote",
         _ => "unknown",
     }
+}
+
+fn replace(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    out
 }
