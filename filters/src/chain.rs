@@ -15,7 +15,21 @@
 //!                         through the next filters → take_resumed_body
 //! on_response_headers ─ proxy_on_response_headers            (reverse order; callouts as above)
 //! on_response_body* ─── proxy_on_response_body              (reverse order; callouts as above)
+//!   gRPC callouts likewise: take_grpc_ops → the proxy carries them over HTTP/2 →
+//!   on_grpc_event ── proxy_on_grpc_receive_initial_metadata / _receive /
+//!   _receive_trailing_metadata / _close → resumes on proxy_continue_stream
 //! finish / drop ─────── proxy_on_done → proxy_on_log → proxy_on_delete   (always, once)
+//! ```
+//!
+//! TCP (stream) filters use the same stream type, started with
+//! [`FilterChain::start_connection`]:
+//!
+//! ```text
+//! on_new_connection ─── proxy_on_new_connection (first→last)   → Continue | Close
+//! on_downstream_data* ─ proxy_on_downstream_data (first→last)  → Continue(data) | Pause(held) | Close
+//! on_upstream_data* ─── proxy_on_upstream_data (last→first)    → Continue(data) | Pause(held) | Close
+//! on_downstream_close / on_upstream_close ─ proxy_on_*_connection_close(peer)
+//! finish / drop ─────── proxy_on_done → proxy_on_log → proxy_on_delete
 //! ```
 //!
 //! Callouts can be made in any of the four phases (Envoy allows them from every callback).

@@ -179,8 +179,8 @@ pub struct FilterSpec {
     /// to an address). Calls to other names get BAD_ARGUMENT, as Envoy answers for an unknown
     /// cluster. Default: none.
     pub callout_upstreams: Vec<String>,
-    /// HTTP or TCP. A module whose exports declare no context of that kind is refused at
-    /// load. Default: HTTP.
+    /// HTTP or TCP. A module whose exports declare stream callbacks of the other kind only
+    /// is refused at load. Default: HTTP.
     pub protocol: FilterProtocol,
 }
 

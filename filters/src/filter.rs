@@ -199,7 +199,10 @@ impl Generation {
             FilterProtocol::Http => module.contexts.http,
             FilterProtocol::Tcp => module.contexts.tcp,
         };
-        if !declared {
+        // A module that declares stream callbacks of the other protocol only is clearly
+        // attached wrong; one that declares none (lifecycle or service only) has nothing to
+        // run per stream and is accepted, as Envoy does.
+        if !declared && (module.contexts.http || module.contexts.tcp) {
             let callbacks = match spec.protocol {
                 FilterProtocol::Http => {
                     "proxy_on_request_headers/_request_body/_response_headers/_response_body"

@@ -1,4 +1,4 @@
-//! `membrane-filter-sdk`: write HTTP filters for membrane in Rust, compiled to `wasm32-wasip1`.
+//! `membrane-filter-sdk`: write HTTP and TCP filters for membrane in Rust, compiled to `wasm32-wasip1`.
 //!
 //! Filters use the proxy-wasm ABI v0.2.1 imports, exactly as Envoy's SDKs do, so a filter
 //! built with this crate also runs in Envoy. What this crate adds over the raw ABI:
@@ -11,7 +11,11 @@
 //!   security identity, 8-byte little-endian on the wire) and [`source_labels`] /
 //!   [`destination_labels`] (a decoded map), plus namespace, workload and address;
 //! - [`Http::request_header_values`]: every value of a repeated header (the ABI's
-//!   single-value getter returns only the first one).
+//!   single-value getter returns only the first one);
+//! - gRPC callouts ([`dispatch_grpc_call`], [`open_grpc_stream`]) answered in
+//!   [`StreamFilter::on_grpc`] with a typed [`GrpcResponse`];
+//! - TCP (stream) filters: [`TcpFilter`] / [`ConnectionFilter`], registered with
+//!   [`register_tcp!`].
 //!
 //! Must not depend on any other crate of this workspace: it is published on its own.
 //!
