@@ -59,9 +59,9 @@ use crate::shared::lock;
 use crate::state::{CallResponseData, FilterStreamState, PendingLocalReply, StreamShared};
 use crate::state::{GrpcDelivery, PendingGrpcOp};
 use crate::types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp,
-    GrpcStart, Headers, HttpCall, HttpCallId, HttpCallResponse, LocalReply, PeerType, Phase,
-    StreamInfo, grpc_status,
+    Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp, GrpcStart,
+    Headers, HttpCall, HttpCallId, HttpCallResponse, LocalReply, PeerType, Phase, StreamInfo,
+    grpc_status,
 };
 use crate::vm::{Callback, GrpcCallback, VmFailure};
 

@@ -207,9 +207,7 @@ impl Generation {
                 FilterProtocol::Http => {
                     "proxy_on_request_headers/_request_body/_response_headers/_response_body"
                 }
-                FilterProtocol::Tcp => {
-                    "proxy_on_new_connection/_downstream_data/_upstream_data"
-                }
+                FilterProtocol::Tcp => "proxy_on_new_connection/_downstream_data/_upstream_data",
             };
             return Err(FilterError::Unsupported {
                 filter: spec.name.clone(),

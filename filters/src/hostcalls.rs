@@ -719,7 +719,8 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 // Sending after a half-close: Envoy's stream ignores it; so do we.
                 return Ok(status::OK);
             }
-            if message.len() > MAX_GRPC_MESSAGE || st.pending_grpc.len() >= MAX_GRPC_OPS_PER_CALLBACK
+            if message.len() > MAX_GRPC_MESSAGE
+                || st.pending_grpc.len() >= MAX_GRPC_OPS_PER_CALLBACK
             {
                 return Ok(status::BAD_ARGUMENT);
             }
@@ -732,15 +733,19 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Ok(status::OK)
         },
     )?;
-    l.func_wrap("env", "proxy_grpc_cancel", |mut c: C<'_>, token: u32| -> R {
-        // Envoy: cancel a call / reset a stream; no callback follows.
-        let st = c.data_mut();
-        if st.grpc_tokens.remove(&token).is_none() {
-            return Ok(status::NOT_FOUND);
-        }
-        st.pending_grpc.push(PendingGrpcOp::Cancel { token });
-        Ok(status::OK)
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_cancel",
+        |mut c: C<'_>, token: u32| -> R {
+            // Envoy: cancel a call / reset a stream; no callback follows.
+            let st = c.data_mut();
+            if st.grpc_tokens.remove(&token).is_none() {
+                return Ok(status::NOT_FOUND);
+            }
+            st.pending_grpc.push(PendingGrpcOp::Cancel { token });
+            Ok(status::OK)
+        },
+    )?;
     l.func_wrap("env", "proxy_grpc_close", |mut c: C<'_>, token: u32| -> R {
         // Envoy: closing a unary call cancels it (no callback follows); closing a stream
         // half-closes it (the server's answer still arrives).

@@ -159,9 +159,9 @@ pub(crate) fn partial_note(module: &str, name: &str) -> Option<&'static str> {
         | "proxy_set_header_map_pairs"
         | "proxy_add_header_map_value"
         | "proxy_replace_header_map_value"
-        | "proxy_remove_header_map_value" => {
-            Some("trailer maps (1, 3) are empty and writes to them are ignored: trailers phases are not driven")
-        }
+        | "proxy_remove_header_map_value" => Some(
+            "trailer maps (1, 3) are empty and writes to them are ignored: trailers phases are not driven",
+        ),
         "proxy_continue_stream" => Some(
             "UPSTREAM answers UNIMPLEMENTED (as Envoy); a pause resumes only from a callout \
              response, not from a timer or queue",
@@ -197,9 +197,10 @@ pub(crate) fn context_types<'a>(exports: impl IntoIterator<Item = &'a str>) -> C
             "proxy_on_new_connection" | "proxy_on_downstream_data" | "proxy_on_upstream_data" => {
                 c.tcp = true
             }
-            "proxy_on_vm_start" | "proxy_on_configure" | "proxy_on_tick" | "proxy_on_queue_ready" => {
-                c.root = true
-            }
+            "proxy_on_vm_start"
+            | "proxy_on_configure"
+            | "proxy_on_tick"
+            | "proxy_on_queue_ready" => c.root = true,
             _ => {}
         }
     }

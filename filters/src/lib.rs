@@ -64,7 +64,7 @@ pub use host::FilterHost;
 pub use inspect::{ContextTypes, ImportReport, ImportStatus, ModuleReport};
 pub use shared::{MetricKind, MetricSnapshot};
 pub use types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp,
-    GrpcStart, Headers, HttpCall, HttpCallId, HttpCallResponse, LocalReply, PeerInfo, PeerType,
-    Phase, StreamInfo, grpc_status,
+    Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp, GrpcStart,
+    Headers, HttpCall, HttpCallId, HttpCallResponse, LocalReply, PeerInfo, PeerType, Phase,
+    StreamInfo, grpc_status,
 };

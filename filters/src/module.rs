@@ -98,7 +98,10 @@ fn compile(
         return Err(FilterError::Unsupported {
             filter: filter.to_owned(),
             sha256,
-            reason: format!("it imports what membrane does not provide: {}", missing.join(", ")),
+            reason: format!(
+                "it imports what membrane does not provide: {}",
+                missing.join(", ")
+            ),
         });
     }
     let contexts = report.contexts;

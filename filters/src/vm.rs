@@ -118,15 +118,29 @@ pub(crate) enum Callback {
     },
     /// `proxy_on_grpc_*(root, token, n)` (metadata count, message size or status); the event
     /// is in the stream's `grpc_delivery`. Root context current, as for HTTP calls.
-    Grpc { kind: GrpcCallback, token: u32, n: u32 },
+    Grpc {
+        kind: GrpcCallback,
+        token: u32,
+        n: u32,
+    },
     /// TCP: `proxy_on_new_connection(ctx)`.
     NewConnection,
     /// TCP: `proxy_on_downstream_data(ctx, size, eos)` / `proxy_on_upstream_data`.
-    DownstreamData { size: u32, end_of_stream: bool },
-    UpstreamData { size: u32, end_of_stream: bool },
+    DownstreamData {
+        size: u32,
+        end_of_stream: bool,
+    },
+    UpstreamData {
+        size: u32,
+        end_of_stream: bool,
+    },
     /// TCP: `proxy_on_*_connection_close(ctx, peer_type)`.
-    DownstreamClose { peer: u32 },
-    UpstreamClose { peer: u32 },
+    DownstreamClose {
+        peer: u32,
+    },
+    UpstreamClose {
+        peer: u32,
+    },
 }
 
 /// The four gRPC callbacks.

@@ -41,7 +41,10 @@ fn http_only_filter() -> Result<()> {
         }
     );
     assert!(!report.uses_grpc);
-    assert_eq!(status(&report, "proxy_log"), Some(&ImportStatus::Implemented));
+    assert_eq!(
+        status(&report, "proxy_log"),
+        Some(&ImportStatus::Implemented)
+    );
     // Nothing is "implemented" that answers with a stand-in.
     for i in &report.imports {
         assert_ne!(i.status, ImportStatus::Missing, "{i:?}");
@@ -94,8 +97,11 @@ fn tcp_filter_and_protocol_checked_at_load() -> Result<()> {
     // And an HTTP-only filter cannot be attached to TCP connections.
     let err = host
         .load(
-            FilterSpec::new("http-as-tcp", guest_at("examples/filters/add-header", "add-header"))
-                .with_protocol(FilterProtocol::Tcp),
+            FilterSpec::new(
+                "http-as-tcp",
+                guest_at("examples/filters/add-header", "add-header"),
+            )
+            .with_protocol(FilterProtocol::Tcp),
         )
         .err()
         .expect("refused");
@@ -128,7 +134,10 @@ fn upstream_sdk_module_lists_partial_imports_and_undelivered_callbacks() -> Resu
         .iter()
         .map(|(n, _)| n.as_str())
         .collect();
-    assert!(undelivered.contains(&"proxy_on_queue_ready"), "{undelivered:?}");
+    assert!(
+        undelivered.contains(&"proxy_on_queue_ready"),
+        "{undelivered:?}"
+    );
     assert!(
         undelivered.contains(&"proxy_on_request_trailers"),
         "{undelivered:?}"
@@ -154,7 +163,10 @@ fn missing_import_is_reported_and_refused_at_load() -> Result<()> {
         Some(&ImportStatus::Missing)
     );
     let refusal = report.refusal().expect("refused");
-    assert!(refusal.contains("env::proxy_get_header_map_values"), "{refusal}");
+    assert!(
+        refusal.contains("env::proxy_get_header_map_values"),
+        "{refusal}"
+    );
     let err = host
         .load(FilterSpec::new("needs-more", wasm))
         .err()

@@ -47,7 +47,9 @@ fn info() -> StreamInfo {
 #[test]
 fn upstream_sdk_stream_filter_rewrites_both_directions() -> Result<()> {
     let (host, logs) = host_with_logs();
-    let filter = host.load(FilterSpec::new("tcp-rewrite", rewrite_filter()).with_protocol(FilterProtocol::Tcp))?;
+    let filter = host.load(
+        FilterSpec::new("tcp-rewrite", rewrite_filter()).with_protocol(FilterProtocol::Tcp),
+    )?;
     let chain = FilterChain::new(vec![filter]);
     let mut conn = chain.start_connection(info());
     assert_eq!(conn.on_new_connection(), Action::Continue);
@@ -81,7 +83,9 @@ fn upstream_sdk_stream_filter_rewrites_both_directions() -> Result<()> {
 #[test]
 fn a_stream_filter_closes_the_connection() -> Result<()> {
     let (host, _logs) = host_with_logs();
-    let filter = host.load(FilterSpec::new("tcp-rewrite", rewrite_filter()).with_protocol(FilterProtocol::Tcp))?;
+    let filter = host.load(
+        FilterSpec::new("tcp-rewrite", rewrite_filter()).with_protocol(FilterProtocol::Tcp),
+    )?;
     let chain = FilterChain::new(vec![filter]);
     let mut conn = chain.start_connection(info());
     assert_eq!(conn.on_new_connection(), Action::Continue);

@@ -491,7 +491,10 @@ async fn read_response(
         };
         if let Ok(trailers) = frame.into_trailers() {
             if !buf.is_empty() {
-                return Err((code::INTERNAL, "a truncated message before the trailers".into()));
+                return Err((
+                    code::INTERNAL,
+                    "a truncated message before the trailers".into(),
+                ));
             }
             emit(GrpcCalloutEvent::TrailingMetadata(pairs(&trailers))).await?;
             return Ok(trailer_status(&trailers));
@@ -552,7 +555,10 @@ mod tests {
         buf.extend_from_slice(&frame(b"hello"));
         buf.extend_from_slice(&frame(b""));
         buf.extend_from_slice(&frame(b"xy")[..4]);
-        assert_eq!(next_message(&mut buf), Ok(Some(Bytes::from_static(b"hello"))));
+        assert_eq!(
+            next_message(&mut buf),
+            Ok(Some(Bytes::from_static(b"hello")))
+        );
         assert_eq!(next_message(&mut buf), Ok(Some(Bytes::new())));
         assert_eq!(next_message(&mut buf), Ok(None), "a partial prefix waits");
         let mut bad = BytesMut::from(&[1u8, 0, 0, 0, 0][..]);

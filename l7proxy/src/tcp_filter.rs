@@ -203,10 +203,8 @@ impl Pump {
 async fn pump(mut p: Pump) -> PumpEnd {
     if !p.first.is_empty() {
         let first = std::mem::take(&mut p.first);
-        p.last.store(
-            p.start.elapsed().as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        p.last
+            .store(p.start.elapsed().as_millis() as u64, Ordering::Relaxed);
         if let Some(end) = p.pass(first, false).await {
             return end;
         }
@@ -241,10 +239,8 @@ async fn pump(mut p: Pump) -> PumpEnd {
                 return PumpEnd::Ended;
             }
             Ok(n) => {
-                p.last.store(
-                    p.start.elapsed().as_millis() as u64,
-                    Ordering::Relaxed,
-                );
+                p.last
+                    .store(p.start.elapsed().as_millis() as u64, Ordering::Relaxed);
                 if let Some(end) = p.pass(buf[..n].to_vec(), false).await {
                     return end;
                 }

@@ -9,7 +9,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::{
-    Action, BUFFER_PLUGIN_CONFIGURATION, Error, Filter, GrpcResponse, Http, Level, StreamFilter, log,
+    Action, BUFFER_PLUGIN_CONFIGURATION, Error, Filter, GrpcResponse, Http, Level, StreamFilter,
+    log,
 };
 
 const CONTINUE: u32 = 0;
@@ -224,33 +225,35 @@ pub fn on_grpc<F: Filter>(state: &RefCell<State<F>>, token: u32, kind: GrpcKind,
     let Some((ctx, unary)) = crate::grpc::owner(token) else {
         return; // cancelled, or its stream is gone
     };
-    let response = match kind {
-        GrpcKind::Receive => {
-            if unary {
-                crate::grpc::forget(token);
+    let response =
+        match kind {
+            GrpcKind::Receive => {
+                if unary {
+                    crate::grpc::forget(token);
+                }
+                crate::get_buffer(crate::BUFFER_GRPC_RECEIVE, 0, n).map(GrpcResponse::Message)
             }
-            crate::get_buffer(crate::BUFFER_GRPC_RECEIVE, 0, n).map(GrpcResponse::Message)
-        }
-        GrpcKind::InitialMetadata => {
-            crate::map_pairs(crate::MAP_GRPC_INITIAL_METADATA).map(GrpcResponse::InitialMetadata)
-        }
-        GrpcKind::TrailingMetadata => crate::map_pairs(crate::MAP_GRPC_TRAILING_METADATA)
-            .map(GrpcResponse::TrailingMetadata),
-        GrpcKind::Close => {
-            crate::grpc::forget(token);
-            crate::grpc::status().map(|(status, message)| GrpcResponse::Close {
-                // The callback's own status wins if the host's get_status disagrees.
-                status: if status == 0 { n as u32 } else { status },
-                message,
-            })
-        }
-    };
+            GrpcKind::InitialMetadata => crate::map_pairs(crate::MAP_GRPC_INITIAL_METADATA)
+                .map(GrpcResponse::InitialMetadata),
+            GrpcKind::TrailingMetadata => crate::map_pairs(crate::MAP_GRPC_TRAILING_METADATA)
+                .map(GrpcResponse::TrailingMetadata),
+            GrpcKind::Close => {
+                crate::grpc::forget(token);
+                crate::grpc::status().map(|(status, message)| GrpcResponse::Close {
+                    // The callback's own status wins if the host's get_status disagrees.
+                    status: if status == 0 { n as u32 } else { status },
+                    message,
+                })
+            }
+        };
     // SAFETY: plain integer argument; the host accepts a live context id.
     if unsafe { crate::hostcalls::proxy_set_effective_context(ctx) } != 0 {
         return;
     }
     let direction = state.borrow().direction.get(&ctx).copied().unwrap_or(0);
-    let action = run(state, ctx, "on_grpc", None, |s, h| s.on_grpc(h, token, response?));
+    let action = run(state, ctx, "on_grpc", None, |s, h| {
+        s.on_grpc(h, token, response?)
+    });
     match action {
         Some(Action::Continue) => {
             // SAFETY: plain integer argument.
@@ -314,7 +317,11 @@ macro_rules! register {
                 STATE.with(|s| sdk::on_response_body(s, ctx, size, eos))
             }
             #[unsafe(no_mangle)]
-            pub extern "C" fn proxy_on_grpc_receive_initial_metadata(_root: u32, token: u32, n: usize) {
+            pub extern "C" fn proxy_on_grpc_receive_initial_metadata(
+                _root: u32,
+                token: u32,
+                n: usize,
+            ) {
                 STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::InitialMetadata, n))
             }
             #[unsafe(no_mangle)]
@@ -322,7 +329,11 @@ macro_rules! register {
                 STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::Receive, size))
             }
             #[unsafe(no_mangle)]
-            pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(_root: u32, token: u32, n: usize) {
+            pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(
+                _root: u32,
+                token: u32,
+                n: usize,
+            ) {
                 STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::TrailingMetadata, n))
             }
             #[unsafe(no_mangle)]

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bytes::Bytes;
 use membrane_filters::{
-    Action, ChainStream, DecisionKind, FilterChain, FilterHost, FilterSpec, GrpcCallId,
-    GrpcEvent, GrpcOp, Headers, HostConfig, StreamInfo,
+    Action, ChainStream, DecisionKind, FilterChain, FilterHost, FilterSpec, GrpcCallId, GrpcEvent,
+    GrpcOp, Headers, HostConfig, StreamInfo,
 };
 use membrane_l7proxy::grpc_callout::{
     GrpcCalloutClient, GrpcCalloutEvent, GrpcCallouts, GrpcRequest,

@@ -215,9 +215,14 @@ async fn upstream_sdk_tcp_filter_on_the_standalone_tcp_mode() -> Result<()> {
     client.write_all(b"say pi").await?;
     tokio::time::sleep(Duration::from_millis(50)).await;
     client.write_all(b"ng twice: ping\n").await?;
-    let seen = tokio::time::timeout(WAIT, lines.recv()).await?.context("server")?;
+    let seen = tokio::time::timeout(WAIT, lines.recv())
+        .await?
+        .context("server")?;
     assert_eq!(seen, "say PING twice: PING");
-    assert_eq!(read_line(&mut client).await?, "[wasm] got: say PING twice: PING");
+    assert_eq!(
+        read_line(&mut client).await?,
+        "[wasm] got: say PING twice: PING"
+    );
 
     // The filter closes the connection on `quit`; the server never sees it.
     client.write_all(b"quit\n").await?;
@@ -238,7 +243,11 @@ async fn upstream_sdk_tcp_filter_on_the_standalone_tcp_mode() -> Result<()> {
     let messages: Vec<String> = {
         // Give the relay a moment to deliver the closes of the second connection.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        logs.lock().unwrap().iter().map(|l| l.message.clone()).collect()
+        logs.lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.message.clone())
+            .collect()
     };
     assert!(
         messages
@@ -275,9 +284,14 @@ async fn membrane_sdk_tcp_filter_on_the_standalone_tcp_mode() -> Result<()> {
 
     let mut client = TcpStream::connect(addr).await?;
     client.write_all(b"the secret is out\n").await?;
-    let seen = tokio::time::timeout(WAIT, lines.recv()).await?.context("server")?;
+    let seen = tokio::time::timeout(WAIT, lines.recv())
+        .await?
+        .context("server")?;
     assert_eq!(seen, "the [redacted] is out");
-    assert_eq!(read_line(&mut client).await?, "> got: the [redacted] is out");
+    assert_eq!(
+        read_line(&mut client).await?,
+        "> got: the [redacted] is out"
+    );
     client.write_all(b"shutdown\n").await?;
     expect_closed(&mut client).await?;
     Ok(())
@@ -398,17 +412,29 @@ async fn upstream_sdk_tcp_filter_on_the_tls_relay() -> Result<()> {
     // bytes), then a line after it in the same flight.
     client.write_all(HELLO).await?;
     client.write_all(b"ping from a TLS client\n").await?;
-    let hello = tokio::time::timeout(WAIT, received.recv()).await?.context("server")?;
+    let hello = tokio::time::timeout(WAIT, received.recv())
+        .await?
+        .context("server")?;
     assert_eq!(hello, HELLO, "the ClientHello passes the filter unchanged");
-    let line = tokio::time::timeout(WAIT, received.recv()).await?.context("server")?;
-    assert_eq!(line, b"PING from a TLS client", "the filter rewrote the bytes");
+    let line = tokio::time::timeout(WAIT, received.recv())
+        .await?
+        .context("server")?;
+    assert_eq!(
+        line, b"PING from a TLS client",
+        "the filter rewrote the bytes"
+    );
     assert_eq!(
         read_line(&mut client).await?,
         "[wasm] got: PING from a TLS client"
     );
     client.write_all(b"quit\n").await?;
     expect_closed(&mut client).await?;
-    let messages: Vec<String> = logs.lock().unwrap().iter().map(|l| l.message.clone()).collect();
+    let messages: Vec<String> = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.message.clone())
+        .collect();
     assert!(
         messages
             .iter()

@@ -443,12 +443,7 @@ impl TlsConnection {
                     Ok(filter) => {
                         self.relay_with(client, buffered, url, rule, filter).await;
                     }
-                    Err(()) => self.deny(
-                        client,
-                        Some(&server_name),
-                        rule,
-                        Denial::ClosedByFilter,
-                    ),
+                    Err(()) => self.deny(client, Some(&server_name), rule, Denial::ClosedByFilter),
                 }
             }
         }

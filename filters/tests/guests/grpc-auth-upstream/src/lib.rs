@@ -116,7 +116,9 @@ impl Context for AuthStream {
             );
             return;
         }
-        let body = self.get_grpc_call_response_body(0, size).unwrap_or_default();
+        let body = self
+            .get_grpc_call_response_body(0, size)
+            .unwrap_or_default();
         // HealthCheckResponse { status = 1 }: SERVING is 1.
         if body == [0x08, 0x01] {
             info!("Access granted.");
