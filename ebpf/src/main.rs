@@ -32,9 +32,13 @@
 //! ingress, where `from_endpoint` recognises the mark and assigns the socket. Pods cannot
 //! forge that mark: crossing from the pod's namespace scrubs it.
 //!
+//! Socket load balancing (cgroup programs) lives in [`sock`].
+//!
 //! Depends only on `aya-ebpf` and the ABI crate `membrane-common`.
 #![no_std]
 #![no_main]
+
+mod sock;
 
 use aya_ebpf::{
     bindings::{
