@@ -572,7 +572,7 @@ pub mod lb_algorithm {
 /// Key of [`names::MAP_LB4_SERVICES`]: one frontend (address, port, protocol) in one scope.
 /// A NodePort frontend has address 0 (every node address).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Lb4ServiceKey {
     pub addr_be: u32,
     pub port_be: u16,
@@ -622,7 +622,7 @@ const _: () = assert!(core::mem::size_of::<Lb4Backend>() == 8);
 
 /// Key of [`names::MAP_LB4_SLOTS`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Lb4SlotKey {
     pub service_id: u32,
     /// 1-based (see [`Lb4Service`]).
@@ -645,7 +645,7 @@ const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SI
 /// Key of [`names::MAP_LB4_REVERSE_SK`]: a socket (by its cookie) and the backend it was
 /// sent to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Lb4ReverseSkKey {
     pub cookie: u64,
     pub addr_be: u32,
@@ -669,7 +669,7 @@ const _: () = assert!(core::mem::size_of::<Lb4ReverseSk>() == 12);
 /// Key of [`names::MAP_LB4_AFFINITY`]: the client (at the socket layer the network
 /// namespace cookie, as Cilium: no source address exists yet) and the frontend.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Lb4AffinityKey {
     pub client_cookie: u64,
     pub service_id: u32,
@@ -690,7 +690,7 @@ const _: () = assert!(core::mem::size_of::<Lb4Affinity>() == 16);
 
 /// Key of [`names::MAP_LB_AFFINITY_MATCH`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct LbAffinityMatchKey {
     pub backend_id: u32,
     pub service_id: u32,

@@ -38,6 +38,8 @@
 pub mod maglev;
 mod parse;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::net::Ipv4Addr;
