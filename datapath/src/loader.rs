@@ -245,11 +245,13 @@ impl Datapath {
                         op: op("attach to"),
                         source,
                     })?;
-                let link = prog.take_link(id).map_err(|source| DatapathError::Program {
-                    program: name,
-                    op: op("take link of"),
-                    source,
-                })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        op: op("take link of"),
+                        source,
+                    })?;
                 let fd = FdLink::try_from(link).map_err(|e| DatapathError::Io {
                     what: op("bpf link expected for"),
                     source: std::io::Error::other(e.to_string()),
@@ -265,11 +267,13 @@ impl Datapath {
                         op: op("attach to"),
                         source,
                     })?;
-                let link = prog.take_link(id).map_err(|source| DatapathError::Program {
-                    program: name,
-                    op: op("take link of"),
-                    source,
-                })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        op: op("take link of"),
+                        source,
+                    })?;
                 let fd = FdLink::try_from(link).map_err(|e| DatapathError::Io {
                     what: op("bpf link expected for"),
                     source: std::io::Error::other(e.to_string()),

@@ -333,8 +333,7 @@ impl ServiceMaps {
         let mut next_backend = 1u32;
         let mut wanted_backends: BTreeMap<u32, Lb4Backend> = BTreeMap::new();
 
-        let mut used_service_ids: BTreeSet<u32> =
-            services.values().map(|s| s.service_id).collect();
+        let mut used_service_ids: BTreeSet<u32> = services.values().map(|s| s.service_id).collect();
         let mut next_service = 1u32;
 
         // Plan every frontend: (key, value, slot backend ids, maglev ids).
@@ -344,7 +343,11 @@ impl ServiceMaps {
             ordered.sort_by_key(|b| (b.state != BackendState::Active, b.address, b.port));
             let mut slot_ids = Vec::with_capacity(ordered.len());
             for b in &ordered {
-                let bkey = (u32::from_ne_bytes(b.address.octets()), b.port.to_be(), f.protocol);
+                let bkey = (
+                    u32::from_ne_bytes(b.address.octets()),
+                    b.port.to_be(),
+                    f.protocol,
+                );
                 let id = match backend_ids.get(&bkey) {
                     Some(id) => *id,
                     None => {
@@ -468,7 +471,11 @@ impl ServiceMaps {
                 }
                 None => {
                     if old.is_some_and(|o| o.algorithm == lb_algorithm::MAGLEV) {
-                        remove_if_present(&mut self.maglev, &value.service_id, names::MAP_LB4_MAGLEV)?;
+                        remove_if_present(
+                            &mut self.maglev,
+                            &value.service_id,
+                            names::MAP_LB4_MAGLEV,
+                        )?;
                     }
                 }
             }
@@ -731,7 +738,8 @@ pub(crate) fn open_cgroup(cgroup: &Path) -> Result<(File, u64)> {
     let mut in_cgroup2 = false;
     for line in mounts.lines() {
         let mut fields = line.split_whitespace();
-        if let (Some(_), Some(target), Some("cgroup2")) = (fields.next(), fields.next(), fields.next())
+        if let (Some(_), Some(target), Some("cgroup2")) =
+            (fields.next(), fields.next(), fields.next())
         {
             let target = Path::new(target);
             if canonical == target {
@@ -752,7 +760,8 @@ pub(crate) fn open_cgroup(cgroup: &Path) -> Result<(File, u64)> {
             detail: format!("{} is not inside a cgroup2 mount", cgroup.display()),
         });
     }
-    let file = File::open(&canonical).map_err(io(format!("open cgroup {}", canonical.display())))?;
+    let file =
+        File::open(&canonical).map_err(io(format!("open cgroup {}", canonical.display())))?;
     let ino = file
         .metadata()
         .map_err(io(format!("stat cgroup {}", canonical.display())))?

@@ -55,10 +55,16 @@ fn object_has_exactly_the_named_socket_programs() {
         .chain(names::SOCK_PROGRAMS.iter())
         .map(|(name, _)| name.to_string())
         .collect();
-    assert_eq!(programs, expected, "cgroup programs vs membrane_common::names");
+    assert_eq!(
+        programs, expected,
+        "cgroup programs vs membrane_common::names"
+    );
     // Each program sits in the section of its hook.
     let file = object::File::parse(EBPF_OBJECT).expect("ELF");
-    for (name, hook) in names::SOCK_ADDR_PROGRAMS.iter().chain(names::SOCK_PROGRAMS.iter()) {
+    for (name, hook) in names::SOCK_ADDR_PROGRAMS
+        .iter()
+        .chain(names::SOCK_PROGRAMS.iter())
+    {
         let sym = file
             .symbols()
             .find(|s| s.name() == Ok(name))
@@ -66,7 +72,11 @@ fn object_has_exactly_the_named_socket_programs() {
         let section = file
             .section_by_index(sym.section_index().expect("section"))
             .expect("section");
-        assert_eq!(section.name(), Ok(format!("cgroup/{hook}").as_str()), "{name}");
+        assert_eq!(
+            section.name(),
+            Ok(format!("cgroup/{hook}").as_str()),
+            "{name}"
+        );
     }
 }
 
@@ -93,9 +103,21 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
             size_of::<Lb4ServiceKey>(),
             size_of::<Lb4Service>(),
         ),
-        (names::MAP_LB4_BACKENDS, size_of::<u32>(), size_of::<Lb4Backend>()),
-        (names::MAP_LB4_SLOTS, size_of::<Lb4SlotKey>(), size_of::<u32>()),
-        (names::MAP_LB4_MAGLEV, size_of::<u32>(), size_of::<MaglevTable>()),
+        (
+            names::MAP_LB4_BACKENDS,
+            size_of::<u32>(),
+            size_of::<Lb4Backend>(),
+        ),
+        (
+            names::MAP_LB4_SLOTS,
+            size_of::<Lb4SlotKey>(),
+            size_of::<u32>(),
+        ),
+        (
+            names::MAP_LB4_MAGLEV,
+            size_of::<u32>(),
+            size_of::<MaglevTable>(),
+        ),
         (
             names::MAP_LB4_REVERSE_SK,
             size_of::<Lb4ReverseSkKey>(),
@@ -111,7 +133,11 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
             size_of::<LbAffinityMatchKey>(),
             size_of::<u32>(),
         ),
-        (names::MAP_LB_CONFIG, size_of::<u32>(), size_of::<LbConfig>()),
+        (
+            names::MAP_LB_CONFIG,
+            size_of::<u32>(),
+            size_of::<LbConfig>(),
+        ),
         (names::MAP_LB_METRICS, size_of::<u32>(), size_of::<u64>()),
         (names::MAP_ABI, size_of::<u32>(), size_of::<u32>()),
         (names::MAP_REVISION, size_of::<u32>(), size_of::<u32>()),

@@ -128,7 +128,8 @@ impl CgroupGuard {
     pub fn new(what: &str) -> Self {
         let root = membrane_datapath::cgroup2_mount().unwrap_or_else(|e| panic!("cgroup2: {e}"));
         let dir = root.join(unique_name(what));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
         Self(dir)
     }
 
@@ -248,7 +249,11 @@ pub fn leftovers() -> Vec<String> {
         out.extend(
             entries
                 .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{PREFIX}-")))
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{PREFIX}-"))
+                })
                 .map(|e| format!("cgroup {}", e.path().display())),
         );
     }

@@ -201,8 +201,16 @@ fn cluster_ip(protocol: u8, port: u16, backends: Vec<ServiceBackend>) -> Service
 #[test]
 fn tcp_to_a_cluster_ip_reaches_a_backend_and_getpeername_shows_the_service() {
     let mut w = World::new("socklb-tcp");
-    let _a = TagServer::tcp(w.netns(), SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT), "be-a");
-    let _b = TagServer::tcp(w.netns(), SocketAddrV4::new([127, 0, 0, 3].into(), BACKEND_PORT), "be-b");
+    let _a = TagServer::tcp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT),
+        "be-a",
+    );
+    let _b = TagServer::tcp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 3].into(), BACKEND_PORT),
+        "be-b",
+    );
     w.datapath
         .services()
         .apply(&[cluster_ip(proto::TCP, 80, vec![backend(2), backend(3)])])
@@ -211,11 +219,18 @@ fn tcp_to_a_cluster_ip_reaches_a_backend_and_getpeername_shows_the_service() {
     let out = w.probe(&["tcp", "10.96.0.10:80"]);
     let reply = get(&out, "reply").unwrap_or_else(|| panic!("no reply: {out:?}"));
     assert!(reply == "be-a" || reply == "be-b", "reply {reply}");
-    assert_eq!(get(&out, "peer"), Some("10.96.0.10:80"), "getpeername shows the service");
+    assert_eq!(
+        get(&out, "peer"),
+        Some("10.96.0.10:80"),
+        "getpeername shows the service"
+    );
 
     // Without the programs the VIP leads nowhere: the translation did it.
     let counters = w.datapath.services().counters().expect("counters");
-    assert!(counters.xlate_fwd >= 1 && counters.xlate_rev >= 1, "{counters:?}");
+    assert!(
+        counters.xlate_fwd >= 1 && counters.xlate_rev >= 1,
+        "{counters:?}"
+    );
     // The connection closed: sock_release removed its reverse-translation entry.
     assert_eq!(w.datapath.services().reverse_sk_len().expect("len"), 0);
     assert!(counters.release_cleaned >= 1, "{counters:?}");
@@ -228,13 +243,20 @@ fn tcp_to_a_cluster_ip_reaches_a_backend_and_getpeername_shows_the_service() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(replies.len(), 40, "{out:?}");
-    assert!(replies.contains(&"be-a") && replies.contains(&"be-b"), "{replies:?}");
+    assert!(
+        replies.contains(&"be-a") && replies.contains(&"be-b"),
+        "{replies:?}"
+    );
 }
 
 #[test]
 fn udp_replies_come_from_the_service_address() {
     let mut w = World::new("socklb-udp");
-    let _a = TagServer::udp(w.netns(), SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT), "dns-a");
+    let _a = TagServer::udp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT),
+        "dns-a",
+    );
     w.datapath
         .services()
         .apply(&[cluster_ip(proto::UDP, 53, vec![backend(2)])])
@@ -242,7 +264,11 @@ fn udp_replies_come_from_the_service_address() {
 
     let out = w.probe(&["udp", "10.96.0.10:53"]);
     assert_eq!(get(&out, "reply"), Some("dns-a"), "{out:?}");
-    assert_eq!(get(&out, "from"), Some("10.96.0.10:53"), "recvfrom shows the service");
+    assert_eq!(
+        get(&out, "from"),
+        Some("10.96.0.10:53"),
+        "recvfrom shows the service"
+    );
 
     let out = w.probe(&["udp-connected", "10.96.0.10:53"]);
     assert_eq!(get(&out, "peer"), Some("10.96.0.10:53"), "{out:?}");
@@ -257,7 +283,11 @@ fn a_service_without_backends_fails_connect_with_ehostunreach() {
         .apply(&[cluster_ip(proto::TCP, 80, Vec::new())])
         .expect("apply");
     let out = w.probe(&["tcp", "10.96.0.10:80"]);
-    assert_eq!(get(&out, "errno"), Some(libc::EHOSTUNREACH.to_string().as_str()), "{out:?}");
+    assert_eq!(
+        get(&out, "errno"),
+        Some(libc::EHOSTUNREACH.to_string().as_str()),
+        "{out:?}"
+    );
 
     // A terminating backend takes no new connections either.
     let mut draining = backend(2);
@@ -267,15 +297,34 @@ fn a_service_without_backends_fails_connect_with_ehostunreach() {
         .apply(&[cluster_ip(proto::TCP, 80, vec![draining])])
         .expect("apply");
     let out = w.probe(&["tcp", "10.96.0.10:80"]);
-    assert_eq!(get(&out, "errno"), Some(libc::EHOSTUNREACH.to_string().as_str()), "{out:?}");
-    assert!(w.datapath.services().counters().expect("counters").no_backend >= 2);
+    assert_eq!(
+        get(&out, "errno"),
+        Some(libc::EHOSTUNREACH.to_string().as_str()),
+        "{out:?}"
+    );
+    assert!(
+        w.datapath
+            .services()
+            .counters()
+            .expect("counters")
+            .no_backend
+            >= 2
+    );
 }
 
 #[test]
 fn session_affinity_keeps_the_backend() {
     let mut w = World::new("socklb-affinity");
-    let _a = TagServer::tcp(w.netns(), SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT), "be-a");
-    let _b = TagServer::tcp(w.netns(), SocketAddrV4::new([127, 0, 0, 3].into(), BACKEND_PORT), "be-b");
+    let _a = TagServer::tcp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT),
+        "be-a",
+    );
+    let _b = TagServer::tcp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 3].into(), BACKEND_PORT),
+        "be-b",
+    );
     let mut svc = cluster_ip(proto::TCP, 80, vec![backend(2), backend(3)]);
     svc.affinity_timeout_secs = Some(10_800);
     w.datapath.services().apply(&[svc]).expect("apply");
@@ -287,7 +336,10 @@ fn session_affinity_keeps_the_backend() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(replies.len(), 30, "{out:?}");
-    assert!(replies.iter().all(|r| *r == replies[0]), "one backend: {replies:?}");
+    assert!(
+        replies.iter().all(|r| *r == replies[0]),
+        "one backend: {replies:?}"
+    );
     let counters = w.datapath.services().counters().expect("counters");
     assert!(counters.affinity_hit >= 29, "{counters:?}");
     assert_eq!(w.datapath.services().affinity_len().expect("len"), 1);
@@ -298,7 +350,11 @@ fn nodeport_binds_are_refused_in_the_host_namespace_only() {
     let mut w = World::new("socklb-bind");
     let pod = NsGuard::create("socklb-pod");
     pod.netns().ip(&["link", "set", "lo", "up"]).expect("lo up");
-    let _a = TagServer::tcp(w.netns(), SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT), "be-a");
+    let _a = TagServer::tcp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT),
+        "be-a",
+    );
     let host = netns_cookie(w.netns()).expect("cookie");
     w.datapath
         .services()
@@ -313,9 +369,17 @@ fn nodeport_binds_are_refused_in_the_host_namespace_only() {
     w.datapath.services().apply(&[nodeport]).expect("apply");
 
     let out = w.probe(&["bind", "0.0.0.0:30080"]);
-    assert_eq!(get(&out, "errno"), Some(libc::EADDRINUSE.to_string().as_str()), "{out:?}");
+    assert_eq!(
+        get(&out, "errno"),
+        Some(libc::EADDRINUSE.to_string().as_str()),
+        "{out:?}"
+    );
     let out = w.probe(&["bind", "127.0.0.1:30080"]);
-    assert_eq!(get(&out, "errno"), Some(libc::EADDRINUSE.to_string().as_str()), "{out:?}");
+    assert_eq!(
+        get(&out, "errno"),
+        Some(libc::EADDRINUSE.to_string().as_str()),
+        "{out:?}"
+    );
     // Other ports bind as usual; so does the NodePort in a pod's namespace.
     let out = w.probe(&["bind", "0.0.0.0:30081"]);
     assert!(out.is_empty(), "bound: {out:?}");
@@ -339,7 +403,11 @@ fn apply_reuses_ids_shrinks_slots_and_removes_what_is_stale() {
     let stats = maps.apply(&first).expect("apply");
     assert_eq!((stats.frontends_written, stats.backends_written), (2, 4));
     let before = maps.list().expect("list");
-    let tcp_id = before.iter().find(|e| e.protocol == proto::TCP).expect("tcp").service_id;
+    let tcp_id = before
+        .iter()
+        .find(|e| e.protocol == proto::TCP)
+        .expect("tcp")
+        .service_id;
 
     let mut quarantined = backend(3);
     quarantined.state = BackendState::Quarantined;

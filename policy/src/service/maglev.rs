@@ -148,12 +148,15 @@ pub fn build_table(
     }
 
     let m64 = u64::from(m);
-    // (offset, skip, next j) per backend in name order.
-    let mut perm: Vec<(u64, u64, u64)> = order
+    // Per backend in name order: (its next preferred slot, skip). The j-th preference is
+    // (offset + j·skip) mod M; stepping by `skip` with a conditional subtraction walks the
+    // same sequence without a division per probe.
+    let mut perm: Vec<(u32, u32)> = order
         .iter()
         .map(|&i| {
             let (h1, h2) = murmur3_x64_128(backends[i].name.as_bytes(), config.seed);
-            (h1 % m64, h2 % (m64 - 1) + 1, 0)
+            // Both below M ≤ 131071: they fit u32, and so does their sum.
+            ((h1 % m64) as u32, (h2 % (m64 - 1) + 1) as u32)
         })
         .collect();
     let weights: Vec<u32> = order
@@ -177,8 +180,11 @@ pub fn build_table(
             // permutation visits every slot (skip and M are coprime, M prime) and one is
             // free while filled < M.
             loop {
-                let slot = ((p.0 + p.2 * p.1) % m64) as usize;
-                p.2 += 1;
+                let slot = p.0 as usize;
+                p.0 += p.1;
+                if p.0 >= m {
+                    p.0 -= m;
+                }
                 if table[slot] == EMPTY {
                     table[slot] = order[k] as u32;
                     filled += 1;

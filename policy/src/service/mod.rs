@@ -241,11 +241,13 @@ pub enum ServiceError {
     /// A frontend of the service is already another service's.
     #[error("service {service}: {field}: frontend {frontend} is already used by service {other}")]
     FrontendConflict {
-        service: ServiceName,
+        /// `namespace/name` of the refused service.
+        service: String,
         /// Where the frontend comes from (`spec.ports[0]` with `spec.clusterIP`, …).
         field: String,
         frontend: String,
-        other: ServiceName,
+        /// `namespace/name` of the service holding the frontend.
+        other: String,
     },
 }
 

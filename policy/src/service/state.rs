@@ -265,10 +265,10 @@ impl ServiceRepository {
             for (key, _, _, _) in frontends_of(other) {
                 if let Some(field) = mine.get(&key) {
                     return Some(ServiceError::FrontendConflict {
-                        service: svc.name.clone(),
+                        service: svc.name.to_string(),
                         field: field.clone(),
                         frontend: frontend_string(key),
-                        other: other.name.clone(),
+                        other: other.name.to_string(),
                     });
                 }
             }

@@ -65,7 +65,10 @@ fn cluster_ip_with_named_ports_and_states() {
         .iter()
         .find(|f| f.protocol == L4Protocol::Tcp)
         .expect("http frontend");
-    assert_eq!((http.address, http.port), (Ipv4Addr::new(10, 96, 0, 20), 80));
+    assert_eq!(
+        (http.address, http.port),
+        (Ipv4Addr::new(10, 96, 0, 20), 80)
+    );
     assert_eq!(http.kind, FrontendKind::ClusterIP);
     assert_eq!(http.port_name.as_deref(), Some("http"));
     let backends: Vec<(Ipv4Addr, u16, BackendState)> = http
@@ -78,8 +81,16 @@ fn cluster_ip_with_named_ports_and_states() {
         vec![
             (Ipv4Addr::new(10, 200, 0, 11), 8080, BackendState::Active),
             (Ipv4Addr::new(10, 200, 0, 12), 8080, BackendState::Active),
-            (Ipv4Addr::new(10, 200, 0, 13), 8080, BackendState::Terminating),
-            (Ipv4Addr::new(10, 200, 0, 14), 8080, BackendState::Quarantined),
+            (
+                Ipv4Addr::new(10, 200, 0, 13),
+                8080,
+                BackendState::Terminating
+            ),
+            (
+                Ipv4Addr::new(10, 200, 0, 14),
+                8080,
+                BackendState::Quarantined
+            ),
         ],
         "the slice port of the same name; active first; nil ready = active"
     );
@@ -133,18 +144,68 @@ endpoints:
     let describe: Vec<(String, FrontendKind, LbScope, bool, usize)> = state
         .frontends
         .iter()
-        .map(|f| (f.to_string(), f.kind, f.scope, f.two_scopes, f.backends.len()))
+        .map(|f| {
+            (
+                f.to_string(),
+                f.kind,
+                f.scope,
+                f.two_scopes,
+                f.backends.len(),
+            )
+        })
         .collect();
     assert_eq!(
         describe,
         vec![
-            ("0.0.0.0:30443/TCP".into(), FrontendKind::NodePort, LbScope::External, true, 1),
-            ("0.0.0.0:30443/TCP/i".into(), FrontendKind::NodePort, LbScope::Internal, false, 2),
-            ("10.96.0.30:443/TCP".into(), FrontendKind::ClusterIP, LbScope::External, false, 2),
-            ("192.0.2.7:443/TCP".into(), FrontendKind::ExternalIP, LbScope::External, true, 1),
-            ("192.0.2.7:443/TCP/i".into(), FrontendKind::ExternalIP, LbScope::Internal, false, 2),
-            ("198.51.100.1:443/TCP".into(), FrontendKind::LoadBalancer, LbScope::External, true, 1),
-            ("198.51.100.1:443/TCP/i".into(), FrontendKind::LoadBalancer, LbScope::Internal, false, 2),
+            (
+                "0.0.0.0:30443/TCP".into(),
+                FrontendKind::NodePort,
+                LbScope::External,
+                true,
+                1
+            ),
+            (
+                "0.0.0.0:30443/TCP/i".into(),
+                FrontendKind::NodePort,
+                LbScope::Internal,
+                false,
+                2
+            ),
+            (
+                "10.96.0.30:443/TCP".into(),
+                FrontendKind::ClusterIP,
+                LbScope::External,
+                false,
+                2
+            ),
+            (
+                "192.0.2.7:443/TCP".into(),
+                FrontendKind::ExternalIP,
+                LbScope::External,
+                true,
+                1
+            ),
+            (
+                "192.0.2.7:443/TCP/i".into(),
+                FrontendKind::ExternalIP,
+                LbScope::Internal,
+                false,
+                2
+            ),
+            (
+                "198.51.100.1:443/TCP".into(),
+                FrontendKind::LoadBalancer,
+                LbScope::External,
+                true,
+                1
+            ),
+            (
+                "198.51.100.1:443/TCP/i".into(),
+                FrontendKind::LoadBalancer,
+                LbScope::Internal,
+                false,
+                2
+            ),
         ],
         "eTP=Local: external scopes hold node-a's backend, internal ones all"
     );
@@ -158,7 +219,10 @@ endpoints:
 
 #[test]
 fn internal_traffic_policy_local_filters_the_cluster_ip() {
-    let text = WEB.replace("  clusterIP: 10.96.0.20\n", "  clusterIP: 10.96.0.20\n  internalTrafficPolicy: Local\n");
+    let text = WEB.replace(
+        "  clusterIP: 10.96.0.20\n",
+        "  clusterIP: 10.96.0.20\n  internalTrafficPolicy: Local\n",
+    );
     let opts = LbOptions {
         node_name: Some("node-b".into()),
     };
@@ -188,7 +252,9 @@ fn affinity_timeout_is_read_and_bounded() {
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 90000}}\n",
     ));
     assert_eq!(path, "spec.sessionAffinityConfig.clientIP.timeoutSeconds");
-    let (path, _) = parse_err(&svc("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}\n"));
+    let (path, _) = parse_err(&svc(
+        "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}\n",
+    ));
     assert_eq!(path, "spec.sessionAffinityConfig");
 }
 
@@ -277,7 +343,10 @@ fn errors_name_the_field() {
     for (text, want_path, want_msg) in cases {
         let (path, message) = parse_err(&text);
         assert_eq!(path, want_path, "for {text}");
-        assert!(message.contains(want_msg), "{message:?} should contain {want_msg:?}");
+        assert!(
+            message.contains(want_msg),
+            "{message:?} should contain {want_msg:?}"
+        );
     }
 }
 
@@ -293,7 +362,9 @@ spec:
   ports: [{port: 80}]
 "#;
     let before = repo.desired_state(&LbOptions::default());
-    let err = repo.apply(parse(other).expect("parse")).expect_err("conflict");
+    let err = repo
+        .apply(parse(other).expect("parse"))
+        .expect_err("conflict");
     match &err {
         ServiceError::FrontendConflict {
             field,
@@ -303,7 +374,7 @@ spec:
         } => {
             assert_eq!(field, "spec.ports[0] with spec.clusterIP 10.96.0.20");
             assert_eq!(frontend, "10.96.0.20:80/TCP");
-            assert_eq!(other.to_string(), "shop/web");
+            assert_eq!(other, "shop/web");
         }
         e => panic!("unexpected {e}"),
     }
@@ -338,7 +409,12 @@ kind: Service
 metadata: {name: ext}
 spec: {type: ExternalName, externalName: example.com}
 "#;
-    assert!(repo(text).desired_state(&LbOptions::default()).frontends.is_empty());
+    assert!(
+        repo(text)
+            .desired_state(&LbOptions::default())
+            .frontends
+            .is_empty()
+    );
 }
 
 #[test]
@@ -350,4 +426,51 @@ fn maglev_table_over_the_active_backends() {
         .expect("table");
     assert_eq!(table.len(), maglev::DEFAULT_TABLE_SIZE as usize);
     assert!(table.iter().all(|&i| (i as usize) < http.active_count()));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Any port, nodePort and timeout numbers: either accepted with the same values
+        /// inside their ranges, or refused with an error that names the field. Never a panic.
+        #[test]
+        fn numbers_are_range_checked(
+            port in any::<i64>(),
+            node_port in any::<i64>(),
+            timeout in any::<i64>(),
+        ) {
+            let text = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}\n  ports: [{{port: {port}, nodePort: {node_port}}}]\n"
+            );
+            match parse(&text) {
+                Ok(parsed) => {
+                    let ServiceResource::Service(s) = &parsed[0] else { panic!("service") };
+                    prop_assert!((1..=65535).contains(&port));
+                    prop_assert_eq!(i64::from(s.ports[0].port), port);
+                    prop_assert!((30000..=32767).contains(&node_port));
+                    prop_assert_eq!(s.ports[0].node_port.map(i64::from), Some(node_port));
+                    prop_assert!((1..=86400).contains(&timeout));
+                }
+                Err(ServiceError::Invalid { path, .. }) => {
+                    prop_assert!(
+                        path == "spec.ports[0].port"
+                            || path == "spec.ports[0].nodePort"
+                            || path == "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        "unexpected path {}", path
+                    );
+                }
+                Err(other) => prop_assert!(false, "unexpected error {}", other),
+            }
+        }
+
+        /// Arbitrary text never panics the parser.
+        #[test]
+        fn arbitrary_text_does_not_panic(text in ".{0,200}") {
+            let _ = parse(&text);
+        }
+    }
 }

@@ -86,7 +86,8 @@ fn main() {
             }
         }
         "udp" => {
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| fail(format!("bind: {e}")));
+            let socket =
+                UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| fail(format!("bind: {e}")));
             let _ = socket.set_read_timeout(Some(TIMEOUT));
             if let Err(e) = socket.send_to(b"hi", addr) {
                 println!("errno={}", errno(&e));
@@ -102,7 +103,8 @@ fn main() {
             }
         }
         "udp-connected" => {
-            let socket = UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| fail(format!("bind: {e}")));
+            let socket =
+                UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| fail(format!("bind: {e}")));
             let _ = socket.set_read_timeout(Some(TIMEOUT));
             if let Err(e) = socket.connect(addr) {
                 println!("errno={}", errno(&e));
