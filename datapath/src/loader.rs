@@ -186,7 +186,12 @@ impl Datapath {
         let conntrack = CtMap::new(take(names::MAP_CT_V4)?)?;
         let metrics = MetricsMap::new(take(names::MAP_METRICS)?)?;
         let events = Some(EventReader::new(take(names::MAP_EVENTS)?)?);
-        let services = ServiceMaps::new(&mut take)?;
+        let mut services = ServiceMaps::new(&mut take)?;
+        // Fresh maps: the default NodePort range and no host namespace yet (pinned maps of
+        // a previous process keep what it set).
+        if services.config()?.nodeport_max == 0 {
+            services.set_config(0, crate::services::NODEPORT_RANGE_DEFAULT)?;
+        }
 
         Ok(Self {
             ebpf,

@@ -271,6 +271,13 @@ impl ServiceMaps {
             .map_err(map_err(names::MAP_LB_CONFIG, "update"))
     }
 
+    /// The current configuration (zeroes until [`ServiceMaps::set_config`]).
+    pub fn config(&self) -> Result<LbConfig> {
+        self.config
+            .get(&0, 0)
+            .map_err(map_err(names::MAP_LB_CONFIG, "lookup"))
+    }
+
     fn current_services(&self) -> Result<BTreeMap<Lb4ServiceKey, Lb4Service>> {
         let mut out = BTreeMap::new();
         for item in self.services.iter() {

@@ -128,7 +128,7 @@ fn get_service(key: &Lb4ServiceKey) -> Option<Lb4Service> {
         ..*key
     };
     // SAFETY: as above.
-    LB4_SERVICES.get_ptr(&internal).map(|p| unsafe { *p })
+    LB4_SERVICES.get_ptr(internal).map(|p| unsafe { *p })
 }
 
 /// The frontend of `addr_be:port_be/protocol` as seen from a socket: the exact address,
@@ -272,7 +272,7 @@ fn xlate_fwd(ctx: &SockAddrContext) -> Result<(), i32> {
             _pad: 0,
         };
         // Best effort: a failed refresh only costs stickiness of a later connection.
-        let _ = LB4_AFFINITY.insert(&affinity_key, &value, 0);
+        let _ = LB4_AFFINITY.insert(affinity_key, value, 0);
     }
 
     // SAFETY: helper valid for sock_addr programs.
@@ -290,10 +290,10 @@ fn xlate_fwd(ctx: &SockAddrContext) -> Result<(), i32> {
         service_id: svc.service_id,
     };
     // Written only when it changed: sendmsg runs per datagram.
-    let current = LB4_REVERSE_SK.get_ptr(&rev_key);
+    let current = LB4_REVERSE_SK.get_ptr(rev_key);
     // SAFETY: copied out at once.
     let unchanged = current.is_some_and(|p| unsafe { *p } == rev);
-    if !unchanged && LB4_REVERSE_SK.insert(&rev_key, &rev, 0).is_err() {
+    if !unchanged && LB4_REVERSE_SK.insert(rev_key, rev, 0).is_err() {
         count(sock_lb_counter::REVNAT_UPDATE_FAILED);
         return Err(ENOMEM);
     }
@@ -329,7 +329,7 @@ fn xlate_rev(ctx: &SockAddrContext) {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    let Some(entry) = LB4_REVERSE_SK.get_ptr(&key).map(|p| unsafe { *p }) else {
+    let Some(entry) = LB4_REVERSE_SK.get_ptr(key).map(|p| unsafe { *p }) else {
         return;
     };
     let config = config();
@@ -340,7 +340,7 @@ fn xlate_rev(ctx: &SockAddrContext) {
     if current.is_none_or(|svc| svc.service_id != entry.service_id) {
         // The frontend is gone or was replaced: the socket's peer is not that service
         // any more; report the backend as it is.
-        let _ = LB4_REVERSE_SK.remove(&key);
+        let _ = LB4_REVERSE_SK.remove(key);
         count(sock_lb_counter::REVNAT_STALE);
         return;
     }
@@ -433,7 +433,7 @@ fn bind_allowed(ctx: &SockContext) -> bool {
         scope: lb_scope::EXTERNAL,
     };
     // SAFETY: copied out at once.
-    if let Some(svc) = LB4_SERVICES.get_ptr(&key).map(|p| unsafe { *p })
+    if let Some(svc) = LB4_SERVICES.get_ptr(key).map(|p| unsafe { *p })
         && svc.flags & guarded != 0
     {
         return false;
@@ -441,7 +441,7 @@ fn bind_allowed(ctx: &SockContext) -> bool {
     if port >= config.nodeport_min && port <= config.nodeport_max {
         key.addr_be = 0;
         // SAFETY: copied out at once.
-        if let Some(svc) = LB4_SERVICES.get_ptr(&key).map(|p| unsafe { *p })
+        if let Some(svc) = LB4_SERVICES.get_ptr(key).map(|p| unsafe { *p })
             && svc.flags & service_flags::NODEPORT != 0
         {
             return false;
@@ -469,7 +469,7 @@ pub fn sock_release(ctx: SockContext) -> i32 {
             port_be: dst_port,
             _pad: 0,
         };
-        if LB4_REVERSE_SK.remove(&key).is_ok() {
+        if LB4_REVERSE_SK.remove(key).is_ok() {
             count(sock_lb_counter::RELEASE_CLEANED);
         }
     }

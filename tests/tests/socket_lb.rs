@@ -435,3 +435,58 @@ fn apply_reuses_ids_shrinks_slots_and_removes_what_is_stale() {
     maps.apply(&[]).expect("apply empty");
     assert!(maps.list().expect("list").is_empty());
 }
+
+#[test]
+fn a_restarted_datapath_takes_over_the_links_and_maps() {
+    let mut w = World::new("socklb-restart");
+    let _a = TagServer::tcp(
+        w.netns(),
+        SocketAddrV4::new([127, 0, 0, 2].into(), BACKEND_PORT),
+        "be-a",
+    );
+    w.datapath
+        .services()
+        .apply(&[cluster_ip(proto::TCP, 80, vec![backend(2)])])
+        .expect("apply");
+    let id_before = w.datapath.services().list().expect("list")[0].service_id;
+
+    // A new process: the old one is gone (its pins keep its links and maps), the new one
+    // loads from the same pins and attaches to the same cgroup.
+    let pins = w._pins.path().to_owned();
+    let old = std::mem::replace(
+        &mut w.datapath,
+        Datapath::load(&pins, MapSizes::default()).expect("reload"),
+    );
+    drop(old);
+    w.datapath
+        .attach_socket_lb(w.cgroup.path())
+        .expect("attach again");
+    let link_pins = std::fs::read_dir(pins.join("links"))
+        .expect("links dir")
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).expect("cgroup links").flatten())
+        .count();
+    assert_eq!(
+        link_pins, 6,
+        "one pinned link per program, the old ones replaced"
+    );
+    assert_eq!(
+        w.datapath.services().list().expect("list")[0].service_id,
+        id_before,
+        "the frontend keeps its id across the restart"
+    );
+    let out = w.probe(&["tcp", "10.96.0.10:80"]);
+    assert_eq!(get(&out, "reply"), Some("be-a"), "{out:?}");
+    assert_eq!(get(&out, "peer"), Some("10.96.0.10:80"), "{out:?}");
+
+    // Detached, nothing translates any more: the old links went with their pins.
+    w.datapath
+        .detach_socket_lb(w.cgroup.path())
+        .expect("detach");
+    let out = w.probe(&["tcp", "10.96.0.10:80"]);
+    assert_eq!(
+        get(&out, "errno"),
+        Some(libc::ENETUNREACH.to_string().as_str()),
+        "no route to the VIP without translation: {out:?}"
+    );
+}
