@@ -545,6 +545,33 @@ impl Datapath {
         Ok(result.duration)
     }
 
+    /// Runs `program` once on `packet` and returns the tc verdict and the packet as the
+    /// program left it (for programs that rewrite, such as the per-packet service
+    /// translation).
+    pub fn test_run_packet(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+    ) -> Result<(i32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let classifier = classifier(&mut self.ebpf, program)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let result = classifier
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                program,
+                op: "BPF_PROG_TEST_RUN".into(),
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
     /// [`Datapath::test_run`] with the skb mark preset (as the proxy's sockets set it).
     pub fn test_run_with_mark(
         &mut self,

@@ -25,7 +25,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use membrane_common::{
     Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4ReverseSk, Lb4ReverseSkKey, Lb4Service,
     Lb4ServiceKey, Lb4SlotKey, LbAffinityMatchKey, LbConfig, MAGLEV_TABLE_SIZE, MaglevTable,
-    backend_state, lb_algorithm, lb_scope, names, service_flags, sock_lb_counter,
+    backend_state, lb_algorithm, lb_config_flags, lb_scope, names, service_flags, sock_lb_counter,
 };
 
 use crate::{
@@ -264,8 +264,22 @@ impl ServiceMaps {
             host_netns_cookie,
             nodeport_min: nodeport_range.0,
             nodeport_max: nodeport_range.1,
-            _pad: 0,
+            flags: self.config()?.flags,
         };
+        self.config
+            .set(0, value, 0)
+            .map_err(map_err(names::MAP_LB_CONFIG, "update"))
+    }
+
+    /// Turns the tc programs' per-packet service translation on or off (for endpoints
+    /// whose sockets are not under socket LB; see `lb_config_flags::PER_PACKET`).
+    pub fn set_per_packet(&mut self, enabled: bool) -> Result<()> {
+        let mut value = self.config()?;
+        if enabled {
+            value.flags |= lb_config_flags::PER_PACKET;
+        } else {
+            value.flags &= !lb_config_flags::PER_PACKET;
+        }
         self.config
             .set(0, value, 0)
             .map_err(map_err(names::MAP_LB_CONFIG, "update"))

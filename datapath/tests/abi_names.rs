@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 
 use membrane_common::{
     CtEntry, CtKeyV4, EndpointInfo, IpcacheKeyV4, IpcacheValue, Lb4Affinity, Lb4AffinityKey,
-    Lb4Backend, Lb4ReverseSk, Lb4ReverseSkKey, Lb4Service, Lb4ServiceKey, Lb4SlotKey,
-    LbAffinityMatchKey, LbConfig, MaglevTable, MetricsValue, PolicyEntry, PolicyKey, names,
+    Lb4Backend, Lb4Nat, Lb4NatKey, Lb4ReverseSk, Lb4ReverseSkKey, Lb4Service, Lb4ServiceKey,
+    Lb4SlotKey, LbAffinityMatchKey, LbConfig, MaglevTable, MetricsValue, PolicyEntry, PolicyKey,
+    names,
 };
 use membrane_datapath::{Datapath, MapSizes, object::EBPF_OBJECT};
 use membrane_tests::{PinGuard, require_root};
@@ -97,7 +98,12 @@ fn pinned_maps_have_the_abi_key_and_value_sizes() {
     let datapath = Datapath::load(pins.path(), MapSizes::default()).expect("load");
     // LPM trie keys carry a u32 prefix length before the data. The ring buffer has no key
     // or value; its records are FlowEvents, decoded in the TEST_RUN tests.
-    let expected: [(&str, usize, usize); 16] = [
+    let expected: [(&str, usize, usize); 17] = [
+        (
+            names::MAP_LB4_NAT,
+            size_of::<Lb4NatKey>(),
+            size_of::<Lb4Nat>(),
+        ),
         (
             names::MAP_LB4_SERVICES,
             size_of::<Lb4ServiceKey>(),

@@ -47,13 +47,13 @@ use crate::lookup_identity;
 // Names must equal `membrane_common::names::*` (checked against the built object).
 
 #[map(name = "mb_lb4_services")]
-static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> = HashMap::pinned(65536, 0);
+pub(crate) static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> = HashMap::pinned(65536, 0);
 
 #[map(name = "mb_lb4_backends")]
-static LB4_BACKENDS: HashMap<u32, Lb4Backend> = HashMap::pinned(65536, 0);
+pub(crate) static LB4_BACKENDS: HashMap<u32, Lb4Backend> = HashMap::pinned(65536, 0);
 
 #[map(name = "mb_lb4_slots")]
-static LB4_SLOTS: HashMap<Lb4SlotKey, u32> = HashMap::pinned(65536, 0);
+pub(crate) static LB4_SLOTS: HashMap<Lb4SlotKey, u32> = HashMap::pinned(65536, 0);
 
 /// Read by the per-packet path (*planned*); declared here so userspace can write tables and
 /// the ABI test sees it. Not preallocated: 64 KiB per table, only for services that use one.
@@ -70,7 +70,7 @@ static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4Affinity> = LruHashMap::pinne
 static LB_AFFINITY_MATCH: HashMap<LbAffinityMatchKey, u32> = HashMap::pinned(65536, 0);
 
 #[map(name = "mb_lb_config")]
-static LB_CONFIG: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG: Array<LbConfig> = Array::pinned(1, 0);
 
 #[map(name = "mb_lb_metrics")]
 static LB_METRICS: PerCpuArray<u64> = PerCpuArray::pinned(sock_lb_counter::SLOTS, 0);
@@ -93,7 +93,7 @@ fn count(slot: u32) {
 }
 
 #[inline(always)]
-fn config() -> LbConfig {
+pub(crate) fn config() -> LbConfig {
     LB_CONFIG.get(0).copied().unwrap_or_default()
 }
 
@@ -115,7 +115,7 @@ fn is_node_address(addr_be: u32) -> bool {
 }
 
 #[inline(always)]
-fn get_service(key: &Lb4ServiceKey) -> Option<Lb4Service> {
+pub(crate) fn get_service(key: &Lb4ServiceKey) -> Option<Lb4Service> {
     // SAFETY: copied out at once; a concurrent update can at worst mix the old and the new
     // value of one frontend, each a valid one (userspace writes slots before counts).
     let svc = unsafe { *LB4_SERVICES.get_ptr(key)? };
@@ -163,13 +163,13 @@ fn lookup_service(
 }
 
 #[inline(always)]
-fn get_backend(id: u32) -> Option<Lb4Backend> {
+pub(crate) fn get_backend(id: u32) -> Option<Lb4Backend> {
     // SAFETY: copied out at once (8 bytes, updated whole by userspace).
     LB4_BACKENDS.get_ptr(id).map(|p| unsafe { *p })
 }
 
 #[inline(always)]
-fn slot_backend(service_id: u32, slot: u32) -> Option<u32> {
+pub(crate) fn slot_backend(service_id: u32, slot: u32) -> Option<u32> {
     // SAFETY: a u32 copied out at once.
     LB4_SLOTS
         .get_ptr(Lb4SlotKey { service_id, slot })

@@ -65,9 +65,13 @@ pub mod names {
     pub const MAP_LB_CONFIG: &str = "mb_lb_config";
     /// Per-CPU `u64` counters of the socket programs, indexed by [`crate::sock_lb_counter`].
     pub const MAP_LB_METRICS: &str = "mb_lb_metrics";
+    /// Per-packet service translation of the tc programs: LRU hash of [`crate::Lb4NatKey`]
+    /// → [`crate::Lb4Nat`] (forward: the client's tuple to the service → its backend;
+    /// reverse: the backend's reply tuple → the service address to restore).
+    pub const MAP_LB4_NAT: &str = "mb_lb4_nat";
 
     /// Every map the object must contain, and nothing else.
-    pub const ALL_MAPS: [&str; 18] = [
+    pub const ALL_MAPS: [&str; 19] = [
         MAP_ABI,
         MAP_REVISION,
         MAP_ENDPOINTS,
@@ -86,6 +90,7 @@ pub mod names {
         MAP_LB_AFFINITY_MATCH,
         MAP_LB_CONFIG,
         MAP_LB_METRICS,
+        MAP_LB4_NAT,
     ];
 
     /// tc program for packets leaving an endpoint (host-side veth, tc ingress hook).
@@ -194,6 +199,11 @@ pub mod reason {
     pub const PROXY_UNSUPPORTED_PROTO: u8 = 180;
     /// An explicit deny entry matched (`Policy denied by denylist`).
     pub const POLICY_DENY: u8 = 181;
+    /// A service without an active backend, per packet (`Service backend not found`).
+    pub const NO_SERVICE: u8 = 158;
+    /// The per-packet service translation could not record or rewrite the flow
+    /// (`Service NAT failed`, membrane's wording; Cilium has no exact equivalent).
+    pub const SERVICE_NAT_FAILED: u8 = 159;
 
     /// Human-readable description, Cilium's wording.
     pub const fn describe(reason: u8) -> &'static str {
@@ -210,6 +220,8 @@ pub mod reason {
             PROXY_SET_FAILED => "Proxy assignment failed",
             PROXY_UNSUPPORTED_PROTO => "Proxy redirection not supported for protocol",
             POLICY_DENY => "Policy denied by denylist",
+            NO_SERVICE => "Service backend not found",
+            SERVICE_NAT_FAILED => "Service NAT failed",
             _ => "Unknown drop reason",
         }
     }
@@ -708,9 +720,52 @@ pub struct LbConfig {
     /// NodePort range (inclusive, host order); NodePort lookups only for ports inside.
     pub nodeport_min: u16,
     pub nodeport_max: u16,
-    pub _pad: u32,
+    /// [`lb_config_flags`] bits.
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 16);
+
+/// Bits of [`LbConfig::flags`].
+pub mod lb_config_flags {
+    /// The tc programs translate service addresses per packet (for endpoints whose sockets
+    /// are not under socket LB; a packet socket LB already translated matches no service).
+    pub const PER_PACKET: u32 = 1 << 0;
+}
+
+/// Key of [`names::MAP_LB4_NAT`]: a packet's tuple as it is on the wire at the endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4NatKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    /// [`lb_nat_dir`].
+    pub direction: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Lb4NatKey>() == 16);
+
+/// [`Lb4NatKey::direction`] values.
+pub mod lb_nat_dir {
+    /// Client → service: the value is the backend (destination rewrite).
+    pub const FORWARD: u8 = 0;
+    /// Backend → client: the value is the service (source rewrite).
+    pub const REVERSE: u8 = 1;
+}
+
+/// Value of [`names::MAP_LB4_NAT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Nat {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Nat>() == 16);
 
 /// Slots of [`names::MAP_LB_METRICS`] (per-CPU `u64` counters of the socket programs).
 pub mod sock_lb_counter {
@@ -760,6 +815,8 @@ mod pod {
     unsafe impl aya::Pod for super::Lb4Affinity {}
     unsafe impl aya::Pod for super::LbAffinityMatchKey {}
     unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::Lb4NatKey {}
+    unsafe impl aya::Pod for super::Lb4Nat {}
 }
 
 #[cfg(test)]
