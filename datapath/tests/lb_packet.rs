@@ -2,15 +2,15 @@
 //! frames (interface: the loopback, registered as an endpoint; nothing is sent): a packet
 //! to a service leaves with a backend's address and port and valid checksums, its reply
 //! comes back from the service, a flow keeps its backend, a service without an active
-//! backend drops with 158, Maglev picks from the table, and nothing changes while the
-//! per-packet path is off.
+//! backend drops with 158, Maglev picks from the table, policy judges the backend, and
+//! nothing changes while the per-packet path is off.
 
 use std::net::Ipv4Addr;
 
 use membrane_common::{Direction, names, proto, reason};
 use membrane_datapath::{
-    BackendState, Datapath, EndpointEntry, MapSizes, ServiceBackend, ServiceFrontend, ServiceKind,
-    ServiceScope,
+    BackendState, Datapath, EndpointEntry, Ipv4Prefix, MapSizes, PolicyRule, PolicyVerdict,
+    PortMatch, ServiceBackend, ServiceFrontend, ServiceKind, ServiceScope,
 };
 use membrane_tests::{PinGuard, packet, require_root};
 
@@ -170,4 +170,60 @@ fn maglev_services_pick_from_their_table() {
         seen.insert(dst);
     }
     assert_eq!(seen.len(), 2, "flows spread over both backends");
+}
+
+#[test]
+fn policy_judges_the_backend_not_the_service() {
+    let pins = PinGuard::new();
+    let mut dp = datapath(&pins);
+    dp.endpoints()
+        .upsert(EndpointEntry {
+            ifindex: 1,
+            endpoint_id: 7,
+            identity: 1000,
+            enforce_ingress: false,
+            enforce_egress: true,
+        })
+        .expect("enforce egress");
+    dp.ipcache()
+        .upsert(Ipv4Prefix::host(BE1), 3001)
+        .expect("ipcache");
+    dp.ipcache()
+        .upsert(Ipv4Prefix::host(BE2), 3002)
+        .expect("ipcache");
+    dp.services().set_per_packet(true).expect("per packet on");
+    // Only BE1's identity on the backend port is allowed; nothing names the service.
+    dp.policy()
+        .insert(&PolicyRule::new(
+            7,
+            Direction::Egress,
+            3001,
+            proto::TCP,
+            PortMatch::Exact(8080),
+            PolicyVerdict::Allow,
+        ))
+        .expect("policy");
+
+    dp.services()
+        .apply(&[service(proto::TCP, &[BE1], false)])
+        .expect("apply");
+    let syn = packet::tcp((POD, 41000), (VIP, 80), packet::TCP_SYN);
+    let (verdict, _) = dp
+        .test_run_packet(names::PROG_FROM_ENDPOINT, &syn)
+        .expect("run");
+    assert_eq!(verdict, TC_ACT_OK, "allowed: the backend is BE1:8080");
+
+    dp.services()
+        .apply(&[service(proto::TCP, &[BE2], false)])
+        .expect("apply");
+    let syn = packet::tcp((POD, 41001), (VIP, 80), packet::TCP_SYN);
+    let (verdict, _) = dp
+        .test_run_packet(names::PROG_FROM_ENDPOINT, &syn)
+        .expect("run");
+    assert_eq!(verdict, TC_ACT_SHOT, "denied: BE2 is not allowed");
+    let denied = dp
+        .metrics()
+        .get(Direction::Egress, reason::POLICY_DENIED)
+        .expect("metrics");
+    assert_eq!(denied.packets, 1);
 }

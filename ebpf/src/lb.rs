@@ -63,19 +63,27 @@ fn flow_hash(flow: &Flow) -> u32 {
     h
 }
 
-/// Rewrites one address (IPv4 header + pseudo-header) and one port of the packet, fixing
-/// both checksums incrementally. `addr_off`/`port_off` select source or destination.
+/// Which end of the packet [`rewrite`] changes.
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Rewrites the address (IPv4 header + pseudo-header) and port of one side of the packet,
+/// fixing both checksums incrementally.
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
     flow: &Flow,
-    addr_off: usize,
-    old_addr: u32,
+    side: Side,
     new_addr: u32,
-    port_off: usize,
-    old_port: u16,
     new_port: u16,
 ) -> Result<(), u8> {
+    let (addr_off, old_addr, port_off, old_port) = match side {
+        Side::Source => (IP_SADDR, flow.saddr_be, flow.l4_off, flow.sport_be),
+        Side::Destination => (IP_DADDR, flow.daddr_be, flow.l4_off + 2, flow.dport_be),
+    };
     let (csum_off, mangled) = match flow.protocol {
         proto::TCP => (flow.l4_off + 16, 0),
         // A zero UDP checksum means "none" and must stay zero.
@@ -128,7 +136,7 @@ pub(crate) fn xlate_fwd(ctx: &TcContext, flow: &mut Flow) -> Result<(), u8> {
     };
     let new_syn = flow.protocol == proto::TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // SAFETY: copied out at once.
-    let existing = LB4_NAT.get_ptr(&fwd_key).map(|p| unsafe { *p });
+    let existing = LB4_NAT.get_ptr(fwd_key).map(|p| unsafe { *p });
     let kept = match existing {
         Some(e) if e.service_id == svc.service_id && !new_syn => {
             get_backend(e.backend_id).map(|b| (e.backend_id, b))
@@ -144,8 +152,8 @@ pub(crate) fn xlate_fwd(ctx: &TcContext, flow: &mut Flow) -> Result<(), u8> {
             let id = if svc.algorithm == lb_algorithm::MAGLEV {
                 // Range reduction by multiply-shift (< M by construction) rather than `%`:
                 // LLVM lowers a constant modulo to arithmetic the verifier cannot bound.
-                let index = ((u64::from(flow_hash(flow)) * MAGLEV_TABLE_SIZE as u64) >> 32)
-                    as usize;
+                let index =
+                    ((u64::from(flow_hash(flow)) * MAGLEV_TABLE_SIZE as u64) >> 32) as usize;
                 // Through the stack: otherwise LLVM folds `>> 32` into the `<< 2` of the
                 // element offset (`>> 30 & !3`), whose bound the verifier gets too loose.
                 // SAFETY: reading a local.
@@ -199,11 +207,8 @@ pub(crate) fn xlate_fwd(ctx: &TcContext, flow: &mut Flow) -> Result<(), u8> {
     rewrite(
         ctx,
         flow,
-        IP_DADDR,
-        flow.daddr_be,
+        Side::Destination,
         backend.addr_be,
-        flow.l4_off + 2,
-        flow.dport_be,
         backend.port_be,
     )?;
     flow.daddr_be = backend.addr_be;
@@ -228,17 +233,8 @@ pub(crate) fn xlate_rev(ctx: &TcContext, flow: &Flow) -> Result<(), u8> {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    let Some(rev) = LB4_NAT.get_ptr(&key).map(|p| unsafe { *p }) else {
+    let Some(rev) = LB4_NAT.get_ptr(key).map(|p| unsafe { *p }) else {
         return Ok(());
     };
-    rewrite(
-        ctx,
-        flow,
-        IP_SADDR,
-        flow.saddr_be,
-        rev.addr_be,
-        flow.l4_off,
-        flow.sport_be,
-        rev.port_be,
-    )
+    rewrite(ctx, flow, Side::Source, rev.addr_be, rev.port_be)
 }
