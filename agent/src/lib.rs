@@ -1,31 +1,31 @@
-//! membrane's agent library: the wiring between the datapath (`membrane-datapath`), the
-//! policy model (`membrane-policy`) and the proxy (`membrane-l7proxy`), and everything the
-//! `membrane` CLI does. Binaries in `src/bin` are thin: they parse arguments and call here.
+//! `membrane-agent`, the node agent: owns the datapath of one node and keeps it in line with
+//! the desired state — endpoints (registered over the local API), policies (a watched
+//! directory of YAML, like Cilium's static policy path, plus the local API), identities
+//! allocated from labels — reports flows (the Hubble API, metrics, the flow page) and
+//! supervises the node proxy.
 //!
-//! It owns the agent daemon ([`daemon`]) and its local API ([`api`]), the CLI's commands, and
-//! the lab ([`lab`], built from a [`topology`], with its cluster DNS [`lab_dns`]) that
-//! `membrane connectivity test` ([`connectivity`]) builds on.
+//! One module per job: [`config`], [`api_server`] (the local API), [`endpoints`],
+//! [`policies`] (the watched directory and the applied-policy store), [`reconcile`] (the
+//! desired state, computed purely, then applied to the maps), [`proxy`] (supervision, the
+//! channel's snapshots, records), [`flows`], [`servers`], [`fqdn`]; [`daemon`] ties them
+//! together.
 //!
-//! It may depend on every library crate of the workspace; none of them may depend on it.
+//! Must not depend on wasmtime, the lab or the CLI (checked by `cargo xtask test`); talks to
+//! the proxy only through `membrane-agent-api`.
 
-pub mod agent_cmd;
-pub mod api;
-pub mod bpf_cmd;
-pub mod connectivity;
+pub mod api_server;
+pub mod config;
 pub mod daemon;
 pub mod datapath_sync;
-#[cfg(feature = "proxy")]
-pub mod dns_node;
-pub mod lab;
-pub mod lab_dns;
-pub mod policy_cmd;
-#[cfg(feature = "proxy")]
-pub mod proxy_channel;
-#[cfg(feature = "proxy")]
-pub mod proxy_process;
-pub mod topology;
-#[cfg(feature = "proxy")]
-pub mod wasm_filters;
-#[cfg(feature = "proxy")]
-pub mod wasm_node;
-pub mod wasm_resource;
+pub mod endpoints;
+pub mod error;
+pub mod flows;
+pub mod fqdn;
+pub mod policies;
+pub mod proxy;
+pub mod reconcile;
+pub mod servers;
+
+pub use config::AgentConfig;
+pub use daemon::run;
+pub use error::AgentError;

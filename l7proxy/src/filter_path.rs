@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::filter::{
     Callout, CalloutResponse, FilterAction, FilterReply, FilterStream, HeadPairs, HttpFilters,
 };
-use crate::proxy::UpstreamConnector;
+use crate::upstream::UpstreamConnector;
 
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 

@@ -46,5 +46,6 @@ pub mod redirect;
 pub mod standalone;
 pub mod strict;
 pub mod transparent;
+mod upstream;
 
 pub use proxy::ACCESS_DENIED_BODY;

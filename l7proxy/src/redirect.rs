@@ -33,23 +33,22 @@ pub mod store;
 pub mod tls_sni;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use membrane_common::mark;
-use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::access::AccessLog;
 use crate::policy::HttpPolicy;
-use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection, upstream_client};
+use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection};
 use crate::strict::HeaderLimits;
 use crate::transparent::bind_transparent;
+use crate::upstream::upstream_client;
 
 /// Default port of the egress listener (flows leaving local endpoints).
 pub const DEFAULT_EGRESS_PORT: u16 = 15001;
@@ -60,24 +59,9 @@ pub const DEFAULT_INGRESS_PORT: u16 = 15002;
 /// pool is dropped (its idle connections close; requests using it finish).
 const MAX_UPSTREAM_POOLS: usize = 4096;
 
-/// Which side of a local endpoint a redirected flow is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Leaving a local endpoint: the endpoint is the source.
-    Egress,
-    /// Entering a local endpoint: the endpoint is the destination.
-    Ingress,
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Egress => "egress",
-            Self::Ingress => "ingress",
-        })
-    }
-}
+/// Which side of a local endpoint a redirected flow is on (declared with the snapshots
+/// that carry it).
+pub use membrane_agent_api::snapshot::Direction;
 
 /// The `SO_MARK` of upstream connections: "from the egress/ingress proxy" plus the source
 /// identity in Cilium's layout (`membrane_common::mark::encode_identity`: the low 16 bits in
@@ -577,14 +561,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mark = upstream_mark(Direction::Ingress, 4242);
-        let stream = crate::proxy::connect_upstream(addr, Some(mark), Duration::from_secs(5))
+        let stream = crate::upstream::connect_upstream(addr, Some(mark), Duration::from_secs(5))
             .await
             .unwrap_or_else(|e| panic!("SO_MARK needs CAP_NET_ADMIN (run as root): {e}"));
         assert_eq!(
             socket2::SockRef::from(&stream).mark().expect("SO_MARK"),
             mark
         );
-        let unmarked = crate::proxy::connect_upstream(addr, None, Duration::from_secs(5))
+        let unmarked = crate::upstream::connect_upstream(addr, None, Duration::from_secs(5))
             .await
             .expect("connect");
         assert_eq!(

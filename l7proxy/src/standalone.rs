@@ -30,8 +30,9 @@ use tokio::task::JoinSet;
 use crate::access::AccessLog;
 use crate::filter::HttpFilters;
 use crate::policy::HttpPolicy;
-use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection, upstream_client};
+use crate::proxy::{ProxyCore, Route, Router, UpstreamClient, serve_connection};
 use crate::strict::HeaderLimits;
+use crate::upstream::upstream_client;
 
 /// Configuration of the standalone proxy. Build it with [`StandaloneConfig::new`] and
 /// change the fields that differ from the defaults.

@@ -42,6 +42,7 @@ pub mod server;
 pub mod timefmt;
 pub mod ui;
 
+pub mod client;
 pub use cli::{CliFilterError, FilterBuilder, ObserveFilters, filters_from_flags};
 pub use convert::{monitor_type, redact_url};
 pub use enrich::{EndpointMeta, Enricher, ServiceMeta, StaticEnricher};

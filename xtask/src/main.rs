@@ -37,6 +37,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // Headless browser that renders the agent's flow page in `agent/tests/ui.rs`.
     "chromium",
+    // The cluster store: `membrane-cluster`'s tests start their own etcd 3.4 processes.
+    "etcd-server",
+    // `protoc` for etcd-client's build script (etcd's gRPC protos).
+    "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         "bootstrap" => bootstrap(),
         "test" => test(),
         "lab" => lab(&rest),
+        "deps" => check_dependency_rules(&workspace_root()),
         "" | "-h" | "--help" | "help" => {
             print_help();
             Ok(())
@@ -69,7 +74,8 @@ fn print_help() {
          commands:\n  \
          bootstrap      install the toolchain pieces the build needs (idempotent)\n  \
          test           bootstrap, fmt check, clippy, the whole test suite, leftover check\n  \
-         lab [ARGS...]  bootstrap, build, run `membrane lab demo ARGS...` (the lab stays up)"
+         lab [ARGS...]  bootstrap, build, run `membrane lab demo ARGS...` (the lab stays up)\n  \
+         deps           check the crate dependency rules of ARCHITECTURE.md (part of `test`)"
     );
 }
 
@@ -317,6 +323,9 @@ fn test() -> Result {
         .current_dir(&root)
         .args(["fmt", "--all", "--check"]))?;
 
+    println!("== crate dependency rules (ARCHITECTURE.md)");
+    check_dependency_rules(&root)?;
+
     println!("== cargo clippy (host crates)");
     run(Command::new(cargo()).current_dir(&root).args([
         "clippy",
@@ -384,14 +393,141 @@ fn test() -> Result {
     Ok(())
 }
 
+/// ARCHITECTURE.md's dependency rules: (package, packages it must not depend on, normal or
+/// build). A violation fails the test command.
+const DEPENDENCY_RULES: &[(&str, &[&str])] = &[
+    (
+        "membrane-agent",
+        &[
+            "wasmtime",
+            "membrane-filters",
+            "membrane-lab",
+            "membrane-cli",
+            "membrane-node-proxy",
+        ],
+    ),
+    ("membrane-cli", &["membrane-agent"]),
+    (
+        "membrane-agent-api",
+        &[
+            "aya",
+            "wasmtime",
+            "tokio",
+            "membrane-datapath",
+            "membrane-l7proxy",
+        ],
+    ),
+    ("membrane-node-proxy", &["membrane-lab", "membrane-cli"]),
+    (
+        "membrane-lab",
+        &["membrane-agent", "membrane-cli", "wasmtime"],
+    ),
+    (
+        "membrane-l7proxy",
+        &["membrane-datapath", "wasmtime", "aya"],
+    ),
+    ("membrane-datapath", &["membrane-l7proxy"]),
+    ("membrane-policy", &["aya", "tokio", "wasmtime"]),
+    (
+        "membrane-cluster",
+        &["aya", "wasmtime", "membrane-agent", "membrane-datapath"],
+    ),
+];
+
+/// Packages allowed to depend on `membrane-lab`.
+const LAB_DEPENDENTS: &[&str] = &["membrane-cli"];
+
+fn check_dependency_rules(root: &Path) -> Result {
+    let tree = |package: &str| -> std::result::Result<Vec<String>, String> {
+        let out = Command::new(cargo())
+            .current_dir(root)
+            .args([
+                "tree",
+                "--quiet",
+                "--package",
+                package,
+                "--edges",
+                "normal,build",
+                "--prefix",
+                "none",
+                "--format",
+                "{p}",
+            ])
+            .output()
+            .map_err(|e| format!("cargo tree: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo tree -p {package}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect())
+    };
+    let mut violations = Vec::new();
+    for (package, forbidden) in DEPENDENCY_RULES {
+        let deps = tree(package)?;
+        for f in *forbidden {
+            if deps.iter().skip(1).any(|d| d == f) {
+                violations.push(format!("{package} depends on {f}"));
+            }
+        }
+    }
+    // Who depends on the lab: `cargo tree --invert` over the workspace.
+    let out = Command::new(cargo())
+        .current_dir(root)
+        .args([
+            "tree",
+            "--quiet",
+            "--workspace",
+            "--invert",
+            "membrane-lab",
+            "--edges",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .output()
+        .map_err(|e| format!("cargo tree: {e}"))?;
+    for dependent in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|p| *p != "membrane-lab")
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        if !LAB_DEPENDENTS.contains(&dependent) {
+            violations.push(format!(
+                "{dependent} depends on membrane-lab (only the CLI may)"
+            ));
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "crate dependency rules broken (ARCHITECTURE.md, \"Crates\"): {}",
+            violations.join("; ")
+        ))
+    }
+}
+
 fn lab(args: &[String]) -> Result {
     bootstrap()?;
     let root = workspace_root();
+    // The lab's programs: the CLI, the agent it starts, the proxy the agent starts.
     run(Command::new(cargo()).current_dir(&root).args([
         "build",
         "--quiet",
         "--package",
+        "membrane-cli",
+        "--package",
         "membrane-agent",
+        "--package",
+        "membrane-node-proxy",
         "--bins",
     ]))?;
     let target_dir = env::var_os("CARGO_TARGET_DIR")

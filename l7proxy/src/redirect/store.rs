@@ -23,13 +23,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
 
 use membrane_policy::ServerName;
 
@@ -37,199 +35,10 @@ use super::tls_sni::TlsPolicy;
 use super::{Direction, PolicyQuery, PolicySource};
 use crate::policy::{HeaderMatchSpec, HttpPolicy, HttpRuleSpec, MismatchAction};
 
-/// Version of the snapshot file format; a file with another version is refused.
-pub const SNAPSHOT_FORMAT: u32 = 1;
-
-/// Every local endpoint's HTTP rules, as the agent sends them and as the file stores them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicySnapshot {
-    /// [`SNAPSHOT_FORMAT`].
-    pub format: u32,
-    /// The agent's policy revision this snapshot reflects (for diagnostics and to tell a
-    /// restored snapshot from a fresh one; the proxy does not interpret it).
-    #[serde(default)]
-    pub revision: u64,
-    #[serde(default)]
-    pub endpoints: Vec<SnapshotEndpoint>,
-}
-
-impl Default for PolicySnapshot {
-    fn default() -> Self {
-        Self {
-            format: SNAPSHOT_FORMAT,
-            revision: 0,
-            endpoints: Vec::new(),
-        }
-    }
-}
-
-/// A change from one snapshot revision to the next: the endpoints added or changed, whole,
-/// and the ids of those removed. The agent sends these instead of the whole snapshot once the
-/// proxy holds `base`; the proxy applies one only on top of exactly `base`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyDelta {
-    /// The revision this change applies to.
-    pub base: u64,
-    /// The revision after it.
-    pub revision: u64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub upsert: Vec<SnapshotEndpoint>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub remove: Vec<u64>,
-}
-
-impl PolicyDelta {
-    /// What turns `old` into `new` (endpoints compared whole; `new`'s revision).
-    pub fn between(old: &PolicySnapshot, new: &PolicySnapshot) -> Self {
-        let before: HashMap<u64, &SnapshotEndpoint> =
-            old.endpoints.iter().map(|e| (e.id, e)).collect();
-        let after: BTreeSet<u64> = new.endpoints.iter().map(|e| e.id).collect();
-        Self {
-            base: old.revision,
-            revision: new.revision,
-            upsert: new
-                .endpoints
-                .iter()
-                .filter(|e| before.get(&e.id) != Some(e))
-                .cloned()
-                .collect(),
-            remove: old
-                .endpoints
-                .iter()
-                .map(|e| e.id)
-                .filter(|id| !after.contains(id))
-                .collect(),
-        }
-    }
-
-    /// Nothing changes but the revision.
-    pub fn is_empty(&self) -> bool {
-        self.upsert.is_empty() && self.remove.is_empty()
-    }
-}
-
-/// One local endpoint: its addresses and the HTTP rules of its redirected ports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotEndpoint {
-    /// The agent's endpoint id; [`PolicyStore::upsert_endpoint`] and
-    /// [`PolicyStore::remove_endpoint`] address endpoints by it.
-    pub id: u64,
-    /// The endpoint's addresses: the source of its egress flows, the destination of its
-    /// ingress flows.
-    pub ips: Vec<IpAddr>,
-    #[serde(default)]
-    pub ports: Vec<SnapshotPort>,
-}
-
-/// The HTTP rules of one direction and TCP port range (the policy engine's `L7RuleSet`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotPort {
-    pub direction: Direction,
-    /// Destination port (of the original connection).
-    pub port: u16,
-    /// Last port of a range; `0` (or equal to `port`) means the single port `port`.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub end_port: u16,
-    /// What the proxy enforces here; absent (older snapshots) is HTTP.
-    #[serde(default, skip_serializing_if = "L7Protocol::is_http")]
-    pub l7: L7Protocol,
-    /// Peer rules, OR'ed.
-    #[serde(default)]
-    pub peers: Vec<SnapshotPeer>,
-}
-
-fn is_zero(value: &u16) -> bool {
-    *value == 0
-}
-
-/// What a [`SnapshotPort`]'s peer rules hold.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum L7Protocol {
-    /// HTTP requests (`http` rules).
-    #[default]
-    Http,
-    /// TLS connections, by the ClientHello's server name (`server_names`); never terminated.
-    Tls,
-}
-
-impl L7Protocol {
-    fn is_http(&self) -> bool {
-        *self == Self::Http
-    }
-}
-
-impl SnapshotPort {
-    fn range(&self) -> (u16, u16) {
-        (self.port, self.end_port.max(self.port))
-    }
-}
-
-/// HTTP rules for some remote identities (the policy engine's `L7PeerRule`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotPeer {
-    /// The remote side: the destination's identity for egress, the source's for ingress.
-    pub remotes: Remotes,
-    /// OR'ed; empty is the L7 wildcard (every request allowed). HTTP ports only.
-    #[serde(default)]
-    pub http: Vec<SnapshotHttpRule>,
-    /// TLS ports only: allowed server names (`api.example.com`, `*.example.com`), OR'ed;
-    /// empty is the L7 wildcard (any connection).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub server_names: Vec<String>,
-}
-
-/// Which remote identities a [`SnapshotPeer`] applies to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Remotes {
-    /// Every remote identity (a wildcard selector).
-    Any,
-    /// These identities (possibly none yet).
-    Identities(BTreeSet<u32>),
-}
-
-impl Remotes {
-    fn contains(&self, identity: u32) -> bool {
-        match self {
-            Self::Any => true,
-            Self::Identities(set) => set.contains(&identity),
-        }
-    }
-}
-
-/// One `PortRuleHTTP` in the file (Cilium's field names).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct SnapshotHttpRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    /// `"Name: value"` or `"Name"`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub header_matches: Vec<SnapshotHeaderMatch>,
-}
-
-/// One `headerMatches` entry; `mismatch` is `""`, `LOG`, `ADD`, `DELETE` or `REPLACE`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotHeaderMatch {
-    pub name: String,
-    #[serde(default)]
-    pub value: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub mismatch: String,
-}
+pub use membrane_agent_api::snapshot::{
+    L7Protocol, PolicyDelta, PolicySnapshot, Remotes, SNAPSHOT_FORMAT, SnapshotEndpoint,
+    SnapshotHeaderMatch, SnapshotHttpRule, SnapshotPeer, SnapshotPort,
+};
 
 impl From<&HttpRuleSpec> for SnapshotHttpRule {
     fn from(spec: &HttpRuleSpec) -> Self {
@@ -251,35 +60,33 @@ impl From<&HttpRuleSpec> for SnapshotHttpRule {
     }
 }
 
-impl SnapshotHttpRule {
-    /// The engine's form; fails on an unknown mismatch action.
-    pub fn to_spec(&self) -> Result<HttpRuleSpec, String> {
-        let header_matches = self
-            .header_matches
-            .iter()
-            .enumerate()
-            .map(|(index, m)| {
-                let mismatch = MismatchAction::parse(&m.mismatch).ok_or_else(|| {
-                    format!(
-                        "headerMatches[{index}]: unknown mismatch action {:?} (expected \"\", LOG, ADD, DELETE or REPLACE)",
-                        m.mismatch
-                    )
-                })?;
-                Ok(HeaderMatchSpec {
-                    name: m.name.clone(),
-                    value: m.value.clone(),
-                    mismatch,
-                })
+/// The engine's form of a snapshot rule; fails on an unknown mismatch action.
+pub fn rule_spec(rule: &SnapshotHttpRule) -> Result<HttpRuleSpec, String> {
+    let header_matches = rule
+        .header_matches
+        .iter()
+        .enumerate()
+        .map(|(index, m)| {
+            let mismatch = MismatchAction::parse(&m.mismatch).ok_or_else(|| {
+                format!(
+                    "headerMatches[{index}]: unknown mismatch action {:?} (expected \"\", LOG, ADD, DELETE or REPLACE)",
+                    m.mismatch
+                )
+            })?;
+            Ok(HeaderMatchSpec {
+                name: m.name.clone(),
+                value: m.value.clone(),
+                mismatch,
             })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ok(HttpRuleSpec {
-            method: self.method.clone(),
-            path: self.path.clone(),
-            host: self.host.clone(),
-            headers: self.headers.clone(),
-            header_matches,
         })
-    }
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(HttpRuleSpec {
+        method: rule.method.clone(),
+        path: rule.path.clone(),
+        host: rule.host.clone(),
+        headers: rule.headers.clone(),
+        header_matches,
+    })
 }
 
 /// A rule that did not compile and was dropped (the rest of the snapshot applies).
@@ -376,23 +183,7 @@ pub fn write_snapshot(
     })
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file next to it, flushed to disk, then
-/// renamed over `path` (removed again if anything fails). Blocking file I/O.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".tmp-{}", std::process::id()));
-    let temporary = PathBuf::from(temporary);
-    let result = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    result
-}
+pub use membrane_agent_api::run_dir::write_atomically;
 
 /// The HTTP policy of every local endpoint, swapped atomically, looked up per request.
 pub struct PolicyStore {
@@ -729,7 +520,7 @@ fn validate_peers<'a>(
                         }
                         let mut valid = Vec::new();
                         for (rule_index, rule) in peer.http.iter().enumerate() {
-                            let checked = rule.to_spec().and_then(|spec| {
+                            let checked = rule_spec(rule).and_then(|spec| {
                                 HttpPolicy::compile(std::slice::from_ref(&spec))
                                     .map(|_| spec)
                                     .map_err(|error| error.to_string())

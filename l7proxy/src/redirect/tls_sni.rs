@@ -454,9 +454,12 @@ impl TlsConnection {
 
     async fn relay(&self, client: TcpStream, buffered: Vec<u8>, url: String, rule: RuleRef) {
         self.record(RecordKind::Request, url.clone(), Some(rule), None);
-        let connected =
-            crate::proxy::connect_upstream(self.destination, Some(self.mark), self.connect_timeout)
-                .await;
+        let connected = crate::upstream::connect_upstream(
+            self.destination,
+            Some(self.mark),
+            self.connect_timeout,
+        )
+        .await;
         let mut upstream = match connected {
             Ok(upstream) => upstream,
             Err(error) => {

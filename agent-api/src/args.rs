@@ -1,0 +1,308 @@
+//! The command lines of `membrane-agent` and `membrane-proxy`. Each binary parses its struct;
+//! whoever starts the program (the lab starts agents, the agent starts its proxy) builds the
+//! same struct and renders it with `to_args()`, so a spawn cannot drift from the parser (a
+//! test parses every rendering back).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser};
+
+/// Default HTTP proxy port for egress redirects; ingress redirects use the next one.
+pub const DEFAULT_HTTP_PROXY_PORT: u16 = 15001;
+/// Default transparent DNS proxy port.
+pub const DEFAULT_DNS_PROXY_PORT: u16 = 15053;
+/// Flows kept in the agent's ring by default (Hubble's default ring size).
+pub const DEFAULT_FLOW_CAPACITY: usize = 4095;
+/// Run name of the lab (and of an agent given no `--name`).
+pub const DEFAULT_RUN_NAME: &str = "membrane-lab";
+
+/// `membrane-agent`.
+#[derive(Parser, Clone, Debug, PartialEq, Eq)]
+#[command(
+    name = "membrane-agent",
+    version,
+    about = "membrane's node agent: endpoints, identities, policy and flows for one node's datapath"
+)]
+pub struct AgentArgs {
+    /// Run name: maps and links are pinned under /sys/fs/bpf/membrane/NAME, state and the API
+    /// socket live under /run/membrane/NAME.
+    #[arg(long, default_value = DEFAULT_RUN_NAME)]
+    pub name: String,
+    /// The node network namespace the agent runs in (programs are attached inside it).
+    #[arg(long)]
+    pub node_netns: String,
+    /// Directory of policy files (YAML or JSON, multi-document) to watch, like Cilium's static
+    /// policy path. A file that does not parse keeps its previous version in force.
+    #[arg(long)]
+    pub policy_dir: Option<PathBuf>,
+    /// Proxy port for HTTP redirects (egress; ingress uses the next port).
+    #[arg(long, default_value_t = DEFAULT_HTTP_PROXY_PORT)]
+    pub http_proxy_port: u16,
+    /// Proxy port for DNS redirects.
+    #[arg(long, default_value_t = DEFAULT_DNS_PROXY_PORT)]
+    pub dns_proxy_port: u16,
+    /// Flow events kept in memory.
+    #[arg(long, default_value_t = DEFAULT_FLOW_CAPACITY)]
+    pub flow_capacity: usize,
+    #[command(flatten)]
+    pub dns: DnsSettings,
+    /// Serve the flow page (http://ADDR/ui: live flow table with filters, service map) and its
+    /// JSON (/api/flows, /api/map) on this loopback address of the host, e.g. 127.0.0.1:9966
+    /// (port 0 picks one; the address is written to /run/membrane/NAME/ui-addr). Off unless
+    /// given; `membrane lab up` turns it on.
+    #[arg(long, value_name = "ADDR", conflicts_with = "ui_listen_fd")]
+    pub ui_listen: Option<SocketAddr>,
+    /// The flow page on an inherited listening socket (how `membrane lab up` hands over the
+    /// one it bound).
+    #[arg(long, value_name = "FD", hide = true)]
+    pub ui_listen_fd: Option<i32>,
+}
+
+impl AgentArgs {
+    /// The defaults for a node namespace.
+    pub fn new(name: &str, node_netns: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            node_netns: node_netns.to_owned(),
+            policy_dir: None,
+            http_proxy_port: DEFAULT_HTTP_PROXY_PORT,
+            dns_proxy_port: DEFAULT_DNS_PROXY_PORT,
+            flow_capacity: DEFAULT_FLOW_CAPACITY,
+            dns: DnsSettings::default(),
+            ui_listen: None,
+            ui_listen_fd: None,
+        }
+    }
+
+    /// The arguments that make `membrane-agent` parse exactly `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = vec![
+            "--name".into(),
+            self.name.clone(),
+            "--node-netns".into(),
+            self.node_netns.clone(),
+        ];
+        if let Some(dir) = &self.policy_dir {
+            out.extend(["--policy-dir".into(), dir.display().to_string()]);
+        }
+        out.extend([
+            "--http-proxy-port".into(),
+            self.http_proxy_port.to_string(),
+            "--dns-proxy-port".into(),
+            self.dns_proxy_port.to_string(),
+            "--flow-capacity".into(),
+            self.flow_capacity.to_string(),
+        ]);
+        out.extend(self.dns.to_args());
+        if let Some(addr) = self.ui_listen {
+            out.extend(["--ui-listen".into(), addr.to_string()]);
+        }
+        if let Some(fd) = self.ui_listen_fd {
+            out.extend(["--ui-listen-fd".into(), fd.to_string()]);
+        }
+        out
+    }
+}
+
+/// DNS proxy settings (Cilium's `tofqdns-*` flags), the same flags on `membrane-agent` and
+/// `membrane-proxy`.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct DnsSettings {
+    /// The DNS proxy's reply to a denied query: `refused` (Cilium's default) or `nxdomain`
+    /// (musl resolvers stop walking the search list on REFUSED).
+    #[arg(long = "dns-deny-response", default_value = "refused", value_parser = ["refused", "nxdomain"])]
+    pub deny_response: String,
+    /// Lower bound of the TTL an address learned from a DNS answer is kept for, seconds
+    /// (Cilium's tofqdns-min-ttl).
+    #[arg(long = "fqdn-min-ttl", default_value_t = 0)]
+    pub min_ttl: u32,
+    /// At most this many addresses of one answer are learned
+    /// (tofqdns-endpoint-max-ip-per-hostname).
+    #[arg(long = "fqdn-max-ips-per-name", default_value_t = 1000)]
+    pub max_ips_per_name: usize,
+    /// How long an allowed answer is held for its addresses to reach the maps, milliseconds;
+    /// an overrun releases it and is counted (tofqdns-proxy-response-max-delay).
+    #[arg(long = "fqdn-response-max-delay-ms", default_value_t = 100)]
+    pub response_max_delay_ms: u64,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            deny_response: "refused".into(),
+            min_ttl: 0,
+            max_ips_per_name: 1000,
+            response_max_delay_ms: 100,
+        }
+    }
+}
+
+impl DnsSettings {
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--dns-deny-response".into(),
+            self.deny_response.clone(),
+            "--fqdn-min-ttl".into(),
+            self.min_ttl.to_string(),
+            "--fqdn-max-ips-per-name".into(),
+            self.max_ips_per_name.to_string(),
+            "--fqdn-response-max-delay-ms".into(),
+            self.response_max_delay_ms.to_string(),
+        ]
+    }
+}
+
+/// `membrane-proxy`, the node's transparent L7 proxy (started and supervised by the agent).
+#[derive(Parser, Clone, Debug, PartialEq, Eq)]
+#[command(
+    name = "membrane-proxy",
+    version,
+    about = "membrane's transparent L7 proxy for the flows the datapath redirects"
+)]
+pub struct ProxyArgs {
+    /// The node network namespace (where redirected flows are delivered).
+    #[arg(long)]
+    pub node_netns: String,
+    /// Pin directory of the datapath's maps (the ipcache is read for identities).
+    #[arg(long)]
+    pub pin_dir: PathBuf,
+    /// Where the proxy keeps the last HTTP policy it applied: restored at start, so a
+    /// proxy restarted while the agent is away serves by it; rewritten on every change.
+    #[arg(long)]
+    pub snapshot: PathBuf,
+    /// The agent's proxy channel (a Unix socket): the proxy connects, says what it holds and
+    /// is sent the policy (incrementally), the DNS rules and the filters. Without it the
+    /// saved configuration is served unchanged.
+    #[arg(long)]
+    pub agent_channel: Option<PathBuf>,
+    /// Port of the listener for flows leaving local endpoints.
+    #[arg(long, default_value_t = DEFAULT_HTTP_PROXY_PORT)]
+    pub egress_port: u16,
+    /// Port of the listener for flows entering local endpoints.
+    #[arg(long, default_value_t = DEFAULT_HTTP_PROXY_PORT + 1)]
+    pub ingress_port: u16,
+    /// The agent's record socket (Unix datagram); without it, records go to stdout.
+    #[arg(long)]
+    pub records_socket: Option<PathBuf>,
+    /// Serve DNS on the inherited descriptors 3 (UDP) and 4 (TCP): the transparent
+    /// listeners the agent keeps open across proxy restarts.
+    #[arg(long, conflicts_with = "dns_port")]
+    pub dns_fds: bool,
+    /// Serve DNS on this port (UDP and TCP, transparent) instead.
+    #[arg(long)]
+    pub dns_port: Option<u16>,
+    /// Where the proxy keeps the last DNS rules it applied (restored at start).
+    #[arg(long)]
+    pub dns_snapshot: Option<PathBuf>,
+    #[command(flatten)]
+    pub dns: DnsSettings,
+    /// Where the proxy keeps the last `WasmFilter` attachments it applied (restored at start).
+    #[arg(long)]
+    pub filter_snapshot: Option<PathBuf>,
+    /// The agent's API socket: answers with addresses are held until the agent has mapped
+    /// them to `fqdn:` identities. Without it, nothing is learned.
+    #[arg(long)]
+    pub agent_socket: Option<PathBuf>,
+}
+
+/// Inherited descriptor of the DNS proxy's UDP listener in a proxy started with `--dns-fds`.
+pub const DNS_UDP_FD: i32 = 3;
+/// Inherited descriptor of the DNS proxy's TCP listener.
+pub const DNS_TCP_FD: i32 = 4;
+
+impl ProxyArgs {
+    /// The arguments that make `membrane-proxy` parse exactly `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = vec![
+            "--node-netns".into(),
+            self.node_netns.clone(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--snapshot".into(),
+            self.snapshot.display().to_string(),
+        ];
+        let path = |flag: &str, p: &Option<PathBuf>, out: &mut Vec<String>| {
+            if let Some(p) = p {
+                out.extend([flag.to_owned(), p.display().to_string()]);
+            }
+        };
+        path("--agent-channel", &self.agent_channel, &mut out);
+        out.extend([
+            "--egress-port".into(),
+            self.egress_port.to_string(),
+            "--ingress-port".into(),
+            self.ingress_port.to_string(),
+        ]);
+        path("--records-socket", &self.records_socket, &mut out);
+        if self.dns_fds {
+            out.push("--dns-fds".into());
+        }
+        if let Some(port) = self.dns_port {
+            out.extend(["--dns-port".into(), port.to_string()]);
+        }
+        path("--dns-snapshot", &self.dns_snapshot, &mut out);
+        out.extend(self.dns.to_args());
+        path("--filter-snapshot", &self.filter_snapshot, &mut out);
+        path("--agent-socket", &self.agent_socket, &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<P: Parser>(program: &str, args: Vec<String>) -> P {
+        P::try_parse_from(std::iter::once(program.to_owned()).chain(args))
+            .unwrap_or_else(|e| panic!("{program} does not parse its own rendering: {e}"))
+    }
+
+    #[test]
+    fn agent_args_render_what_the_parser_reads() {
+        let mut args = AgentArgs::new("lab-x", "lab-x-node");
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.policy_dir = Some("/run/membrane/lab-x/policies".into());
+        args.http_proxy_port = 16001;
+        args.dns_proxy_port = 16053;
+        args.flow_capacity = 10;
+        args.dns.deny_response = "nxdomain".into();
+        args.dns.min_ttl = 7;
+        args.ui_listen_fd = Some(9);
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.ui_listen_fd = None;
+        args.ui_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+    }
+
+    #[test]
+    fn proxy_args_render_what_the_parser_reads() {
+        let run = crate::RunDir::new("lab-x");
+        let mut args = ProxyArgs {
+            node_netns: "lab-x".into(),
+            pin_dir: "/sys/fs/bpf/membrane/lab-x".into(),
+            snapshot: run.proxy_policy_snapshot(),
+            agent_channel: None,
+            egress_port: 15001,
+            ingress_port: 15002,
+            records_socket: None,
+            dns_fds: false,
+            dns_port: None,
+            dns_snapshot: None,
+            dns: DnsSettings::default(),
+            filter_snapshot: None,
+            agent_socket: None,
+        };
+        assert_eq!(parse::<ProxyArgs>("membrane-proxy", args.to_args()), args);
+        args.agent_channel = Some(run.proxy_channel());
+        args.records_socket = Some(run.proxy_records());
+        args.dns_fds = true;
+        args.dns_snapshot = Some(run.proxy_dns_snapshot());
+        args.filter_snapshot = Some(run.proxy_filter_snapshot());
+        args.agent_socket = Some(run.agent_socket());
+        args.dns.max_ips_per_name = 3;
+        assert_eq!(parse::<ProxyArgs>("membrane-proxy", args.to_args()), args);
+        args.dns_fds = false;
+        args.dns_port = Some(5353);
+        assert_eq!(parse::<ProxyArgs>("membrane-proxy", args.to_args()), args);
+    }
+}

@@ -1,0 +1,78 @@
+//! The agent's configuration: its command line ([`membrane_agent_api::args::AgentArgs`])
+//! plus what only tests and embedders set.
+
+use std::path::PathBuf;
+
+use membrane_agent_api::{
+    RunDir,
+    args::{AgentArgs, DnsSettings},
+};
+use membrane_datapath::MapSizes;
+
+/// Metrics port inside the node namespace (Hubble's default).
+pub const METRICS_PORT: u16 = 9965;
+
+/// Cluster name for the `cluster` entity (Cilium's default).
+pub const CLUSTER_NAME: &str = "default";
+
+/// First endpoint id the agent hands out (ids below are Cilium's reserved range for host
+/// and health endpoints).
+pub const FIRST_ENDPOINT_ID: u32 = 1001;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Run name: pins under `/sys/fs/bpf/membrane/NAME`, state under `/run/membrane/NAME`.
+    pub name: String,
+    /// The node network namespace the agent runs in and attaches programs inside.
+    pub node_netns: String,
+    /// Directory of policy files (YAML/JSON) to watch; `None` = API only.
+    pub policy_dir: Option<PathBuf>,
+    /// Proxy ports used for L7 redirects (egress; ingress is the next port).
+    pub http_proxy_port: u16,
+    pub dns_proxy_port: u16,
+    /// Flow events kept in memory (Hubble's default ring is 4095).
+    pub flow_capacity: usize,
+    /// Hubble observer API on TCP inside the node namespace (`None` = Unix socket only).
+    pub hubble_port: Option<u16>,
+    /// Prometheus `/metrics` on TCP inside the node namespace (`None` = off).
+    pub metrics_port: Option<u16>,
+    /// The flow page on this loopback address of the host (`None` = off; port 0 = any, the
+    /// bound address is written to the run directory's `ui-addr`).
+    pub ui_listen: Option<std::net::SocketAddr>,
+    /// An inherited listening socket for the flow page instead of `ui_listen`.
+    pub ui_listen_fd: Option<i32>,
+    /// Run and supervise `membrane-proxy` (the L7 proxy) for this node.
+    pub proxy: bool,
+    /// The DNS proxy's knobs, passed to `membrane-proxy`.
+    pub dns: DnsSettings,
+    pub map_sizes: MapSizes,
+}
+
+impl AgentConfig {
+    pub fn new(name: &str, node_netns: &str) -> Self {
+        Self::from_args(AgentArgs::new(name, node_netns))
+    }
+
+    /// What `membrane-agent`'s command line says, with the defaults for the rest.
+    pub fn from_args(args: AgentArgs) -> Self {
+        Self {
+            name: args.name,
+            node_netns: args.node_netns,
+            policy_dir: args.policy_dir,
+            http_proxy_port: args.http_proxy_port,
+            dns_proxy_port: args.dns_proxy_port,
+            flow_capacity: args.flow_capacity,
+            hubble_port: Some(membrane_observer::DEFAULT_TCP_PORT),
+            metrics_port: Some(METRICS_PORT),
+            ui_listen: args.ui_listen,
+            ui_listen_fd: args.ui_listen_fd,
+            proxy: true,
+            dns: args.dns,
+            map_sizes: MapSizes::default(),
+        }
+    }
+
+    pub fn run_dir(&self) -> RunDir {
+        RunDir::new(&self.name)
+    }
+}
