@@ -578,7 +578,10 @@ fn filter_check_reports_abi_imports_and_sha256() {
         "{text}"
     );
     assert!(text.contains("contexts: http"), "{text}");
-    assert!(!text.contains("provided"), "never `provided` for anything: {text}");
+    assert!(
+        !text.contains("provided"),
+        "never `provided` for anything: {text}"
+    );
     assert!(!text.contains("MISSING"), "{text}");
     assert!(text.ends_with("loads: yes\n"), "{text}");
     let json = std::process::Command::new(env!("CARGO_BIN_EXE_membrane"))

@@ -406,19 +406,24 @@ async fn serve_tcp(
         reset(client);
         return;
     }
-    let upstream =
-        match crate::proxy::connect_upstream(config.upstream, None, config.connect_timeout).await {
-            Ok(u) => u,
-            Err(error) => {
-                tracing::debug!(%error, upstream = %config.upstream, "TCP upstream connect failed");
-                if let Some(f) = filter.as_mut() {
-                    f.on_upstream_close(false);
-                    f.on_downstream_close(true);
-                }
-                reset(client);
-                return;
+    let upstream = match crate::upstream::connect_upstream(
+        config.upstream,
+        None,
+        config.connect_timeout,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(error) => {
+            tracing::debug!(%error, upstream = %config.upstream, "TCP upstream connect failed");
+            if let Some(f) = filter.as_mut() {
+                f.on_upstream_close(false);
+                f.on_downstream_close(true);
             }
-        };
+            reset(client);
+            return;
+        }
+    };
     match filter {
         Some(filter) => {
             relay_filtered(client, upstream, Vec::new(), filter, config.idle_timeout).await;
