@@ -264,7 +264,12 @@ spec:
         let e = s.endpoints[&7];
         assert_eq!((e.endpoint_id, e.identity), (1001, 1000));
         assert!(!e.enforce_ingress && !e.enforce_egress);
-        assert!(s.rules.is_empty());
+        assert_eq!(
+            s.rules.len(),
+            policy.entries.len(),
+            "one map entry per resolved entry"
+        );
+        assert!(s.rules.values().all(|r| r.endpoint_id == 1001));
         assert_eq!(
             s.ipcache,
             BTreeMap::from([

@@ -41,10 +41,26 @@ pub fn filter_check(path: &std::path::Path, json: bool) -> anyhow::Result<bool> 
     let report = host
         .inspect(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // Never "provided" for a stub: a partial import says what answers instead.
     let status = |s: ImportStatus| match s {
-        ImportStatus::Provided => "provided",
-        ImportStatus::TrapsIfCalled => "not provided (traps if called)",
-        ImportStatus::Missing => "MISSING (the module does not load)",
+        ImportStatus::Implemented => "implemented".to_owned(),
+        ImportStatus::Partial(note) => format!("partial ({note})"),
+        ImportStatus::TrapsIfCalled => "not provided (traps if called)".to_owned(),
+        ImportStatus::Missing => "MISSING (the module does not load)".to_owned(),
+    };
+    let contexts = {
+        let c = &report.contexts;
+        let mut names = Vec::new();
+        if c.http {
+            names.push("http");
+        }
+        if c.tcp {
+            names.push("tcp");
+        }
+        if c.root {
+            names.push("root");
+        }
+        names
     };
     if json {
         let value = serde_json::json!({
@@ -53,36 +69,44 @@ pub fn filter_check(path: &std::path::Path, json: bool) -> anyhow::Result<bool> 
             "abi": report.abi.as_ref().ok().map(|a| a.as_str()),
             "abi_error": report.abi.as_ref().err(),
             "imports": report.imports.iter().map(|i| serde_json::json!({
-                "module": i.module, "name": i.name, "status": status(i.status),
+                "module": i.module, "name": i.name, "status": i.status.label(),
+                "note": match i.status { ImportStatus::Partial(note) => Some(note), _ => None },
             })).collect::<Vec<_>>(),
             "exports": report.exports,
+            "contexts": contexts,
+            "uses_grpc": report.uses_grpc,
+            "undelivered_callbacks": report.undelivered_callbacks.iter().map(|(name, why)| serde_json::json!({"name": name, "why": why})).collect::<Vec<_>>(),
             "link_error": report.link_error,
+            "refusal": report.refusal(),
             "loadable": report.loadable(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("module:  {}", path.display());
-        println!("sha256:  {}", report.sha256);
+        println!("module:   {}", path.display());
+        println!("sha256:   {}", report.sha256);
         match &report.abi {
-            Ok(abi) => println!("ABI:     proxy-wasm {}", abi.as_str()),
-            Err(e) => println!("ABI:     unsupported ({e}; membrane runs 0.2.1 and 0.2.0)"),
+            Ok(abi) => println!("ABI:      proxy-wasm {}", abi.as_str()),
+            Err(e) => println!("ABI:      unsupported ({e}; membrane runs 0.2.1 and 0.2.0)"),
+        }
+        println!("contexts: {}", contexts.join(", "));
+        if report.uses_grpc {
+            println!("gRPC:     calls gRPC services (upstreams by name, as HTTP callouts)");
         }
         println!("imports:");
         for i in &report.imports {
             println!("  {}::{}  {}", i.module, i.name, status(i.status));
         }
-        println!("exports: {}", report.exports.join(", "));
-        if let Some(e) = &report.link_error {
-            println!("link:    {e}");
+        println!("exports:  {}", report.exports.join(", "));
+        for (name, why) in &report.undelivered_callbacks {
+            println!("  never called: {name} ({why})");
         }
-        println!(
-            "{}",
-            if report.loadable() {
-                "loads: yes"
-            } else {
-                "loads: NO"
-            }
-        );
+        if let Some(e) = &report.link_error {
+            println!("link:     {e}");
+        }
+        match report.refusal() {
+            None => println!("loads: yes"),
+            Some(why) => println!("loads: NO ({why})"),
+        }
     }
     Ok(report.loadable())
 }

@@ -571,11 +571,16 @@ fn filter_check_reports_abi_imports_and_sha256() {
         .expect("run membrane");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("ABI:     proxy-wasm 0.2.1"), "{text}");
-    assert!(text.contains(&format!("sha256:  {sha256}")), "{text}");
+    assert!(text.contains("ABI:      proxy-wasm 0.2.1"), "{text}");
+    assert!(text.contains(&format!("sha256:   {sha256}")), "{text}");
     assert!(
-        text.contains("env::proxy_send_local_response  provided"),
+        text.contains("env::proxy_send_local_response  implemented"),
         "{text}"
+    );
+    assert!(text.contains("contexts: http"), "{text}");
+    assert!(
+        !text.contains("provided"),
+        "never `provided` for anything: {text}"
     );
     assert!(!text.contains("MISSING"), "{text}");
     assert!(text.ends_with("loads: yes\n"), "{text}");
@@ -587,6 +592,13 @@ fn filter_check_reports_abi_imports_and_sha256() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
     assert_eq!(v["loadable"], true);
     assert_eq!(v["abi"], "0.2.1");
+    assert_eq!(v["refusal"], serde_json::Value::Null);
+    assert!(
+        v["contexts"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|x| x == "http")),
+        "{v}"
+    );
 
     let bogus = dir.join("not.wasm");
     std::fs::write(&bogus, b"not wasm").unwrap();

@@ -3,7 +3,8 @@
 //! Owns: loading the eBPF object built by `build.rs` ([`object`]), pinning its maps under a
 //! per-run bpffs path ([`bpffs`]), attaching the tc programs to endpoint interfaces inside a
 //! node network namespace and detaching them ([`loader`]), typed handles over every map
-//! ([`maps`]), and the endpoint plumbing (network namespaces, veth pairs, addresses, routes:
+//! ([`maps`]), service load balancing: the service maps and the cgroup socket programs
+//! ([`services`]), and the endpoint plumbing (network namespaces, veth pairs, addresses, routes:
 //! [`netns`], [`plumbing`]).
 //!
 //! Must not depend on `membrane-l7proxy` (the two meet in `membrane-agent`), on the policy
@@ -18,6 +19,7 @@ pub mod maps;
 pub mod netns;
 pub mod object;
 pub mod plumbing;
+pub mod services;
 
 pub use error::DatapathError;
 pub use events::{EventKind, EventReader, EventVerdict, FlowEventView};
@@ -28,3 +30,7 @@ pub use maps::{
 };
 pub use membrane_common::{Direction, reason};
 pub use netns::Netns;
+pub use services::{
+    ApplyStats, BackendState, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceKind,
+    ServiceMaps, ServiceScope, SocketLbCounters, cgroup2_mount, netns_cookie,
+};

@@ -19,7 +19,7 @@ use std::{
 use aya::{
     EbpfLoader,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -35,6 +35,7 @@ use crate::{
     },
     netns::Netns,
     object::EBPF_OBJECT,
+    services::{ServiceMaps, open_cgroup},
 };
 
 /// Map capacities. Defaults follow Cilium's where one exists (policy map 16384 entries,
@@ -46,6 +47,16 @@ pub struct MapSizes {
     pub ipcache: u32,
     pub policy: u32,
     pub conntrack: u32,
+    /// Service frontend entries (one per frontend and scope; Cilium: 64Ki).
+    pub lb_services: u32,
+    /// Backends, and separately the backend slots of all services (Cilium: 64Ki each).
+    pub lb_backends: u32,
+    pub lb_slots: u32,
+    /// Services with a Maglev table (64 KiB each, allocated on use).
+    pub lb_maglev: u32,
+    /// Socket reverse-translation entries (LRU) and affinity entries (LRU).
+    pub lb_reverse_sk: u32,
+    pub lb_affinity: u32,
 }
 
 impl Default for MapSizes {
@@ -55,6 +66,12 @@ impl Default for MapSizes {
             ipcache: 512_000,
             policy: 16384,
             conntrack: 65536,
+            lb_services: 65536,
+            lb_backends: 65536,
+            lb_slots: 65536,
+            lb_maglev: 1024,
+            lb_reverse_sk: 65536,
+            lb_affinity: 65536,
         }
     }
 }
@@ -72,8 +89,11 @@ pub struct Datapath {
     conntrack: CtMap,
     metrics: MetricsMap,
     events: Option<EventReader>,
+    services: ServiceMaps,
     /// Host interface name → (ingress link, egress link), both pinned.
     attached: BTreeMap<String, (PinnedLink, PinnedLink)>,
+    /// cgroup inode → the socket LB links attached there, pinned.
+    socket_lb: BTreeMap<u64, Vec<PinnedLink>>,
 }
 
 impl Datapath {
@@ -85,6 +105,13 @@ impl Datapath {
             (names::MAP_IPCACHE_V4, sizes.ipcache),
             (names::MAP_POLICY, sizes.policy),
             (names::MAP_CT_V4, sizes.conntrack),
+            (names::MAP_LB4_SERVICES, sizes.lb_services),
+            (names::MAP_LB4_BACKENDS, sizes.lb_backends),
+            (names::MAP_LB4_SLOTS, sizes.lb_slots),
+            (names::MAP_LB4_MAGLEV, sizes.lb_maglev),
+            (names::MAP_LB4_REVERSE_SK, sizes.lb_reverse_sk),
+            (names::MAP_LB4_AFFINITY, sizes.lb_affinity),
+            (names::MAP_LB_AFFINITY_MATCH, sizes.lb_slots),
         ] {
             if size == 0 {
                 return Err(DatapathError::Invalid {
@@ -101,6 +128,13 @@ impl Datapath {
             .map_max_entries(names::MAP_IPCACHE_V4, sizes.ipcache)
             .map_max_entries(names::MAP_POLICY, sizes.policy)
             .map_max_entries(names::MAP_CT_V4, sizes.conntrack)
+            .map_max_entries(names::MAP_LB4_SERVICES, sizes.lb_services)
+            .map_max_entries(names::MAP_LB4_BACKENDS, sizes.lb_backends)
+            .map_max_entries(names::MAP_LB4_SLOTS, sizes.lb_slots)
+            .map_max_entries(names::MAP_LB4_MAGLEV, sizes.lb_maglev)
+            .map_max_entries(names::MAP_LB4_REVERSE_SK, sizes.lb_reverse_sk)
+            .map_max_entries(names::MAP_LB4_AFFINITY, sizes.lb_affinity)
+            .map_max_entries(names::MAP_LB_AFFINITY_MATCH, sizes.lb_slots)
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -109,6 +143,26 @@ impl Datapath {
 
         for name in names::ALL_PROGRAMS {
             classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: "load (verifier)".into(),
+                    source,
+                })?;
+        }
+        // The socket programs are verified now too: a kernel that refuses them fails the
+        // load, not a later attach.
+        for (name, _) in names::SOCK_ADDR_PROGRAMS {
+            sock_addr_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    op: "load (verifier)".into(),
+                    source,
+                })?;
+        }
+        for (name, _) in names::SOCK_PROGRAMS {
+            sock_program(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
                     program: name,
@@ -132,6 +186,12 @@ impl Datapath {
         let conntrack = CtMap::new(take(names::MAP_CT_V4)?)?;
         let metrics = MetricsMap::new(take(names::MAP_METRICS)?)?;
         let events = Some(EventReader::new(take(names::MAP_EVENTS)?)?);
+        let mut services = ServiceMaps::new(&mut take)?;
+        // Fresh maps: the default NodePort range and no host namespace yet (pinned maps of
+        // a previous process keep what it set).
+        if services.config()?.nodeport_max == 0 {
+            services.set_config(0, crate::services::NODEPORT_RANGE_DEFAULT)?;
+        }
 
         Ok(Self {
             ebpf,
@@ -142,8 +202,137 @@ impl Datapath {
             conntrack,
             metrics,
             events,
+            services,
             attached: BTreeMap::new(),
+            socket_lb: BTreeMap::new(),
         })
+    }
+
+    /// The service maps (socket LB, and the per-packet path when it comes).
+    pub fn services(&mut self) -> &mut ServiceMaps {
+        &mut self.services
+    }
+
+    fn socket_lb_pin_dir(&self, cgroup_ino: u64) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("cgroup-{cgroup_ino}"))
+    }
+
+    /// Attaches the socket LB programs (connect4, sendmsg4, recvmsg4, getpeername4,
+    /// post_bind4, sock_release) to the cgroup v2 directory `cgroup` and pins the links under
+    /// `<pin dir>/links/cgroup-<inode>/`. A cgroup2 mount's root is refused. Programs are
+    /// attached as bpf links (the kernel takes no attach flags for them; links always run
+    /// next to the cgroup's other programs, so others' programs keep running). If a previous
+    /// process's links are pinned there, the new ones are attached before the old ones are
+    /// released, so sockets are never without translation (for that moment both run; the
+    /// second sees an already translated address and leaves it alone).
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
+        let (cgroup_fd, ino) = open_cgroup(cgroup)?;
+        if self.socket_lb.contains_key(&ino) {
+            return Ok(());
+        }
+        let dir = self.socket_lb_pin_dir(ino);
+        std::fs::create_dir_all(&dir).map_err(|source| DatapathError::BpfFs {
+            path: dir.clone(),
+            what: "create link pin directory",
+            source,
+        })?;
+        let mut fresh: Vec<(PathBuf, FdLink)> = Vec::new();
+        let op = |what: &str| format!("{what} cgroup {}", cgroup.display());
+        let result = (|| -> Result<()> {
+            for (name, _) in names::SOCK_ADDR_PROGRAMS {
+                let prog = sock_addr_program(&mut self.ebpf, name)?;
+                let id = prog
+                    .attach(&cgroup_fd, CgroupAttachMode::Single)
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        op: op("attach to"),
+                        source,
+                    })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        op: op("take link of"),
+                        source,
+                    })?;
+                let fd = FdLink::try_from(link).map_err(|e| DatapathError::Io {
+                    what: op("bpf link expected for"),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                fresh.push((dir.join(name), fd));
+            }
+            for (name, _) in names::SOCK_PROGRAMS {
+                let prog = sock_program(&mut self.ebpf, name)?;
+                let id = prog
+                    .attach(&cgroup_fd, CgroupAttachMode::Single)
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        op: op("attach to"),
+                        source,
+                    })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        op: op("take link of"),
+                        source,
+                    })?;
+                let fd = FdLink::try_from(link).map_err(|e| DatapathError::Io {
+                    what: op("bpf link expected for"),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                fresh.push((dir.join(name), fd));
+            }
+            Ok(())
+        })();
+        // On failure the fresh links drop here (detached); the old pins stay.
+        result?;
+        let mut pinned = Vec::new();
+        for (pin, link) in fresh {
+            if pin.exists() {
+                // The previous process's link: ours runs already, release it.
+                std::fs::remove_file(&pin).map_err(|source| DatapathError::BpfFs {
+                    path: pin.clone(),
+                    what: "unpin the previous link",
+                    source,
+                })?;
+            }
+            pinned.push(link.pin(&pin).map_err(|e| DatapathError::Io {
+                what: format!("pin link at {}", pin.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?);
+        }
+        self.socket_lb.insert(ino, pinned);
+        Ok(())
+    }
+
+    /// Detaches the socket LB programs from `cgroup` and removes their pins (also those a
+    /// previous process left).
+    pub fn detach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
+        let (_, ino) = open_cgroup(cgroup)?;
+        self.detach_socket_lb_ino(ino)
+    }
+
+    fn detach_socket_lb_ino(&mut self, ino: u64) -> Result<()> {
+        if let Some(links) = self.socket_lb.remove(&ino) {
+            for link in links {
+                link.unpin().map_err(|source| DatapathError::Io {
+                    what: format!("unpin socket LB link of cgroup inode {ino}"),
+                    source,
+                })?;
+            }
+        }
+        let dir = self.socket_lb_pin_dir(ino);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| DatapathError::BpfFs {
+                path: dir.clone(),
+                what: "remove socket LB link pins",
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -356,6 +545,33 @@ impl Datapath {
         Ok(result.duration)
     }
 
+    /// Runs `program` once on `packet` and returns the tc verdict and the packet as the
+    /// program left it (for programs that rewrite, such as the per-packet service
+    /// translation).
+    pub fn test_run_packet(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+    ) -> Result<(i32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let classifier = classifier(&mut self.ebpf, program)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let result = classifier
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                program,
+                op: "BPF_PROG_TEST_RUN".into(),
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+
     /// [`Datapath::test_run`] with the skb mark preset (as the proxy's sockets set it).
     pub fn test_run_with_mark(
         &mut self,
@@ -415,6 +631,10 @@ impl Datapath {
         for ifname in ifnames {
             self.detach_endpoint(&ifname)?;
         }
+        let cgroups: Vec<u64> = self.socket_lb.keys().copied().collect();
+        for ino in cgroups {
+            self.detach_socket_lb_ino(ino)?;
+        }
         Ok(())
     }
 }
@@ -468,6 +688,37 @@ pub fn enable_run_time_stats() -> Result<RunTimeStats> {
 }
 
 fn classifier<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            op: "type check".into(),
+            source,
+        })
+}
+
+fn sock_addr_program<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            op: "type check".into(),
+            source,
+        })
+}
+
+fn sock_program<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut CgroupSock> {
     ebpf.program_mut(name)
         .ok_or(DatapathError::Missing {
             kind: "program",

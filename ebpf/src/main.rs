@@ -32,9 +32,17 @@
 //! ingress, where `from_endpoint` recognises the mark and assigns the socket. Pods cannot
 //! forge that mark: crossing from the pod's namespace scrubs it.
 //!
+//! Socket load balancing (cgroup programs) lives in [`sock`]; the per-packet service
+//! translation ([`lb`], off unless configured) runs before conntrack at `from_endpoint`
+//! (policy judges the backend) and after policy at `to_endpoint` (replies get the service
+//! address back).
+//!
 //! Depends only on `aya-ebpf` and the ABI crate `membrane-common`.
 #![no_std]
 #![no_main]
+
+mod lb;
+mod sock;
 
 use aya_ebpf::{
     bindings::{
@@ -127,6 +135,16 @@ enum Action {
 fn handle(ctx: &TcContext, direction: Direction) -> i32 {
     match try_policy(ctx, direction) {
         Ok(Action::Pass) => {
+            // Replies of per-packet translated flows get the service address back, after
+            // conntrack and policy saw the backend.
+            if direction == Direction::Ingress
+                && lb::enabled()
+                && let Ok(flow) = parse_ipv4(ctx)
+                && let Err(drop_reason) = lb::xlate_rev(ctx, &flow)
+            {
+                count(direction, drop_reason, ctx.len());
+                return TC_ACT_SHOT;
+            }
             count(direction, reason::FORWARDED, ctx.len());
             TC_ACT_OK
         }
@@ -169,6 +187,8 @@ struct Flow {
     policy_port_be: u16,
     protocol: u8,
     tcp_flags: u8,
+    /// Offset of the L4 header in the frame.
+    l4_off: usize,
 }
 
 /// Everything an event needs besides the flow.
@@ -308,7 +328,7 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         _ => return Ok(Action::Pass),
     }
 
-    let flow = match parse_ipv4(ctx) {
+    let mut flow = match parse_ipv4(ctx) {
         Ok(flow) => flow,
         Err(r) if enforce => return Err(r),
         // Not enforcing: the packet is not ours to judge even if we cannot parse it.
@@ -349,6 +369,21 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
     }
     let from_proxy = direction == Direction::Ingress
         && (magic == mark::MAGIC_PROXY_EGRESS || magic == mark::MAGIC_PROXY_INGRESS);
+
+    // Per-packet service translation: before conntrack and policy, which see the backend.
+    if direction == Direction::Egress
+        && lb::enabled()
+        && let Err(r) = lb::xlate_fwd(ctx, &mut flow)
+    {
+        let site = Site {
+            ctx,
+            ep: endpoint,
+            direction,
+            flow: &flow,
+            peer: identity::WORLD,
+        };
+        return drop_with(&site, r, match_type::NONE, 0);
+    }
 
     // Conntrack ages in seconds: the coarse clock (jiffies resolution) is cheaper per packet.
     // SAFETY: helper without preconditions.
@@ -779,6 +814,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Flow, u8> {
         policy_port_be: 0,
         protocol,
         tcp_flags: 0,
+        l4_off: l4,
     };
     match protocol {
         proto::TCP | proto::UDP | proto::SCTP => {

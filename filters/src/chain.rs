@@ -15,7 +15,21 @@
 //!                         through the next filters → take_resumed_body
 //! on_response_headers ─ proxy_on_response_headers            (reverse order; callouts as above)
 //! on_response_body* ─── proxy_on_response_body              (reverse order; callouts as above)
+//!   gRPC callouts likewise: take_grpc_ops → the proxy carries them over HTTP/2 →
+//!   on_grpc_event ── proxy_on_grpc_receive_initial_metadata / _receive /
+//!   _receive_trailing_metadata / _close → resumes on proxy_continue_stream
 //! finish / drop ─────── proxy_on_done → proxy_on_log → proxy_on_delete   (always, once)
+//! ```
+//!
+//! TCP (stream) filters use the same stream type, started with
+//! [`FilterChain::start_connection`]:
+//!
+//! ```text
+//! on_new_connection ─── proxy_on_new_connection (first→last)   → Continue | Close
+//! on_downstream_data* ─ proxy_on_downstream_data (first→last)  → Continue(data) | Pause(held) | Close
+//! on_upstream_data* ─── proxy_on_upstream_data (last→first)    → Continue(data) | Pause(held) | Close
+//! on_downstream_close / on_upstream_close ─ proxy_on_*_connection_close(peer)
+//! finish / drop ─────── proxy_on_done → proxy_on_log → proxy_on_delete
 //! ```
 //!
 //! Callouts can be made in any of the four phases (Envoy allows them from every callback).
@@ -43,11 +57,13 @@ use crate::config::FailurePolicy;
 use crate::filter::{Filter, Generation, VmSlot};
 use crate::shared::lock;
 use crate::state::{CallResponseData, FilterStreamState, PendingLocalReply, StreamShared};
+use crate::state::{GrpcDelivery, PendingGrpcOp};
 use crate::types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, HttpCall, HttpCallId,
-    HttpCallResponse, LocalReply, Phase, StreamInfo,
+    Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp, GrpcStart,
+    Headers, HttpCall, HttpCallId, HttpCallResponse, LocalReply, PeerType, Phase, StreamInfo,
+    grpc_status,
 };
-use crate::vm::{Callback, VmFailure};
+use crate::vm::{Callback, GrpcCallback, VmFailure};
 
 /// An ordered list of filters. Cheap to clone; build a new one to change the order.
 #[derive(Clone, Default)]
@@ -70,6 +86,13 @@ impl FilterChain {
         &self.filters
     }
 
+    /// Starts a TCP connection through the chain (a stream context per filter, as Envoy's
+    /// network filters): then [`ChainStream::on_new_connection`], the data and close
+    /// callbacks, and [`ChainStream::finish`] once both sides closed.
+    pub fn start_connection(&self, info: StreamInfo) -> ChainStream {
+        self.start_stream(info)
+    }
+
     /// Starts a stream: assigns each filter's instance and creates the stream contexts.
     /// Failures here surface as the first phase's action (per failure policy).
     pub fn start_stream(&self, info: StreamInfo) -> ChainStream {
@@ -87,6 +110,8 @@ impl FilterChain {
             unsent: Vec::new(),
             in_flight: Vec::new(),
             resumed_body: None,
+            grpc_ops: Vec::new(),
+            grpc_live: Vec::new(),
         };
         for filter in self.filters.iter() {
             let generation = filter.current();
@@ -182,6 +207,23 @@ pub struct ChainStream {
     in_flight: Vec<(HttpCallId, String)>,
     /// Body bytes a resumed body phase released (see [`ChainStream::take_resumed_body`]).
     resumed_body: Option<Vec<u8>>,
+    /// gRPC operations made and not yet taken by the proxy.
+    grpc_ops: Vec<GrpcOp>,
+    /// gRPC calls and streams that have not ended, in the order they were made.
+    grpc_live: Vec<LiveGrpc>,
+}
+
+/// A gRPC call the chain tracks until its end is delivered.
+struct LiveGrpc {
+    id: GrpcCallId,
+    upstream: String,
+    service: String,
+    method: String,
+    unary: bool,
+    /// Taken by the proxy (else it was made in a phase that went on: never sent).
+    sent: bool,
+    /// A unary call's response message was delivered (the call is over for the guest).
+    answered: bool,
 }
 
 impl ChainStream {
@@ -324,6 +366,12 @@ impl ChainStream {
         };
         let step = self.step(i, phase, cb);
         self.filters[i].own.call_response = None;
+        self.after_callout(i, phase, step)
+    }
+
+    /// What a callout callback (HTTP response, gRPC event) of filter `i` means for the
+    /// stream: a paused phase resumes with the next filter when that filter continued it.
+    fn after_callout(&mut self, i: usize, phase: Phase, step: Step) -> Action {
         if self.finished {
             // The stream is ending: whatever the filter asks for has no one to go to.
             return Action::Continue;
@@ -336,6 +384,8 @@ impl ChainStream {
                 match phase {
                     Phase::ResponseHeaders => self.response_headers_below(i, false),
                     Phase::RequestBody | Phase::ResponseBody => self.resume_body(phase, i),
+                    Phase::Downstream | Phase::Upstream => self.resume_data(phase, i),
+                    Phase::NewConnection => self.new_connection_from(i + 1),
                     _ => self.request_headers_from(i + 1, false),
                 }
             }
@@ -360,6 +410,10 @@ impl ChainStream {
     fn settled(&mut self, action: Action) -> Action {
         if action != Action::Pause && !self.calls.is_empty() {
             self.unsent.append(&mut self.calls);
+        }
+        if action != Action::Pause && !self.grpc_ops.is_empty() {
+            // Never sent: the live entries stay unsent and fail when the stream ends.
+            self.grpc_ops.clear();
         }
         action
     }
@@ -450,6 +504,313 @@ impl ChainStream {
         Action::Continue
     }
 
+    /// gRPC operations the filters asked for since the last call, in order (see
+    /// [`GrpcOp`]). The proxy carries them while the phase is paused and reports what comes
+    /// back with [`ChainStream::on_grpc_event`]; operations of a phase that went on are never
+    /// taken (the calls fail with UNAVAILABLE when the stream ends).
+    pub fn take_grpc_ops(&mut self) -> Vec<GrpcOp> {
+        let ops = std::mem::take(&mut self.grpc_ops);
+        for op in &ops {
+            if let GrpcOp::Start(start) = op
+                && let Some(live) = self.grpc_live.iter_mut().find(|l| l.id == start.id)
+            {
+                live.sent = true;
+            }
+        }
+        ops
+    }
+
+    /// Whether a gRPC call of this stream is still waiting for events.
+    pub fn has_live_grpc(&self) -> bool {
+        self.grpc_live.iter().any(|l| l.sent && !l.answered)
+    }
+
+    /// Delivers one event of a gRPC call to the filter that made it, as Envoy does: a unary
+    /// call (`proxy_grpc_call`) sees its response message (`proxy_on_grpc_receive`) or, when
+    /// it failed, `proxy_on_grpc_close` with the status (metadata is not delivered for unary
+    /// calls); a stream sees every event. Events for a call the filter cancelled are
+    /// dropped. The returned action is as for [`ChainStream::on_http_call_response`]: a
+    /// paused phase resumes when the filter continues it.
+    pub fn on_grpc_event(&mut self, id: GrpcCallId, event: GrpcEvent) -> Action {
+        let action = self.deliver_grpc_event(id, event);
+        self.settled(action)
+    }
+
+    fn deliver_grpc_event(&mut self, id: GrpcCallId, event: GrpcEvent) -> Action {
+        let i = id.filter;
+        let Some(at) = self.grpc_live.iter().position(|l| l.id == id) else {
+            return self.resting_action();
+        };
+        if i >= self.filters.len() {
+            return self.resting_action();
+        }
+        let live = &self.grpc_live[at];
+        let mut delivery = GrpcDelivery::default();
+        let (kind, n, ends) = match event {
+            GrpcEvent::InitialMetadata(_) | GrpcEvent::TrailingMetadata(_) if live.unary => {
+                return self.resting_action();
+            }
+            GrpcEvent::InitialMetadata(h) => {
+                let n = h.len() as u32;
+                delivery.initial_metadata = h;
+                (GrpcCallback::InitialMetadata, n, None)
+            }
+            GrpcEvent::TrailingMetadata(h) => {
+                let n = h.len() as u32;
+                delivery.trailing_metadata = h;
+                (GrpcCallback::TrailingMetadata, n, None)
+            }
+            GrpcEvent::Message(_) if live.unary && live.answered => {
+                return self.resting_action();
+            }
+            GrpcEvent::Message(m) => {
+                let n = m.len() as u32;
+                delivery.message = m;
+                // A unary call is over once its response arrived (Envoy's onSuccess).
+                let ends = live.unary.then_some(grpc_status::OK);
+                (GrpcCallback::Receive, n, ends)
+            }
+            GrpcEvent::Close { status, .. } if live.unary && live.answered => {
+                // The response was delivered; a trailing OK says nothing new.
+                let _ = status;
+                self.grpc_live.remove(at);
+                return self.resting_action();
+            }
+            GrpcEvent::Close {
+                mut status,
+                mut message,
+            } => {
+                if live.unary && status == grpc_status::OK {
+                    // OK without a response message: not a valid unary answer.
+                    status = grpc_status::INTERNAL;
+                    message = "no response message".into();
+                }
+                delivery.status = Some((status, message));
+                (GrpcCallback::Close, status, Some(status))
+            }
+        };
+        let upstream = live.upstream.clone();
+        let (service, method) = (live.service.clone(), live.method.clone());
+        if let Some(status) = ends {
+            if kind == GrpcCallback::Receive {
+                self.grpc_live[at].answered = true;
+            } else {
+                self.grpc_live.remove(at);
+            }
+            let phase = self.paused.map_or(Phase::RequestHeaders, |(p, _)| p);
+            self.decisions.push(FilterDecision {
+                filter: self.filters[i].name(),
+                phase,
+                kind: DecisionKind::GrpcCallout {
+                    upstream,
+                    service,
+                    method,
+                    grpc_status: status,
+                },
+            });
+        }
+        let phase = if self.finished {
+            Phase::Log
+        } else {
+            self.paused.map_or(Phase::RequestHeaders, |(p, _)| p)
+        };
+        self.filters[i].own.grpc_delivery = Some(delivery);
+        let step = self.step(
+            i,
+            phase,
+            Callback::Grpc {
+                kind,
+                token: id.token,
+                n,
+            },
+        );
+        self.filters[i].own.grpc_delivery = None;
+        if ends.is_some() {
+            self.end_grpc_token(id);
+        }
+        self.after_callout(i, phase, step)
+    }
+
+    /// The instance forgets a call that ended.
+    fn end_grpc_token(&mut self, id: GrpcCallId) {
+        if let Some(slot) = self.filters.get(id.filter).and_then(|f| f.slot.clone()) {
+            lock(&slot.vm).end_grpc_token(id.token);
+        }
+    }
+
+    /// At the end of the stream every gRPC call still open is closed for its filter (before
+    /// `proxy_on_done`): UNAVAILABLE for calls never sent (made in a phase that went on),
+    /// CANCELLED for calls in flight.
+    fn end_live_grpc(&mut self) {
+        let ids: Vec<(GrpcCallId, bool)> = self
+            .grpc_live
+            .iter()
+            .filter(|l| !l.answered)
+            .map(|l| (l.id, l.sent))
+            .collect();
+        for (id, sent) in ids {
+            let (status, message) = if sent {
+                (grpc_status::CANCELLED, "the stream ended".to_owned())
+            } else {
+                (
+                    grpc_status::UNAVAILABLE,
+                    "not sent: the phase that made the call went on".to_owned(),
+                )
+            };
+            let _ = self.deliver_grpc_event(id, GrpcEvent::Close { status, message });
+        }
+        self.grpc_live.clear();
+    }
+
+    // ---- TCP (stream) filters ----
+
+    /// TCP filters: `proxy_on_new_connection` through the chain (first to last). Call once,
+    /// before any data. `Close` means reset the client; `Pause` means hold the connection
+    /// (the filter waits for a callout).
+    pub fn on_new_connection(&mut self) -> Action {
+        self.paused = None;
+        let action = self.new_connection_from(0);
+        self.settled(action)
+    }
+
+    fn new_connection_from(&mut self, first: usize) -> Action {
+        for i in first..self.filters.len() {
+            match self.step(i, Phase::NewConnection, Callback::NewConnection) {
+                Step::Continue | Step::LocalReply(_) => {}
+                Step::Pause => {
+                    self.paused = Some((Phase::NewConnection, i));
+                    return Action::Pause;
+                }
+                Step::Close | Step::Reject(_) => return Action::Close,
+            }
+        }
+        Action::Continue
+    }
+
+    /// TCP filters: bytes from the client (`proxy_on_downstream_data`, filters first to
+    /// last). `data` in: the new bytes; out: what to send upstream now. A filter that returns
+    /// Pause keeps the bytes (it sees them again, with the next ones, on the next call), as
+    /// Envoy's network filters do; `proxy_set_buffer_bytes(DOWNSTREAM_DATA)` rewrites them.
+    /// `Close`: close both sides (a failure policy that rejects also closes).
+    pub fn on_downstream_data(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> Action {
+        self.paused = None;
+        for i in 0..self.filters.len() {
+            if let Some(action) = self.data_step(i, Phase::Downstream, data, end_of_stream) {
+                return self.settled(action);
+            }
+        }
+        self.settled(Action::Continue)
+    }
+
+    /// TCP filters: bytes from the upstream (`proxy_on_upstream_data`, filters last to first,
+    /// Envoy's write-filter order); otherwise as [`ChainStream::on_downstream_data`].
+    pub fn on_upstream_data(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> Action {
+        self.paused = None;
+        for i in (0..self.filters.len()).rev() {
+            if let Some(action) = self.data_step(i, Phase::Upstream, data, end_of_stream) {
+                return self.settled(action);
+            }
+        }
+        self.settled(Action::Continue)
+    }
+
+    /// TCP filters: the client side closed (`proxy_on_downstream_connection_close`).
+    pub fn on_downstream_close(&mut self, peer: PeerType) {
+        for i in 0..self.filters.len() {
+            let cb = Callback::DownstreamClose { peer: peer as u32 };
+            let _ = self.step(i, Phase::Downstream, cb);
+        }
+    }
+
+    /// TCP filters: the upstream side closed (`proxy_on_upstream_connection_close`).
+    pub fn on_upstream_close(&mut self, peer: PeerType) {
+        for i in (0..self.filters.len()).rev() {
+            let cb = Callback::UpstreamClose { peer: peer as u32 };
+            let _ = self.step(i, Phase::Upstream, cb);
+        }
+    }
+
+    /// One filter's data callback; `None` means "go on to the next filter with `data`".
+    fn data_step(
+        &mut self,
+        i: usize,
+        phase: Phase,
+        data: &mut Vec<u8>,
+        end_of_stream: bool,
+    ) -> Option<Action> {
+        if self.filters[i].state == StreamState::Bypassed {
+            return None;
+        }
+        let limit = self.filters[i].generation.limits.max_buffered_body;
+        let fs = &mut self.filters[i];
+        let buffer = match phase {
+            Phase::Downstream => &mut fs.own.downstream_data,
+            _ => &mut fs.own.upstream_data,
+        };
+        buffer.append(data);
+        if buffer.len() > limit {
+            // Envoy's network filters have no local reply: an overflowing buffer closes.
+            buffer.clear();
+            self.decisions.push(FilterDecision {
+                filter: fs.name(),
+                phase,
+                kind: DecisionKind::Closed,
+            });
+            return Some(Action::Close);
+        }
+        let size = buffer.len() as u32;
+        let cb = match phase {
+            Phase::Downstream => Callback::DownstreamData {
+                size,
+                end_of_stream,
+            },
+            _ => Callback::UpstreamData {
+                size,
+                end_of_stream,
+            },
+        };
+        let step = self.step(i, phase, cb);
+        let fs = &mut self.filters[i];
+        let buffer = match phase {
+            Phase::Downstream => &mut fs.own.downstream_data,
+            _ => &mut fs.own.upstream_data,
+        };
+        match step {
+            Step::Continue | Step::LocalReply(_) => {
+                *data = std::mem::take(buffer);
+                None
+            }
+            Step::Pause => {
+                self.paused = Some((phase, i));
+                self.paused_end = end_of_stream;
+                Some(Action::Pause)
+            }
+            Step::Close | Step::Reject(_) => Some(Action::Close),
+        }
+    }
+
+    /// A paused data phase resumed by filter `i` (after a callout): its buffer goes on
+    /// through the filters after it; what comes out waits in `resumed_body`.
+    fn resume_data(&mut self, phase: Phase, i: usize) -> Action {
+        let end_of_stream = self.paused_end;
+        let fs = &mut self.filters[i];
+        let mut data = match phase {
+            Phase::Downstream => std::mem::take(&mut fs.own.downstream_data),
+            _ => std::mem::take(&mut fs.own.upstream_data),
+        };
+        let next: Vec<usize> = match phase {
+            Phase::Downstream => (i + 1..self.filters.len()).collect(),
+            _ => (0..i).rev().collect(),
+        };
+        for j in next {
+            if let Some(action) = self.data_step(j, phase, &mut data, end_of_stream) {
+                return action;
+            }
+        }
+        self.resumed_body = Some(data);
+        Action::Continue
+    }
+
     /// Callouts made in a phase that went on (not paused) are never sent: tell each filter
     /// its call failed, as Envoy does for a call that cannot complete.
     fn fail_unsent_calls(&mut self) {
@@ -476,6 +837,7 @@ impl ChainStream {
         // From here on callbacks only inform the filters (see deliver_call_response).
         self.finished = true;
         self.fail_unsent_calls();
+        self.end_live_grpc();
         for fs in &mut self.filters {
             let Some(slot) = fs.slot.clone() else {
                 continue;
@@ -517,7 +879,7 @@ impl ChainStream {
         fs.own.continue_requested = false;
         fs.own.headers_modified = false;
         fs.own.body_modified = false;
-        let (result, calls) = {
+        let (result, calls, grpc) = {
             let mut vm = lock(&slot.vm);
             if slot.failed.load(Ordering::Relaxed) {
                 vm.failed = true;
@@ -529,10 +891,59 @@ impl ChainStream {
                 &mut fs.own,
                 &fs.generation.limits,
             );
-            (result, vm.take_calls())
+            (result, vm.take_calls(), vm.take_grpc_ops())
         };
         if result.is_ok() {
             let filter = fs.name();
+            for op in grpc {
+                let id = |token| GrpcCallId { filter: i, token };
+                self.grpc_ops.push(match op {
+                    PendingGrpcOp::Start {
+                        token,
+                        upstream,
+                        service,
+                        method,
+                        metadata,
+                        message,
+                        timeout_ms,
+                    } => {
+                        self.grpc_live.push(LiveGrpc {
+                            id: id(token),
+                            upstream: upstream.clone(),
+                            service: service.clone(),
+                            method: method.clone(),
+                            unary: message.is_some(),
+                            sent: false,
+                            answered: false,
+                        });
+                        GrpcOp::Start(GrpcStart {
+                            id: id(token),
+                            filter: filter.clone(),
+                            upstream,
+                            service,
+                            method,
+                            initial_metadata: metadata,
+                            message,
+                            timeout: std::time::Duration::from_millis(u64::from(timeout_ms)),
+                        })
+                    }
+                    PendingGrpcOp::Send {
+                        token,
+                        message,
+                        end_stream,
+                    } => GrpcOp::Send {
+                        id: id(token),
+                        message,
+                        end_stream,
+                    },
+                    PendingGrpcOp::Close { token } => GrpcOp::Close { id: id(token) },
+                    PendingGrpcOp::Cancel { token } => {
+                        // Cancelled: nothing more is delivered for it.
+                        self.grpc_live.retain(|l| l.id != id(token));
+                        GrpcOp::Cancel { id: id(token) }
+                    }
+                });
+            }
             self.calls.extend(calls.into_iter().map(|c| HttpCall {
                 id: HttpCallId {
                     filter: i,

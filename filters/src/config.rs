@@ -133,6 +133,24 @@ impl Default for FilterLimits {
     }
 }
 
+/// What a filter filters: HTTP streams (the `WasmFilter` default) or TCP connections (the
+/// proxy-wasm stream context: L4 relays, the TLS relay).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FilterProtocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+impl FilterProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilterProtocol::Http => "http",
+            FilterProtocol::Tcp => "tcp",
+        }
+    }
+}
+
 /// One filter as configured: its module, configuration and policies.
 #[derive(Debug, Clone)]
 pub struct FilterSpec {
@@ -161,6 +179,9 @@ pub struct FilterSpec {
     /// to an address). Calls to other names get BAD_ARGUMENT, as Envoy answers for an unknown
     /// cluster. Default: none.
     pub callout_upstreams: Vec<String>,
+    /// HTTP or TCP. A module whose exports declare stream callbacks of the other kind only
+    /// is refused at load. Default: HTTP.
+    pub protocol: FilterProtocol,
 }
 
 impl FilterSpec {
@@ -178,7 +199,13 @@ impl FilterSpec {
             env: Vec::new(),
             log_level: LogLevel::Info,
             callout_upstreams: Vec::new(),
+            protocol: FilterProtocol::Http,
         }
+    }
+
+    pub fn with_protocol(mut self, protocol: FilterProtocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     pub fn with_callout_upstreams(mut self, names: impl IntoIterator<Item = String>) -> Self {

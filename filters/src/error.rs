@@ -21,6 +21,12 @@ pub enum FilterError {
         sha256: String,
         found: String,
     },
+    #[error("filter {filter}: module {sha256} is refused: {reason}")]
+    Unsupported {
+        filter: String,
+        sha256: String,
+        reason: String,
+    },
     #[error("filter {filter}: module {sha256} cannot be linked: {reason}")]
     Link {
         filter: String,

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::abi::AbiVersion;
-use crate::config::{FailurePolicy, FilterSpec, LogLevel};
+use crate::config::{FailurePolicy, FilterProtocol, FilterSpec, LogLevel};
 use crate::error::FilterError;
 use crate::host::HostInner;
 use crate::shared::lock;
@@ -195,6 +195,29 @@ impl Generation {
         let module =
             host.cache
                 .get_or_compile(&host.engine, &host.linker, &spec.name, &spec.module)?;
+        let declared = match spec.protocol {
+            FilterProtocol::Http => module.contexts.http,
+            FilterProtocol::Tcp => module.contexts.tcp,
+        };
+        // A module that declares stream callbacks of the other protocol only is clearly
+        // attached wrong; one that declares none (lifecycle or service only) has nothing to
+        // run per stream and is accepted, as Envoy does.
+        if !declared && (module.contexts.http || module.contexts.tcp) {
+            let callbacks = match spec.protocol {
+                FilterProtocol::Http => {
+                    "proxy_on_request_headers/_request_body/_response_headers/_response_body"
+                }
+                FilterProtocol::Tcp => "proxy_on_new_connection/_downstream_data/_upstream_data",
+            };
+            return Err(FilterError::Unsupported {
+                filter: spec.name.clone(),
+                sha256: module.sha256.clone(),
+                reason: format!(
+                    "attached as a {} filter, but it exports none of {callbacks}",
+                    spec.protocol.as_str()
+                ),
+            });
+        }
         let settings = Arc::new(FilterSettings {
             name: spec.name.as_str().into(),
             vm_id: spec.vm_id.as_deref().unwrap_or(&spec.name).into(),

@@ -23,10 +23,14 @@ use crate::abi::{
 };
 use crate::config::LogLevel;
 use crate::properties;
-use crate::state::{HostState, PendingCall, PendingLocalReply};
+use crate::state::{GrpcToken, HostState, PendingCall, PendingGrpcOp, PendingLocalReply};
 
 /// Most `proxy_http_call`s one callback may make (bounds what a guest makes the proxy do).
 const MAX_CALLS_PER_CALLBACK: usize = 16;
+/// Most gRPC operations (starts, sends, closes) one callback may queue.
+const MAX_GRPC_OPS_PER_CALLBACK: usize = 64;
+/// Largest gRPC message a guest may send (gRPC's default receive limit, 4 MiB).
+pub(crate) const MAX_GRPC_MESSAGE: usize = 4 << 20;
 use crate::types::Headers;
 
 type C<'a> = Caller<'a, HostState>;
@@ -126,6 +130,14 @@ fn header_map(state: &HostState, map_type: u32) -> Option<&Headers> {
             &r.trailers
         });
     }
+    if let map::GRPC_INITIAL_METADATA | map::GRPC_TRAILING_METADATA = map_type {
+        let d = state.stream.as_ref()?.own.grpc_delivery.as_ref()?;
+        return Some(if map_type == map::GRPC_INITIAL_METADATA {
+            &d.initial_metadata
+        } else {
+            &d.trailing_metadata
+        });
+    }
     let s = state.stream()?;
     Some(match map_type {
         map::HTTP_REQUEST_HEADERS => &s.shared.request_headers,
@@ -147,6 +159,29 @@ fn header_map_mut(state: &mut HostState, map_type: u32) -> Option<&mut Headers> 
         map::HTTP_REQUEST_TRAILERS => &mut s.shared.request_trailers,
         map::HTTP_RESPONSE_HEADERS => &mut s.shared.response_headers,
         _ => &mut s.shared.response_trailers,
+    })
+}
+
+/// A readable buffer: `Ok(None)` when it does not exist in this callback (NOT_FOUND),
+/// `Err(BAD_ARGUMENT)` for an unknown buffer type.
+fn buffer_of(st: &HostState, kind: u32) -> Result<Option<&[u8]>, u32> {
+    Ok(match kind {
+        buffer::VM_CONFIGURATION => Some(&st.settings.vm_config),
+        buffer::PLUGIN_CONFIGURATION => Some(&st.settings.plugin_config),
+        buffer::HTTP_REQUEST_BODY => st.stream().map(|s| &s.own.request_body[..]),
+        buffer::HTTP_RESPONSE_BODY => st.stream().map(|s| &s.own.response_body[..]),
+        buffer::DOWNSTREAM_DATA => st.stream().map(|s| &s.own.downstream_data[..]),
+        buffer::UPSTREAM_DATA => st.stream().map(|s| &s.own.upstream_data[..]),
+        buffer::HTTP_CALL_RESPONSE_BODY => call_body(st),
+        // The message being delivered (`proxy_on_grpc_receive`), whatever the effective
+        // context, as the callout response body.
+        buffer::GRPC_RECEIVE_BUFFER => st
+            .stream
+            .as_ref()
+            .and_then(|s| s.own.grpc_delivery.as_ref())
+            .map(|d| &d.message[..]),
+        buffer::FOREIGN_FUNCTION_ARGUMENTS => None,
+        _ => return Err(status::BAD_ARGUMENT),
     })
 }
 
@@ -245,17 +280,9 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, kind: u32, start: u32, max: u32, ret_ptr: u32, ret_size: u32| -> R {
             let data = {
                 let st = c.data();
-                let buf: Option<&[u8]> = match kind {
-                    buffer::VM_CONFIGURATION => Some(&st.settings.vm_config),
-                    buffer::PLUGIN_CONFIGURATION => Some(&st.settings.plugin_config),
-                    buffer::HTTP_REQUEST_BODY => st.stream().map(|s| &s.own.request_body[..]),
-                    buffer::HTTP_RESPONSE_BODY => st.stream().map(|s| &s.own.response_body[..]),
-                    buffer::HTTP_CALL_RESPONSE_BODY => call_body(st),
-                    buffer::DOWNSTREAM_DATA
-                    | buffer::UPSTREAM_DATA
-                    | buffer::GRPC_RECEIVE_BUFFER
-                    | buffer::FOREIGN_FUNCTION_ARGUMENTS => None,
-                    _ => return Ok(status::BAD_ARGUMENT),
+                let buf = match buffer_of(st, kind) {
+                    Ok(b) => b,
+                    Err(s) => return Ok(s),
                 };
                 let Some(buf) = buf else {
                     return Ok(status::NOT_FOUND);
@@ -273,14 +300,9 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_buffer_status",
         |mut c: C<'_>, kind: u32, ret_size: u32, ret_flags: u32| -> R {
             let st = c.data();
-            let len = match kind {
-                buffer::VM_CONFIGURATION => Some(st.settings.vm_config.len()),
-                buffer::PLUGIN_CONFIGURATION => Some(st.settings.plugin_config.len()),
-                buffer::HTTP_REQUEST_BODY => st.stream().map(|s| s.own.request_body.len()),
-                buffer::HTTP_RESPONSE_BODY => st.stream().map(|s| s.own.response_body.len()),
-                buffer::HTTP_CALL_RESPONSE_BODY => call_body(st).map(<[u8]>::len),
-                k if k <= buffer::FOREIGN_FUNCTION_ARGUMENTS => None,
-                _ => return Ok(status::BAD_ARGUMENT),
+            let len = match buffer_of(st, kind) {
+                Ok(b) => b.map(<[u8]>::len),
+                Err(s) => return Ok(s),
             };
             let Some(len) = len else {
                 return Ok(status::NOT_FOUND);
@@ -312,6 +334,8 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let buf = match kind {
                 buffer::HTTP_REQUEST_BODY => &mut s.own.request_body,
                 buffer::HTTP_RESPONSE_BODY => &mut s.own.response_body,
+                buffer::DOWNSTREAM_DATA => &mut s.own.downstream_data,
+                buffer::UPSTREAM_DATA => &mut s.own.upstream_data,
                 k if k <= buffer::FOREIGN_FUNCTION_ARGUMENTS => return Ok(status::OK),
                 _ => return Ok(status::BAD_ARGUMENT),
             };
@@ -521,12 +545,19 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_status",
         |mut c: C<'_>, ret_code: u32, ret_ptr: u32, ret_size: u32| -> R {
-            // No call result is being delivered (callouts are not dispatched yet): OK, 0, "".
+            // During proxy_on_grpc_close: the call's gRPC status and message (Envoy's
+            // status_code_/status_message_); otherwise OK, 0, "".
+            let (code, message) = c
+                .data()
+                .stream
+                .as_ref()
+                .and_then(|s| s.own.grpc_delivery.as_ref())
+                .and_then(|d| d.status.clone())
+                .unwrap_or((0, String::new()));
             done(
-                write_u32(&mut c, ret_code, 0)
-                    .and_then(|()| write_u32(&mut c, ret_ptr, 0))
-                    .and_then(|()| write_u32(&mut c, ret_size, 0))
-                    .map_err(Fail::from),
+                write_u32(&mut c, ret_code, code)
+                    .map_err(Fail::from)
+                    .and_then(|()| copy_out(&mut c, message.as_bytes(), ret_ptr, ret_size)),
             )
         },
     )?;
@@ -608,49 +639,130 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_grpc_call",
-        |_c: C<'_>,
-         _up: u32,
-         _ul: u32,
-         _sp: u32,
-         _sl: u32,
-         _mp: u32,
-         _ml: u32,
-         _ip: u32,
-         _il: u32,
-         _msgp: u32,
-         _msgl: u32,
-         _timeout: u32,
-         _ret: u32|
+        |mut c: C<'_>,
+         up: u32,
+         ul: u32,
+         sp: u32,
+         sl: u32,
+         mp: u32,
+         ml: u32,
+         ip: u32,
+         il: u32,
+         msgp: u32,
+         msgl: u32,
+         timeout_ms: u32,
+         ret: u32|
          -> R {
-            // Envoy: unknown gRPC upstream ⇒ PARSE_FAILURE (accepted by the Rust SDK).
-            Ok(status::PARSE_FAILURE)
+            let message = match read(&mut c, msgp, msgl) {
+                Ok(m) => m,
+                Err(s) => return Ok(s),
+            };
+            grpc_start(
+                &mut c,
+                GrpcTarget {
+                    upstream: (up, ul),
+                    service: (sp, sl),
+                    method: (mp, ml),
+                    metadata: (ip, il),
+                },
+                Some(message),
+                timeout_ms,
+                ret,
+            )
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_grpc_stream",
-        |_c: C<'_>,
-         _up: u32,
-         _ul: u32,
-         _sp: u32,
-         _sl: u32,
-         _mp: u32,
-         _ml: u32,
-         _ip: u32,
-         _il: u32,
-         _ret: u32|
-         -> R { Ok(status::PARSE_FAILURE) },
+        |mut c: C<'_>,
+         up: u32,
+         ul: u32,
+         sp: u32,
+         sl: u32,
+         mp: u32,
+         ml: u32,
+         ip: u32,
+         il: u32,
+         ret: u32|
+         -> R {
+            grpc_start(
+                &mut c,
+                GrpcTarget {
+                    upstream: (up, ul),
+                    service: (sp, sl),
+                    method: (mp, ml),
+                    metadata: (ip, il),
+                },
+                None,
+                0,
+                ret,
+            )
+        },
     )?;
     l.func_wrap(
         "env",
         "proxy_grpc_send",
-        |_c: C<'_>, _id: u32, _p: u32, _l: u32, _end: u32| -> R { Ok(status::NOT_FOUND) },
+        |mut c: C<'_>, token: u32, p: u32, len: u32, end: u32| -> R {
+            let message = match read(&mut c, p, len) {
+                Ok(m) => m,
+                Err(s) => return Ok(s),
+            };
+            let st = c.data_mut();
+            // Envoy: a unary call's token ⇒ BAD_ARGUMENT; unknown ⇒ NOT_FOUND.
+            let Some(t) = st.grpc_tokens.get_mut(&token) else {
+                return Ok(status::NOT_FOUND);
+            };
+            if !t.stream {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            if t.local_closed {
+                // Sending after a half-close: Envoy's stream ignores it; so do we.
+                return Ok(status::OK);
+            }
+            if message.len() > MAX_GRPC_MESSAGE
+                || st.pending_grpc.len() >= MAX_GRPC_OPS_PER_CALLBACK
+            {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            t.local_closed = end != 0;
+            st.pending_grpc.push(PendingGrpcOp::Send {
+                token,
+                message,
+                end_stream: end != 0,
+            });
+            Ok(status::OK)
+        },
     )?;
-    l.func_wrap("env", "proxy_grpc_cancel", |_c: C<'_>, _id: u32| -> R {
-        Ok(status::NOT_FOUND)
-    })?;
-    l.func_wrap("env", "proxy_grpc_close", |_c: C<'_>, _id: u32| -> R {
-        Ok(status::NOT_FOUND)
+    l.func_wrap(
+        "env",
+        "proxy_grpc_cancel",
+        |mut c: C<'_>, token: u32| -> R {
+            // Envoy: cancel a call / reset a stream; no callback follows.
+            let st = c.data_mut();
+            if st.grpc_tokens.remove(&token).is_none() {
+                return Ok(status::NOT_FOUND);
+            }
+            st.pending_grpc.push(PendingGrpcOp::Cancel { token });
+            Ok(status::OK)
+        },
+    )?;
+    l.func_wrap("env", "proxy_grpc_close", |mut c: C<'_>, token: u32| -> R {
+        // Envoy: closing a unary call cancels it (no callback follows); closing a stream
+        // half-closes it (the server's answer still arrives).
+        let st = c.data_mut();
+        let Some(t) = st.grpc_tokens.get_mut(&token) else {
+            return Ok(status::NOT_FOUND);
+        };
+        if !t.stream {
+            st.grpc_tokens.remove(&token);
+            st.pending_grpc.push(PendingGrpcOp::Cancel { token });
+            return Ok(status::OK);
+        }
+        if !t.local_closed {
+            t.local_closed = true;
+            st.pending_grpc.push(PendingGrpcOp::Close { token });
+        }
+        Ok(status::OK)
     })?;
 
     // ---- shared data and queues ----
@@ -842,6 +954,120 @@ fn register_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// Pointer/length pairs naming a gRPC call's target.
+struct GrpcTarget {
+    upstream: (u32, u32),
+    service: (u32, u32),
+    method: (u32, u32),
+    metadata: (u32, u32),
+}
+
+/// `proxy_grpc_call` (with its message) and `proxy_grpc_stream` (without).
+fn grpc_start(
+    c: &mut C<'_>,
+    target: GrpcTarget,
+    message: Option<Vec<u8>>,
+    timeout_ms: u32,
+    ret: u32,
+) -> R {
+    let read_all = |c: &mut C<'_>| -> Result<_, u32> {
+        Ok((
+            read(c, target.upstream.0, target.upstream.1)?,
+            read(c, target.service.0, target.service.1)?,
+            read(c, target.method.0, target.method.1)?,
+            read(c, target.metadata.0, target.metadata.1)?,
+        ))
+    };
+    let (upstream, service, method, metadata) = match read_all(c) {
+        Ok(v) => v,
+        Err(s) => return Ok(s),
+    };
+    let upstream = utf8_lossy(&upstream);
+    let st = c.data();
+    let refuse = |code: u32, why: String| {
+        st.log(LogLevel::Debug, format!("proxy_grpc_call/stream: {why}"));
+        Ok(code)
+    };
+    // Envoy: an upstream (cluster) it does not know ⇒ PARSE_FAILURE (the grpc_service
+    // argument did not parse as a service config nor name a cluster).
+    if !st.settings.callout_upstreams.contains(&upstream) {
+        return refuse(
+            status::PARSE_FAILURE,
+            format!("upstream {upstream:?} is not configured"),
+        );
+    }
+    // The statuses the Rust SDK accepts here are OK, PARSE_FAILURE and INTERNAL_FAILURE.
+    if st.stream.is_none() {
+        return refuse(
+            status::INTERNAL_FAILURE,
+            "only streams can make callouts in this host".into(),
+        );
+    }
+    if st.pending_grpc.len() >= MAX_GRPC_OPS_PER_CALLBACK
+        || st.pending_calls.len() >= MAX_CALLS_PER_CALLBACK
+    {
+        return refuse(
+            status::INTERNAL_FAILURE,
+            format!("more than {MAX_GRPC_OPS_PER_CALLBACK} gRPC operations in one callback"),
+        );
+    }
+    let (Ok(service), Ok(method)) = (String::from_utf8(service), String::from_utf8(method)) else {
+        return refuse(
+            status::PARSE_FAILURE,
+            "service or method is not UTF-8".into(),
+        );
+    };
+    // They become the HTTP/2 :path `/service/method`.
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')
+    };
+    if !valid(&service) || !valid(&method) {
+        return refuse(
+            status::PARSE_FAILURE,
+            format!("invalid service {service:?} or method {method:?}"),
+        );
+    }
+    if message.as_ref().is_some_and(|m| m.len() > MAX_GRPC_MESSAGE) {
+        return refuse(
+            status::INTERNAL_FAILURE,
+            format!("message larger than {MAX_GRPC_MESSAGE} bytes"),
+        );
+    }
+    let metadata = match decode_pairs(&metadata) {
+        Ok(m) => Headers::from_pairs(m),
+        Err(e) => return refuse(status::PARSE_FAILURE, format!("initial metadata: {e}")),
+    };
+    let st = c.data_mut();
+    let context = st.effective_context;
+    let token = st.next_call_token;
+    st.next_call_token = st.next_call_token.wrapping_add(1).max(1);
+    if let Err(s) = write_u32(c, ret, token) {
+        return Ok(s);
+    }
+    let st = c.data_mut();
+    let stream = message.is_none();
+    st.grpc_tokens.insert(
+        token,
+        GrpcToken {
+            context,
+            stream,
+            local_closed: !stream,
+        },
+    );
+    st.pending_grpc.push(PendingGrpcOp::Start {
+        token,
+        upstream,
+        service,
+        method,
+        metadata,
+        message,
+        timeout_ms,
+    });
+    Ok(status::OK)
 }
 
 fn map_write(

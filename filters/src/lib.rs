@@ -3,7 +3,9 @@
 //! policies and atomic hot reload. The proxy drives it through [`FilterChain`] /
 //! [`ChainStream`] with plain Rust types (no wasmtime types cross this crate's API), and the
 //! agent (`membrane_agent::wasm_filters`) adapts that to `membrane-l7proxy`'s filter-chain
-//! trait; HTTP callouts leave as [`HttpCall`]s for the proxy to send.
+//! trait; HTTP callouts leave as [`HttpCall`]s and gRPC callouts as [`GrpcOp`]s for the proxy
+//! to send (it answers with [`GrpcEvent`]s). The same [`ChainStream`] also runs TCP (stream)
+//! filters: [`FilterChain::start_connection`], then the connection callbacks.
 //!
 //! The only crate allowed to depend on `wasmtime`. Must not depend on the datapath, the agent
 //! or the proxy.
@@ -53,14 +55,16 @@ mod vm;
 
 pub use chain::{ChainStream, FilterChain};
 pub use config::{
-    FailurePolicy, FilterLimits, FilterLog, FilterSpec, HostConfig, LogLevel, LogSink,
+    FailurePolicy, FilterLimits, FilterLog, FilterProtocol, FilterSpec, HostConfig, LogLevel,
+    LogSink,
 };
 pub use error::FilterError;
 pub use filter::Filter;
 pub use host::FilterHost;
-pub use inspect::{ImportReport, ImportStatus, ModuleReport};
+pub use inspect::{ContextTypes, ImportReport, ImportStatus, ModuleReport};
 pub use shared::{MetricKind, MetricSnapshot};
 pub use types::{
-    Action, DecisionKind, FailureOutcome, FilterDecision, Headers, HttpCall, HttpCallId,
-    HttpCallResponse, LocalReply, PeerInfo, Phase, StreamInfo,
+    Action, DecisionKind, FailureOutcome, FilterDecision, GrpcCallId, GrpcEvent, GrpcOp, GrpcStart,
+    Headers, HttpCall, HttpCallId, HttpCallResponse, LocalReply, PeerInfo, PeerType, Phase,
+    StreamInfo, grpc_status,
 };

@@ -19,6 +19,8 @@ pub(crate) struct CompiledModule {
     pub sha256: String,
     pub abi: AbiVersion,
     pub pre: InstancePre<HostState>,
+    /// The context types its exports declare (checked against a filter's protocol).
+    pub contexts: crate::inspect::ContextTypes,
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
@@ -83,6 +85,27 @@ fn compile(
         found,
     })?;
 
+    // A module that needs what membrane lacks is refused now, with the list, rather than
+    // left to fail on a link error naming only the first one.
+    let report = crate::inspect::report(&module, linker, sha256.clone());
+    let missing: Vec<String> = report
+        .imports
+        .iter()
+        .filter(|i| i.status == crate::inspect::ImportStatus::Missing)
+        .map(|i| format!("{}::{}", i.module, i.name))
+        .collect();
+    if !missing.is_empty() {
+        return Err(FilterError::Unsupported {
+            filter: filter.to_owned(),
+            sha256,
+            reason: format!(
+                "it imports what membrane does not provide: {}",
+                missing.join(", ")
+            ),
+        });
+    }
+    let contexts = report.contexts;
+
     // WASI functions we do not provide (filesystem, sockets) link as traps with a message, so
     // a module that imports but never calls them still loads (cpp-host stubs them too).
     // Unknown `env` functions are a link error naming the import.
@@ -115,7 +138,12 @@ fn compile(
         }
         linker.instantiate_pre(&module).map_err(link_err)?
     };
-    Ok(CompiledModule { sha256, abi, pre })
+    Ok(CompiledModule {
+        sha256,
+        abi,
+        pre,
+        contexts,
+    })
 }
 
 /// cpp-host's rule: the first *function* export named `proxy_abi_version_*` decides. 0.1.0 is

@@ -25,8 +25,9 @@ pub(crate) struct FilterSettings {
     pub env: Vec<(String, String)>,
     pub log_level: LogLevel,
     pub log_sink: Option<LogSink>,
-    /// Upstream names `proxy_http_call` may target (Envoy: cluster names); others get
-    /// BAD_ARGUMENT, Envoy's answer for an unknown cluster.
+    /// Upstream names `proxy_http_call` and `proxy_grpc_call`/`_stream` may target (Envoy:
+    /// cluster names); others get BAD_ARGUMENT (HTTP) or PARSE_FAILURE (gRPC), Envoy's
+    /// answers for an unknown cluster.
     pub callout_upstreams: Vec<String>,
 }
 
@@ -83,6 +84,58 @@ pub(crate) struct FilterStreamState {
     /// The callout response being delivered (`proxy_on_http_call_response`): map 6/7 and
     /// buffer 4 read it.
     pub call_response: Option<CallResponseData>,
+    /// The gRPC event being delivered (`proxy_on_grpc_*`): maps 4/5, buffer 5 and
+    /// `proxy_get_status` read it.
+    pub grpc_delivery: Option<GrpcDelivery>,
+    /// TCP filters: bytes this filter holds per direction (buffers 2 and 3), kept while it
+    /// returns Pause, as Envoy keeps a network filter's read buffer.
+    pub downstream_data: Vec<u8>,
+    pub upstream_data: Vec<u8>,
+}
+
+/// One gRPC event as the guest reads it during its callback.
+#[derive(Default)]
+pub(crate) struct GrpcDelivery {
+    pub initial_metadata: Headers,
+    pub message: Vec<u8>,
+    pub trailing_metadata: Headers,
+    /// `proxy_get_status` during `proxy_on_grpc_close`.
+    pub status: Option<(u32, String)>,
+}
+
+/// A gRPC operation the guest asked for during the current callback, collected by the chain.
+pub(crate) enum PendingGrpcOp {
+    Start {
+        token: u32,
+        upstream: String,
+        service: String,
+        method: String,
+        metadata: Headers,
+        message: Option<Vec<u8>>,
+        timeout_ms: u32,
+    },
+    Send {
+        token: u32,
+        message: Vec<u8>,
+        end_stream: bool,
+    },
+    Close {
+        token: u32,
+    },
+    Cancel {
+        token: u32,
+    },
+}
+
+/// A live gRPC token of this instance (Envoy's `grpc_call_request_` / `grpc_stream_`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GrpcToken {
+    /// The stream context that made it.
+    pub context: u32,
+    /// `proxy_grpc_stream` (else a unary `proxy_grpc_call`).
+    pub stream: bool,
+    /// The guest half-closed it (`proxy_grpc_close` of a stream).
+    pub local_closed: bool,
 }
 
 /// A callout's response as the guest reads it during `proxy_on_http_call_response`.
@@ -185,8 +238,13 @@ pub(crate) struct HostState {
     pub root_properties: HashMap<Vec<u8>, Vec<u8>>,
     /// `proxy_http_call`s made during the current callback, collected by the chain after it.
     pub pending_calls: Vec<PendingCall>,
-    /// Next callout token (unique per instance: the SDK panics on a token it does not know).
+    /// Next callout token, HTTP and gRPC alike (unique per instance: the SDK panics on a
+    /// token it does not know).
     pub next_call_token: u32,
+    /// gRPC operations made during the current callback, collected by the chain after it.
+    pub pending_grpc: Vec<PendingGrpcOp>,
+    /// Live gRPC calls and streams by token.
+    pub grpc_tokens: HashMap<u32, GrpcToken>,
 }
 
 impl HostState {

@@ -252,6 +252,91 @@ pub struct HttpCallResponse {
     pub trailers: Headers,
 }
 
+/// Identifies one gRPC call or stream of one stream (which filter made it, and its token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GrpcCallId {
+    pub(crate) filter: usize,
+    pub(crate) token: u32,
+}
+
+/// What a filter asked of a gRPC upstream (`proxy_grpc_call`, `proxy_grpc_stream`,
+/// `proxy_grpc_send`, `proxy_grpc_close`, `proxy_grpc_cancel`), in the order it asked. The
+/// proxy carries them over HTTP/2 and hands what comes back to
+/// [`crate::ChainStream::on_grpc_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcOp {
+    /// Open a call: `POST /{service}/{method}` to the address of `upstream`.
+    Start(GrpcStart),
+    /// Send one message (unframed: the proxy adds the 5-byte gRPC prefix); `end_stream`
+    /// half-closes the sending side after it.
+    Send {
+        id: GrpcCallId,
+        message: Vec<u8>,
+        end_stream: bool,
+    },
+    /// Half-close the sending side (`proxy_grpc_close` of a stream): the server may still
+    /// answer; its events keep coming.
+    Close { id: GrpcCallId },
+    /// Abandon the call (`proxy_grpc_cancel`, `proxy_grpc_close` of a unary call): reset the
+    /// HTTP/2 stream; nothing more is delivered for it (as Envoy).
+    Cancel { id: GrpcCallId },
+}
+
+/// A new gRPC call. A unary call (`proxy_grpc_call`) carries its one message and is
+/// half-closed at once; a stream (`proxy_grpc_stream`) starts empty and is fed with
+/// [`GrpcOp::Send`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcStart {
+    pub id: GrpcCallId,
+    /// The filter that made it.
+    pub filter: Arc<str>,
+    /// The upstream name (one of the filter's `callout_upstreams`).
+    pub upstream: String,
+    /// Fully qualified service name (`grpc.health.v1.Health`).
+    pub service: String,
+    pub method: String,
+    /// Request metadata (sent as HTTP/2 headers after the gRPC ones).
+    pub initial_metadata: Headers,
+    /// `Some` for a unary call: its request message.
+    pub message: Option<Vec<u8>>,
+    /// 0 means none (Envoy); the proxy should still bound it. Sent as `grpc-timeout`.
+    pub timeout: std::time::Duration,
+}
+
+impl GrpcStart {
+    /// `/{service}/{method}`, the HTTP/2 `:path`.
+    pub fn path(&self) -> String {
+        format!("/{}/{}", self.service, self.method)
+    }
+}
+
+/// What came back from a gRPC upstream, in arrival order. Every call ends with exactly one
+/// `Close` (unless the filter cancelled it); the proxy synthesizes it for failures it sees
+/// itself (connect error: UNAVAILABLE, timeout: DEADLINE_EXCEEDED, reset: INTERNAL...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcEvent {
+    /// The response headers.
+    InitialMetadata(Headers),
+    /// One response message (unframed).
+    Message(Vec<u8>),
+    /// The response trailers.
+    TrailingMetadata(Headers),
+    /// The call ended with this `grpc-status` and (percent-decoded) `grpc-message`.
+    Close { status: u32, message: String },
+}
+
+/// gRPC status codes (`google.rpc.Code`) the host and the proxy produce themselves.
+pub mod grpc_status {
+    pub const OK: u32 = 0;
+    pub const CANCELLED: u32 = 1;
+    pub const UNKNOWN: u32 = 2;
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNIMPLEMENTED: u32 = 12;
+    pub const INTERNAL: u32 = 13;
+    pub const UNAVAILABLE: u32 = 14;
+}
+
 /// One filter decision for the flow record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterDecision {
@@ -277,6 +362,14 @@ pub enum DecisionKind {
         upstream: String,
         status: Option<u16>,
     },
+    /// A gRPC call or stream of the filter ended (`proxy_on_grpc_close`, or the unary
+    /// response): `grpc_status` 0 is OK.
+    GrpcCallout {
+        upstream: String,
+        service: String,
+        method: String,
+        grpc_status: u32,
+    },
     /// The filter's instance failed; `outcome` says what the failure policy did.
     Failed {
         reason: String,
@@ -292,6 +385,17 @@ pub enum FailureOutcome {
     Bypassed,
 }
 
+/// Which side of a TCP connection closed, as `proxy_on_*_connection_close` reports it
+/// (`proxy_peer_type_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerType {
+    Unknown = 0,
+    /// The proxy closed it.
+    Local = 1,
+    /// The peer closed it.
+    Remote = 2,
+}
+
 /// The request/response phases a filter runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -300,6 +404,12 @@ pub enum Phase {
     RequestBody,
     ResponseHeaders,
     ResponseBody,
+    /// TCP filters: `proxy_on_new_connection`.
+    NewConnection,
+    /// TCP filters: `proxy_on_downstream_data` / `_connection_close`.
+    Downstream,
+    /// TCP filters: `proxy_on_upstream_data` / `_connection_close`.
+    Upstream,
     Log,
 }
 
@@ -311,6 +421,9 @@ impl Phase {
             Phase::RequestBody => "request_body",
             Phase::ResponseHeaders => "response_headers",
             Phase::ResponseBody => "response_body",
+            Phase::NewConnection => "new_connection",
+            Phase::Downstream => "downstream",
+            Phase::Upstream => "upstream",
             Phase::Log => "log",
         }
     }

@@ -74,6 +74,15 @@ exports! {
     response_headers: "proxy_on_response_headers" => (u32, u32, u32) -> u32;
     response_body: "proxy_on_response_body" => (u32, u32, u32) -> u32;
     http_call_response: "proxy_on_http_call_response" => (u32, u32, u32, u32, u32) -> ();
+    grpc_initial_metadata: "proxy_on_grpc_receive_initial_metadata" => (u32, u32, u32) -> ();
+    grpc_receive: "proxy_on_grpc_receive" => (u32, u32, u32) -> ();
+    grpc_trailing_metadata: "proxy_on_grpc_receive_trailing_metadata" => (u32, u32, u32) -> ();
+    grpc_close: "proxy_on_grpc_close" => (u32, u32, u32) -> ();
+    new_connection: "proxy_on_new_connection" => (u32) -> u32;
+    downstream_data: "proxy_on_downstream_data" => (u32, u32, u32) -> u32;
+    upstream_data: "proxy_on_upstream_data" => (u32, u32, u32) -> u32;
+    downstream_close: "proxy_on_downstream_connection_close" => (u32, u32) -> ();
+    upstream_close: "proxy_on_upstream_connection_close" => (u32, u32) -> ();
     done: "proxy_on_done" => (u32) -> u32;
     log: "proxy_on_log" => (u32) -> ();
     delete: "proxy_on_delete" => (u32) -> ();
@@ -107,6 +116,40 @@ pub(crate) enum Callback {
         body_size: u32,
         trailers: u32,
     },
+    /// `proxy_on_grpc_*(root, token, n)` (metadata count, message size or status); the event
+    /// is in the stream's `grpc_delivery`. Root context current, as for HTTP calls.
+    Grpc {
+        kind: GrpcCallback,
+        token: u32,
+        n: u32,
+    },
+    /// TCP: `proxy_on_new_connection(ctx)`.
+    NewConnection,
+    /// TCP: `proxy_on_downstream_data(ctx, size, eos)` / `proxy_on_upstream_data`.
+    DownstreamData {
+        size: u32,
+        end_of_stream: bool,
+    },
+    UpstreamData {
+        size: u32,
+        end_of_stream: bool,
+    },
+    /// TCP: `proxy_on_*_connection_close(ctx, peer_type)`.
+    DownstreamClose {
+        peer: u32,
+    },
+    UpstreamClose {
+        peer: u32,
+    },
+}
+
+/// The four gRPC callbacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GrpcCallback {
+    InitialMetadata,
+    Receive,
+    TrailingMetadata,
+    Close,
 }
 
 const ROOT_CONTEXT_ID: u32 = 1;
@@ -167,6 +210,8 @@ impl Vm {
             root_properties: HashMap::new(),
             pending_calls: Vec::new(),
             next_call_token: 1,
+            pending_grpc: Vec::new(),
+            grpc_tokens: HashMap::new(),
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -381,6 +426,46 @@ impl Vm {
         let ticks = self.callback_ticks;
         let ex = self.exports.clone();
         self.with_stream(ctx, shared, own, |vm| {
+            if let Callback::Grpc { kind, token, n } = cb {
+                let f = match kind {
+                    GrpcCallback::InitialMetadata => &ex.grpc_initial_metadata,
+                    GrpcCallback::Receive => &ex.grpc_receive,
+                    GrpcCallback::TrailingMetadata => &ex.grpc_trailing_metadata,
+                    GrpcCallback::Close => &ex.grpc_close,
+                };
+                return match f {
+                    Some(f) => vm
+                        .call(
+                            f,
+                            (ROOT_CONTEXT_ID, token, n),
+                            ROOT_CONTEXT_ID,
+                            ticks,
+                            limits,
+                        )
+                        .map(|()| crate::abi::action::PAUSE as u32),
+                    None => Ok(crate::abi::action::PAUSE as u32),
+                };
+            }
+            match cb {
+                Callback::NewConnection => {
+                    return match &ex.new_connection {
+                        Some(f) => vm.call(f, (ctx,), ctx, ticks, limits),
+                        None => Ok(0),
+                    };
+                }
+                Callback::DownstreamClose { peer } | Callback::UpstreamClose { peer } => {
+                    let f = if matches!(cb, Callback::DownstreamClose { .. }) {
+                        &ex.downstream_close
+                    } else {
+                        &ex.upstream_close
+                    };
+                    return match f {
+                        Some(f) => vm.call(f, (ctx, peer), ctx, ticks, limits).map(|()| 0),
+                        None => Ok(0),
+                    };
+                }
+                _ => {}
+            }
             if let Callback::HttpCallResponse {
                 token,
                 headers,
@@ -420,8 +505,20 @@ impl Vm {
                     size,
                     end_of_stream,
                 } => (&ex.response_body, size, end_of_stream),
+                Callback::DownstreamData {
+                    size,
+                    end_of_stream,
+                } => (&ex.downstream_data, size, end_of_stream),
+                Callback::UpstreamData {
+                    size,
+                    end_of_stream,
+                } => (&ex.upstream_data, size, end_of_stream),
                 // Delivered above; kept exhaustive so a new callback kind is not forgotten.
-                Callback::HttpCallResponse { .. } => return Ok(crate::abi::action::PAUSE as u32),
+                Callback::HttpCallResponse { .. }
+                | Callback::Grpc { .. }
+                | Callback::NewConnection
+                | Callback::DownstreamClose { .. }
+                | Callback::UpstreamClose { .. } => return Ok(crate::abi::action::PAUSE as u32),
             };
             match f {
                 Some(f) => vm.call(f, (ctx, a, u32::from(b)), ctx, ticks, limits),
@@ -461,7 +558,19 @@ impl Vm {
         let st = self.store.data_mut();
         st.contexts.remove(&ctx);
         st.pending_done.retain(|c| *c != ctx);
+        // The context's calls die with it (Envoy cancels a context's calls on delete).
+        st.grpc_tokens.retain(|_, t| t.context != ctx);
         r
+    }
+
+    /// The gRPC operations made since the last take.
+    pub fn take_grpc_ops(&mut self) -> Vec<crate::state::PendingGrpcOp> {
+        std::mem::take(&mut self.store.data_mut().pending_grpc)
+    }
+
+    /// Forgets a gRPC token (its call ended).
+    pub fn end_grpc_token(&mut self, token: u32) {
+        self.store.data_mut().grpc_tokens.remove(&token);
     }
 
     /// The `proxy_http_call`s made since the last take.

@@ -291,7 +291,7 @@ fn abi_versions_other_than_0_2_x_are_rejected_with_the_module_named() -> Result<
             }
         }
     }
-    // A module importing a function the host does not have is a link error naming it.
+    // A module importing a function the host does not have is refused at load, naming it.
     let wasm = wat::parse_str(format!(
         r#"(module (import "env" "proxy_no_such_call" (func))
             (func (export "proxy_abi_version_0_2_1")) {MINIMAL_FILTER_BODY})"#
@@ -299,9 +299,9 @@ fn abi_versions_other_than_0_2_x_are_rejected_with_the_module_named() -> Result<
     let err = host
         .load(FilterSpec::new("wat-link", wasm))
         .err()
-        .expect("link error");
+        .expect("refused");
     assert!(
-        matches!(&err, FilterError::Link { reason, .. } if reason.contains("proxy_no_such_call")),
+        matches!(&err, FilterError::Unsupported { reason, .. } if reason.contains("env::proxy_no_such_call")),
         "{err}"
     );
     Ok(())

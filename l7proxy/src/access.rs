@@ -103,6 +103,13 @@ pub enum FilterOutcome {
         upstream: String,
         status: Option<u16>,
     },
+    /// A gRPC callout of the filter finished with this gRPC status (0 OK).
+    GrpcCallout {
+        upstream: String,
+        /// `package.Service/Method`.
+        method: String,
+        grpc_status: u32,
+    },
     /// The filter failed (trap, deadline, memory cap); `action` is what its failure policy
     /// did (`rejected 503`, `bypassed`).
     Failed {
@@ -127,6 +134,11 @@ impl fmt::Display for FilterRecord {
                 upstream,
                 status: None,
             } => write!(f, "callout {upstream} failed"),
+            FilterOutcome::GrpcCallout {
+                upstream,
+                method,
+                grpc_status,
+            } => write!(f, "grpc callout {upstream} {method} status {grpc_status}"),
             FilterOutcome::Failed { reason, action } => write!(f, "failed ({reason}), {action}"),
         }
     }

@@ -20,6 +20,11 @@
 //!   hop-by-hop headers, pooled upstream, upstream failure replies, upgrade tunnels.
 //! - [`filter`]: the HTTP filter-chain trait ([`filter::HttpFilters`]) with its phase chart;
 //!   `filter_path` (private) drives it: head conversions, the callout loop, filtered bodies.
+//! - [`grpc_callout`]: the HTTP/2 client that carries the filters' gRPC calls and streams
+//!   (plain types; the filter host's `GrpcOp`s are adapted to it by the node proxy).
+//! - [`tcp_filter`]: TCP (stream) filters on L4 relays: the chain trait
+//!   ([`tcp_filter::ConnectionFilters`]), the filtered relay (also used by the TLS relay), and
+//!   the standalone proxy's TCP mode ([`tcp_filter::TcpProxy`]).
 //! - [`access`]: access records on a bounded channel that never blocks traffic.
 //! - [`standalone`]: the reverse-proxy mode (`membrane proxy --listen --upstream --policy`).
 //! - [`policy_file`]: the standalone mode's YAML policy file.
@@ -39,12 +44,14 @@ pub mod access;
 pub mod dns;
 pub mod filter;
 mod filter_path;
+pub mod grpc_callout;
 pub mod policy;
 pub mod policy_file;
 mod proxy;
 pub mod redirect;
 pub mod standalone;
 pub mod strict;
+pub mod tcp_filter;
 pub mod transparent;
 mod upstream;
 

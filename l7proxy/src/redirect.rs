@@ -122,6 +122,15 @@ pub trait PolicySource: Send + Sync {
         None
     }
 
+    /// The TCP (stream) filters of a flow the proxy relays at L4 (the TLS relay): they see
+    /// every byte both ways after the policy allowed the connection. Default: none.
+    fn tcp_filters(
+        &self,
+        _query: &PolicyQuery,
+    ) -> Option<Arc<dyn crate::tcp_filter::ConnectionFilters>> {
+        None
+    }
+
     /// The TLS server-name policy when the flow's port is a `serverNames` port (then the
     /// connection is never parsed as HTTP; a policy that allows nothing resets it), `None`
     /// when it is not (HTTP). Asked once per connection, before any byte is read. The default

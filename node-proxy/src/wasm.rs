@@ -490,6 +490,16 @@ impl FilterStream for WasmStream {
                         upstream: upstream.clone(),
                         status: *status,
                     },
+                    DecisionKind::GrpcCallout {
+                        upstream,
+                        service,
+                        method,
+                        grpc_status,
+                    } => FilterOutcome::GrpcCallout {
+                        upstream: upstream.clone(),
+                        method: format!("{service}/{method}"),
+                        grpc_status: *grpc_status,
+                    },
                     DecisionKind::Failed { reason, outcome } => FilterOutcome::Failed {
                         reason: reason.clone(),
                         action: match outcome {

@@ -50,6 +50,11 @@
 //!   [`HttpRule::compile`].
 //! - Port ranges: [`range_to_prefixes`].
 //!
+//! Services ([`service`]): Kubernetes `Service` + `EndpointSlice` parsed and validated
+//! ([`service::parse_service_documents`]), the [`service::ServiceRepository`] (conflicting
+//! frontends refused) and its load-balancer desired state ([`service::LbState`]), Maglev
+//! tables ([`service::maglev`]).
+//!
 //! # Not implemented (rejected or reported, never silently ignored)
 //! `toServices` resolution (parsed and validated; resolves to nothing with a warning),
 //! `fromNodes`/`toNodes`, `fromGroups`/`toGroups`, `cidrGroupRef`/`cidrGroupSelector`,
@@ -90,6 +95,7 @@ pub mod resolver;
 pub mod selector;
 mod selector_cache;
 pub mod server_name;
+pub mod service;
 
 pub use cidr::IpPrefix;
 pub use error::{IdentityError, LabelError, PolicyError, SelectorError};

@@ -87,7 +87,7 @@ fn syntax(source_name: &str, message: String) -> PolicyError {
 }
 
 /// Decodes the text into one value per document.
-fn load_values(text: &str, source_name: &str) -> Result<Vec<Value>, PolicyError> {
+pub(crate) fn load_values(text: &str, source_name: &str) -> Result<Vec<Value>, PolicyError> {
     let trimmed = text.trim_start();
     let mut docs = Vec::new();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
@@ -374,7 +374,7 @@ fn parse_resource(
 // ---------------------------------------------------------------------------------------
 // Generic value helpers
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
     } else {
@@ -382,11 +382,11 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn idx(path: &str, i: usize) -> String {
+pub(crate) fn idx(path: &str, i: usize) -> String {
     format!("{path}[{i}]")
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -397,22 +397,25 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn as_str<'v>(v: &'v Value, path: &str) -> Result<&'v str, FieldError> {
+pub(crate) fn as_str<'v>(v: &'v Value, path: &str) -> Result<&'v str, FieldError> {
     v.as_str()
         .ok_or_else(|| FieldError::new(path, format!("expected a string, found {}", type_name(v))))
 }
 
-fn as_array<'v>(v: &'v Value, path: &str) -> Result<&'v Vec<Value>, FieldError> {
+pub(crate) fn as_array<'v>(v: &'v Value, path: &str) -> Result<&'v Vec<Value>, FieldError> {
     v.as_array()
         .ok_or_else(|| FieldError::new(path, format!("expected a list, found {}", type_name(v))))
 }
 
-fn as_bool(v: &Value, path: &str) -> Result<bool, FieldError> {
+pub(crate) fn as_bool(v: &Value, path: &str) -> Result<bool, FieldError> {
     v.as_bool()
         .ok_or_else(|| FieldError::new(path, format!("expected a boolean, found {}", type_name(v))))
 }
 
-fn string_map<'v>(v: &'v Value, path: &str) -> Result<Vec<(&'v str, &'v str)>, FieldError> {
+pub(crate) fn string_map<'v>(
+    v: &'v Value,
+    path: &str,
+) -> Result<Vec<(&'v str, &'v str)>, FieldError> {
     let m = v.as_object().ok_or_else(|| {
         FieldError::new(path, format!("expected an object, found {}", type_name(v)))
     })?;
@@ -422,7 +425,7 @@ fn string_map<'v>(v: &'v Value, path: &str) -> Result<Vec<(&'v str, &'v str)>, F
 }
 
 /// An object being read: checks its keys against the known fields up front.
-struct Obj<'v> {
+pub(crate) struct Obj<'v> {
     map: &'v Map<String, Value>,
     path: String,
 }
@@ -430,7 +433,7 @@ struct Obj<'v> {
 impl<'v> Obj<'v> {
     /// `known`: accepted fields. `rejected`: fields Cilium knows but this crate (or this
     /// position) does not accept, with the message to give.
-    fn new(
+    pub(crate) fn new(
         v: &'v Value,
         path: &str,
         known: &[&str],
@@ -457,16 +460,19 @@ impl<'v> Obj<'v> {
     }
 
     /// The value of `key`; an explicit `null` counts as absent (Go's nil).
-    fn get(&mut self, key: &str) -> Option<&'v Value> {
+    pub(crate) fn get(&mut self, key: &str) -> Option<&'v Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
-    fn path(&self, key: &str) -> String {
+    pub(crate) fn path(&self, key: &str) -> String {
         join(&self.path, key)
     }
 
     /// `key` as a list, if present.
-    fn list(&mut self, key: &str) -> Result<Option<(&'v Vec<Value>, String)>, FieldError> {
+    pub(crate) fn list(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<(&'v Vec<Value>, String)>, FieldError> {
         let p = self.path(key);
         self.get(key)
             .map(|v| as_array(v, &p).map(|a| (a, p.clone())))

@@ -8,7 +8,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::{Action, BUFFER_PLUGIN_CONFIGURATION, Error, Filter, Http, Level, StreamFilter, log};
+use crate::{
+    Action, BUFFER_PLUGIN_CONFIGURATION, Error, Filter, GrpcResponse, Http, Level, StreamFilter,
+    log,
+};
 
 const CONTINUE: u32 = 0;
 const PAUSE: u32 = 1;
@@ -17,6 +20,9 @@ const PAUSE: u32 = 1;
 pub struct State<F: Filter> {
     roots: HashMap<u32, Option<F>>,
     streams: HashMap<u32, F::Stream>,
+    /// The direction of each stream's last phase (`proxy_stream_type_t`: 0 request, 1
+    /// response): what a callout answer resumes.
+    direction: HashMap<u32, u32>,
 }
 
 impl<F: Filter> Default for State<F> {
@@ -24,6 +30,7 @@ impl<F: Filter> Default for State<F> {
         State {
             roots: HashMap::new(),
             streams: HashMap::new(),
+            direction: HashMap::new(),
         }
     }
 }
@@ -90,23 +97,42 @@ pub fn on_configure<F: Filter>(state: &RefCell<State<F>>, ctx: u32, size: usize)
     }
 }
 
-fn phase<F: Filter>(
+/// Runs a stream's method with errors answered by `on_error`; `None` when the context has no
+/// stream (an unconfigured root, or a context already deleted).
+fn run<F: Filter>(
     state: &RefCell<State<F>>,
     ctx: u32,
     name: &str,
+    direction: Option<u32>,
     run: impl FnOnce(&mut F::Stream, &Http) -> Result<Action, Error>,
-) -> u32 {
+) -> Option<Action> {
     let mut s = state.borrow_mut();
-    let Some(stream) = s.streams.get_mut(&ctx) else {
-        return CONTINUE;
-    };
+    if let Some(d) = direction {
+        s.direction.insert(ctx, d);
+    }
+    let stream = s.streams.get_mut(&ctx)?;
     let http = Http::new();
-    let action = match run(stream, &http) {
+    crate::grpc::set_current(ctx);
+    let result = run(stream, &http);
+    crate::grpc::set_current(0);
+    Some(match result {
         Ok(a) => a,
         Err(e) => {
             log(Level::Error, &format!("{name}: {e}"));
             stream.on_error(&e)
         }
+    })
+}
+
+fn phase<F: Filter>(
+    state: &RefCell<State<F>>,
+    ctx: u32,
+    name: &str,
+    run_phase: impl FnOnce(&mut F::Stream, &Http) -> Result<Action, Error>,
+) -> u32 {
+    let direction = if name.starts_with("on_request") { 0 } else { 1 };
+    let Some(action) = run(state, ctx, name, Some(direction), run_phase) else {
+        return CONTINUE;
     };
     match action {
         Action::Continue => CONTINUE,
@@ -179,6 +205,67 @@ pub fn on_delete<F: Filter>(state: &RefCell<State<F>>, ctx: u32) {
     let mut s = state.borrow_mut();
     s.streams.remove(&ctx);
     s.roots.remove(&ctx);
+    s.direction.remove(&ctx);
+    crate::grpc::forget_context(ctx);
+}
+
+/// Which gRPC callback the host called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcKind {
+    InitialMetadata,
+    Receive,
+    TrailingMetadata,
+    Close,
+}
+
+/// A gRPC event for `token` (delivered to the root context): read it, switch to the stream
+/// that made the call, run its `on_grpc`, and apply the action: Continue resumes the paused
+/// phase, Reply answers, Pause keeps waiting.
+pub fn on_grpc<F: Filter>(state: &RefCell<State<F>>, token: u32, kind: GrpcKind, n: usize) {
+    let Some((ctx, unary)) = crate::grpc::owner(token) else {
+        return; // cancelled, or its stream is gone
+    };
+    let response =
+        match kind {
+            GrpcKind::Receive => {
+                if unary {
+                    crate::grpc::forget(token);
+                }
+                crate::get_buffer(crate::BUFFER_GRPC_RECEIVE, 0, n).map(GrpcResponse::Message)
+            }
+            GrpcKind::InitialMetadata => crate::map_pairs(crate::MAP_GRPC_INITIAL_METADATA)
+                .map(GrpcResponse::InitialMetadata),
+            GrpcKind::TrailingMetadata => crate::map_pairs(crate::MAP_GRPC_TRAILING_METADATA)
+                .map(GrpcResponse::TrailingMetadata),
+            GrpcKind::Close => {
+                crate::grpc::forget(token);
+                crate::grpc::status().map(|(status, message)| GrpcResponse::Close {
+                    // The callback's own status wins if the host's get_status disagrees.
+                    status: if status == 0 { n as u32 } else { status },
+                    message,
+                })
+            }
+        };
+    // SAFETY: plain integer argument; the host accepts a live context id.
+    if unsafe { crate::hostcalls::proxy_set_effective_context(ctx) } != 0 {
+        return;
+    }
+    let direction = state.borrow().direction.get(&ctx).copied().unwrap_or(0);
+    let action = run(state, ctx, "on_grpc", None, |s, h| {
+        s.on_grpc(h, token, response?)
+    });
+    match action {
+        Some(Action::Continue) => {
+            // SAFETY: plain integer argument.
+            let _ = unsafe { crate::hostcalls::proxy_continue_stream(direction) };
+        }
+        Some(Action::Reply(reply)) => {
+            if let Err(e) = reply.send() {
+                log(Level::Error, &format!("on_grpc: sending the reply: {e}"));
+            }
+        }
+        Some(Action::Pause) | None => {}
+    }
 }
 
 /// Exports the proxy-wasm ABI v0.2.1 entry points for a [`Filter`] type. Use once per crate:
@@ -228,6 +315,30 @@ macro_rules! register {
             #[unsafe(no_mangle)]
             pub extern "C" fn proxy_on_response_body(ctx: u32, size: usize, eos: u32) -> u32 {
                 STATE.with(|s| sdk::on_response_body(s, ctx, size, eos))
+            }
+            #[unsafe(no_mangle)]
+            pub extern "C" fn proxy_on_grpc_receive_initial_metadata(
+                _root: u32,
+                token: u32,
+                n: usize,
+            ) {
+                STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::InitialMetadata, n))
+            }
+            #[unsafe(no_mangle)]
+            pub extern "C" fn proxy_on_grpc_receive(_root: u32, token: u32, size: usize) {
+                STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::Receive, size))
+            }
+            #[unsafe(no_mangle)]
+            pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(
+                _root: u32,
+                token: u32,
+                n: usize,
+            ) {
+                STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::TrailingMetadata, n))
+            }
+            #[unsafe(no_mangle)]
+            pub extern "C" fn proxy_on_grpc_close(_root: u32, token: u32, status: usize) {
+                STATE.with(|s| sdk::on_grpc(s, token, sdk::GrpcKind::Close, status))
             }
             #[unsafe(no_mangle)]
             pub extern "C" fn proxy_on_done(ctx: u32) -> u32 {

@@ -100,6 +100,42 @@ unsafe extern "C" {
         timeout_ms: u32,
         ret_token: *mut u32,
     ) -> u32;
+    pub fn proxy_grpc_call(
+        upstream: *const u8,
+        upstream_size: usize,
+        service: *const u8,
+        service_size: usize,
+        method: *const u8,
+        method_size: usize,
+        metadata: *const u8,
+        metadata_size: usize,
+        message: *const u8,
+        message_size: usize,
+        timeout_ms: u32,
+        ret_token: *mut u32,
+    ) -> u32;
+    pub fn proxy_grpc_stream(
+        upstream: *const u8,
+        upstream_size: usize,
+        service: *const u8,
+        service_size: usize,
+        method: *const u8,
+        method_size: usize,
+        metadata: *const u8,
+        metadata_size: usize,
+        ret_token: *mut u32,
+    ) -> u32;
+    pub fn proxy_grpc_send(token: u32, message: *const u8, size: usize, end_stream: u32) -> u32;
+    pub fn proxy_grpc_close(token: u32) -> u32;
+    pub fn proxy_grpc_cancel(token: u32) -> u32;
+    pub fn proxy_get_status(
+        ret_code: *mut u32,
+        ret_message: *mut *mut u8,
+        ret_message_size: *mut usize,
+    ) -> u32;
+    pub fn proxy_set_effective_context(context_id: u32) -> u32;
+    pub fn proxy_continue_stream(stream_type: u32) -> u32;
+    pub fn proxy_close_stream(stream_type: u32) -> u32;
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -226,6 +262,56 @@ mod stubs {
         _: u32,
         _: *mut u32,
     ) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_grpc_call(
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: u32,
+        _: *mut u32,
+    ) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_grpc_stream(
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *const u8,
+        _: usize,
+        _: *mut u32,
+    ) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_grpc_send(_: u32, _: *const u8, _: usize, _: u32) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_grpc_close(_: u32) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_grpc_cancel(_: u32) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_get_status(_: *mut u32, _: *mut *mut u8, _: *mut usize) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_set_effective_context(_: u32) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_continue_stream(_: u32) -> u32 {
+        UNIMPLEMENTED
+    }
+    pub unsafe fn proxy_close_stream(_: u32) -> u32 {
         UNIMPLEMENTED
     }
 }

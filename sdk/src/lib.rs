@@ -1,4 +1,4 @@
-//! `membrane-filter-sdk`: write HTTP filters for membrane in Rust, compiled to `wasm32-wasip1`.
+//! `membrane-filter-sdk`: write HTTP and TCP filters for membrane in Rust, compiled to `wasm32-wasip1`.
 //!
 //! Filters use the proxy-wasm ABI v0.2.1 imports, exactly as Envoy's SDKs do, so a filter
 //! built with this crate also runs in Envoy. What this crate adds over the raw ABI:
@@ -11,7 +11,11 @@
 //!   security identity, 8-byte little-endian on the wire) and [`source_labels`] /
 //!   [`destination_labels`] (a decoded map), plus namespace, workload and address;
 //! - [`Http::request_header_values`]: every value of a repeated header (the ABI's
-//!   single-value getter returns only the first one).
+//!   single-value getter returns only the first one);
+//! - gRPC callouts ([`dispatch_grpc_call`], [`open_grpc_stream`]) answered in
+//!   [`StreamFilter::on_grpc`] with a typed [`GrpcResponse`];
+//! - TCP (stream) filters: [`TcpFilter`] / [`ConnectionFilter`], registered with
+//!   [`register_tcp!`].
 //!
 //! Must not depend on any other crate of this workspace: it is published on its own.
 //!
@@ -59,9 +63,14 @@
 //! ```
 
 mod dispatch;
+mod grpc;
 #[doc(hidden)]
 pub mod hostcalls;
 mod pairs;
+mod tcp;
+
+pub use grpc::{GrpcCall, GrpcResponse, GrpcStream, dispatch_grpc_call, open_grpc_stream};
+pub use tcp::{Connection, ConnectionFilter, Peer, TcpAction, TcpFilter};
 
 use std::fmt;
 
@@ -71,6 +80,7 @@ pub use pairs::{Pairs, decode_pairs, encode_pairs};
 pub mod __private {
     //! Used by [`crate::register!`]; not part of the API.
     pub use crate::dispatch::*;
+    pub use crate::tcp::dispatch as tcp;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -132,7 +142,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-fn check(call: &'static str, code: u32) -> Result<(), Error> {
+pub(crate) fn check(call: &'static str, code: u32) -> Result<(), Error> {
     match Status::from_code(code) {
         None => Ok(()),
         Some(status) => Err(Error::Host { call, status }),
@@ -144,7 +154,7 @@ fn check(call: &'static str, code: u32) -> Result<(), Error> {
 /// # Safety
 /// `ptr`/`len` must come from a host call that just returned OK (the host allocated `len`
 /// bytes with this module's allocator, or returned NULL).
-unsafe fn take_buffer(ptr: *mut u8, len: usize) -> Vec<u8> {
+pub(crate) unsafe fn take_buffer(ptr: *mut u8, len: usize) -> Vec<u8> {
     if ptr.is_null() || len == 0 {
         return Vec::new();
     }
@@ -244,6 +254,9 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), 
 
 const BUFFER_REQUEST_BODY: u32 = 0;
 const BUFFER_RESPONSE_BODY: u32 = 1;
+pub(crate) const BUFFER_DOWNSTREAM_DATA: u32 = 2;
+pub(crate) const BUFFER_UPSTREAM_DATA: u32 = 3;
+pub(crate) const BUFFER_GRPC_RECEIVE: u32 = 5;
 const BUFFER_VM_CONFIGURATION: u32 = 6;
 pub(crate) const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 
@@ -260,7 +273,7 @@ pub(crate) fn get_buffer(kind: u32, start: usize, max: usize) -> Result<Vec<u8>,
     Ok(unsafe { take_buffer(ptr, len) })
 }
 
-fn set_buffer(kind: u32, start: usize, size: usize, data: &[u8]) -> Result<(), Error> {
+pub(crate) fn set_buffer(kind: u32, start: usize, size: usize, data: &[u8]) -> Result<(), Error> {
     // SAFETY: pointer and length describe `data`.
     check("proxy_set_buffer_bytes", unsafe {
         hostcalls::proxy_set_buffer_bytes(kind, start, size, data.as_ptr(), data.len())
@@ -478,6 +491,8 @@ pub fn dispatch_http_call(
 
 const MAP_REQUEST_HEADERS: u32 = 0;
 const MAP_RESPONSE_HEADERS: u32 = 2;
+pub(crate) const MAP_GRPC_INITIAL_METADATA: u32 = 4;
+pub(crate) const MAP_GRPC_TRAILING_METADATA: u32 = 5;
 
 /// Access to the current stream's headers and bodies, valid inside a phase method.
 #[derive(Debug)]
@@ -500,7 +515,7 @@ fn map_get(map: u32, name: &str) -> Result<Option<Vec<u8>>, Error> {
     Ok(Some(unsafe { take_buffer(ptr, len) }))
 }
 
-fn map_pairs(map: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
+pub(crate) fn map_pairs(map: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
     let mut ptr = std::ptr::null_mut();
     let mut len = 0usize;
     // SAFETY: out-pointers are valid locals.
@@ -705,6 +720,18 @@ impl Reply {
         self
     }
 
+    /// A gRPC error reply for gRPC clients: HTTP 200, trailers-only, with this
+    /// `grpc-status` and `message` (as `grpc-message`).
+    pub fn grpc(status: u32, message: &str) -> Reply {
+        Reply {
+            status: 200,
+            headers: Vec::new(),
+            body: message.as_bytes().to_vec(),
+            details: message.to_owned(),
+            grpc_status: Some(status),
+        }
+    }
+
     pub(crate) fn send(&self) -> Result<(), Error> {
         let headers = encode_pairs(
             self.headers
@@ -769,6 +796,19 @@ pub trait StreamFilter: 'static {
         _http: &Http,
         _body_size: usize,
         _end_of_stream: bool,
+    ) -> Result<Action, Error> {
+        Ok(Action::Continue)
+    }
+
+    /// An answer to a gRPC call or stream this stream made ([`dispatch_grpc_call`],
+    /// [`open_grpc_stream`]; `token` is theirs). The returned action applies to the phase
+    /// that paused for it: `Continue` resumes it, `Reply` answers the client, `Pause` keeps
+    /// waiting (more stream events, another call). Default: resume.
+    fn on_grpc(
+        &mut self,
+        _http: &Http,
+        _token: u32,
+        _response: GrpcResponse,
     ) -> Result<Action, Error> {
         Ok(Action::Continue)
     }

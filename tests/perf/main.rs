@@ -5,6 +5,7 @@
 //! cargo run --release -p membrane-tests --bin membrane-perf -- veth       # TCP_RR / TCP_CRR between pods
 //! cargo run --release -p membrane-tests --bin membrane-perf -- proxy      # req/s with vs without a Wasm filter
 //! cargo run --release -p membrane-tests --bin membrane-perf -- http       # vs haproxy, nginx, direct (http.rs)
+//! cargo run --release -p membrane-tests --bin membrane-perf -- grpc       # a filter's gRPC callout vs the call made directly
 //! ```
 //!
 //! `datapath` loads the programs with 100, 10k and 100k ipcache and policy entries and reports
@@ -40,6 +41,7 @@ use membrane_tests::{NsGuard, PinGuard, packet, require_root, unique_name};
 mod dns;
 mod empty_prog;
 mod events;
+mod grpc;
 mod http;
 mod proxy;
 
@@ -48,6 +50,11 @@ fn main() {
     if what == "proxy" {
         // Loopback only: no root, no namespaces.
         proxy::run();
+        return;
+    }
+    if what == "grpc" {
+        // In process, loopback only.
+        grpc::run();
         return;
     }
     if what == "http" {
@@ -63,7 +70,7 @@ fn main() {
         "dns" => dns::run(),
         "events" => events::run(),
         _ => {
-            eprintln!("usage: membrane-perf datapath|veth|dns|events|proxy|http");
+            eprintln!("usage: membrane-perf datapath|veth|dns|events|proxy|http|grpc");
             std::process::exit(2);
         }
     }

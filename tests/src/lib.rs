@@ -119,6 +119,45 @@ impl Drop for PinGuard {
     }
 }
 
+/// A cgroup v2 directory of the test's own: a child of the cgroup2 mount (found in
+/// `/proc/mounts`, never assumed; never the root itself), removed on drop. Only processes
+/// the test starts for the purpose join it (`membrane-sock-probe` moves itself in).
+#[derive(Debug)]
+pub struct CgroupGuard(PathBuf);
+
+impl CgroupGuard {
+    pub fn new(what: &str) -> Self {
+        let root = membrane_datapath::cgroup2_mount().unwrap_or_else(|e| panic!("cgroup2: {e}"));
+        let dir = root.join(unique_name(what));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        // The cgroup empties once its processes are reaped; give a late exit a moment.
+        for _ in 0..100 {
+            match std::fs::remove_dir(&self.0) {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    eprintln!("warning: could not remove cgroup {}: {e}", self.0.display());
+                    return;
+                }
+            }
+        }
+        eprintln!("warning: cgroup {} still busy", self.0.display());
+    }
+}
+
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -158,6 +197,20 @@ pub fn sweep_stale() -> Vec<String> {
             }
         }
     }
+    // cgroups of killed tests (empty once their probes died).
+    if let Ok(root) = membrane_datapath::cgroup2_mount()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = owner_pid(&name)
+                && !pid_alive(pid)
+                && std::fs::remove_dir(entry.path()).is_ok()
+            {
+                removed.push(format!("cgroup {}", entry.path().display()));
+            }
+        }
+    }
     // Labs that tests brought up under `mbt-<pid>-...` names: pins and state.
     for dir in ["/sys/fs/bpf/membrane", "/run/membrane"] {
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -189,6 +242,20 @@ pub fn leftovers() -> Vec<String> {
             entries
                 .flatten()
                 .map(|e| format!("bpffs {}", e.path().display())),
+        );
+    }
+    if let Ok(root) = membrane_datapath::cgroup2_mount()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        out.extend(
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{PREFIX}-"))
+                })
+                .map(|e| format!("cgroup {}", e.path().display())),
         );
     }
     out

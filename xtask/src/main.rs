@@ -360,6 +360,18 @@ fn test() -> Result {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
 
+    // The lab and end-to-end tests run the programs (`membrane`, `membrane-agent`,
+    // `membrane-proxy`), which live in different packages: cargo builds a package's binaries
+    // only for its own integration tests, so build them all first (same profile).
+    println!("== cargo build --workspace --bins");
+    run(Command::new(cargo()).current_dir(&root).args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "membrane-ebpf",
+        "--bins",
+    ]))?;
+
     println!("== test suite");
     let suite = if has_nextest() {
         run(Command::new(cargo()).current_dir(&root).args([

@@ -15,7 +15,7 @@
 
 /// Version of the layout of every pinned map. Bump it with any change to a type in this
 /// crate: a build refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
@@ -43,8 +43,35 @@ pub mod names {
     /// ring buffer's reader (see [`crate::EVENTS_WAKEUP_NS`]). Scratch state of the loaded
     /// programs, not pinned: a restarted datapath starts it afresh.
     pub const MAP_EVENTS_WAKEUP: &str = "mb_events_wakeup";
+
+    /// Service frontends: hash of [`crate::Lb4ServiceKey`] → [`crate::Lb4Service`].
+    pub const MAP_LB4_SERVICES: &str = "mb_lb4_services";
+    /// Backends by node-local id: hash of `u32` → [`crate::Lb4Backend`].
+    pub const MAP_LB4_BACKENDS: &str = "mb_lb4_backends";
+    /// A service's backend slots: hash of [`crate::Lb4SlotKey`] → backend id (`u32`).
+    pub const MAP_LB4_SLOTS: &str = "mb_lb4_slots";
+    /// Maglev lookup tables by service id: hash (not preallocated) of `u32` →
+    /// [`crate::MaglevTable`]. Written by userspace; read by the per-packet path (*planned*).
+    pub const MAP_LB4_MAGLEV: &str = "mb_lb4_maglev";
+    /// Socket reverse translation (UDP replies, getpeername): LRU hash of
+    /// [`crate::Lb4ReverseSkKey`] → [`crate::Lb4ReverseSk`].
+    pub const MAP_LB4_REVERSE_SK: &str = "mb_lb4_reverse_sk";
+    /// Session affinity: LRU hash of [`crate::Lb4AffinityKey`] → [`crate::Lb4Affinity`].
+    pub const MAP_LB4_AFFINITY: &str = "mb_lb4_affinity";
+    /// Which backends belong to which service, for affinity validation: hash of
+    /// [`crate::LbAffinityMatchKey`] → `u32` (always 1).
+    pub const MAP_LB_AFFINITY_MATCH: &str = "mb_lb_affinity_match";
+    /// One-entry array: [`crate::LbConfig`].
+    pub const MAP_LB_CONFIG: &str = "mb_lb_config";
+    /// Per-CPU `u64` counters of the socket programs, indexed by [`crate::sock_lb_counter`].
+    pub const MAP_LB_METRICS: &str = "mb_lb_metrics";
+    /// Per-packet service translation of the tc programs: LRU hash of [`crate::Lb4NatKey`]
+    /// → [`crate::Lb4Nat`] (forward: the client's tuple to the service → its backend;
+    /// reverse: the backend's reply tuple → the service address to restore).
+    pub const MAP_LB4_NAT: &str = "mb_lb4_nat";
+
     /// Every map the object must contain, and nothing else.
-    pub const ALL_MAPS: [&str; 9] = [
+    pub const ALL_MAPS: [&str; 19] = [
         MAP_ABI,
         MAP_REVISION,
         MAP_ENDPOINTS,
@@ -54,14 +81,49 @@ pub mod names {
         MAP_METRICS,
         MAP_EVENTS,
         MAP_EVENTS_WAKEUP,
+        MAP_LB4_SERVICES,
+        MAP_LB4_BACKENDS,
+        MAP_LB4_SLOTS,
+        MAP_LB4_MAGLEV,
+        MAP_LB4_REVERSE_SK,
+        MAP_LB4_AFFINITY,
+        MAP_LB_AFFINITY_MATCH,
+        MAP_LB_CONFIG,
+        MAP_LB_METRICS,
+        MAP_LB4_NAT,
     ];
 
     /// tc program for packets leaving an endpoint (host-side veth, tc ingress hook).
     pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
     /// tc program for packets entering an endpoint (host-side veth, tc egress hook).
     pub const PROG_TO_ENDPOINT: &str = "to_endpoint";
-    /// Every program the object must contain, and nothing else.
+    /// Every tc program the object must contain, and nothing else.
     pub const ALL_PROGRAMS: [&str; 2] = [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT];
+
+    /// Socket LB, `cgroup/connect4`: service → backend before the connection exists.
+    pub const PROG_SOCK4_CONNECT: &str = "sock4_connect";
+    /// Socket LB, `cgroup/sendmsg4`: the same per datagram of an unconnected UDP socket.
+    pub const PROG_SOCK4_SENDMSG: &str = "sock4_sendmsg";
+    /// Socket LB, `cgroup/recvmsg4`: a reply's backend source back to the service.
+    pub const PROG_SOCK4_RECVMSG: &str = "sock4_recvmsg";
+    /// Socket LB, `cgroup/getpeername4`: the peer shown as the service.
+    pub const PROG_SOCK4_GETPEERNAME: &str = "sock4_getpeername";
+    /// `cgroup/post_bind4`: refuses binds to NodePort frontends in the host namespace.
+    pub const PROG_SOCK4_POST_BIND: &str = "sock4_post_bind";
+    /// `cgroup/sock_release`: removes a closing socket's reverse-translation entry.
+    pub const PROG_SOCK_RELEASE: &str = "sock_release";
+    /// Every cgroup socket-address program (`cgroup/<hook>` sections) with its hook.
+    pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 4] = [
+        (PROG_SOCK4_CONNECT, "connect4"),
+        (PROG_SOCK4_SENDMSG, "sendmsg4"),
+        (PROG_SOCK4_RECVMSG, "recvmsg4"),
+        (PROG_SOCK4_GETPEERNAME, "getpeername4"),
+    ];
+    /// Every cgroup socket program (`cgroup/<hook>` sections) with its hook.
+    pub const SOCK_PROGRAMS: [(&str, &str); 2] = [
+        (PROG_SOCK4_POST_BIND, "post_bind4"),
+        (PROG_SOCK_RELEASE, "sock_release"),
+    ];
 }
 
 /// Traffic direction, from the endpoint's point of view (Cilium's convention).
@@ -137,6 +199,11 @@ pub mod reason {
     pub const PROXY_UNSUPPORTED_PROTO: u8 = 180;
     /// An explicit deny entry matched (`Policy denied by denylist`).
     pub const POLICY_DENY: u8 = 181;
+    /// A service without an active backend, per packet (`Service backend not found`).
+    pub const NO_SERVICE: u8 = 158;
+    /// The per-packet service translation could not record or rewrite the flow
+    /// (`Service NAT failed`, membrane's wording; Cilium has no exact equivalent).
+    pub const SERVICE_NAT_FAILED: u8 = 159;
 
     /// Human-readable description, Cilium's wording.
     pub const fn describe(reason: u8) -> &'static str {
@@ -153,6 +220,8 @@ pub mod reason {
             PROXY_SET_FAILED => "Proxy assignment failed",
             PROXY_UNSUPPORTED_PROTO => "Proxy redirection not supported for protocol",
             POLICY_DENY => "Policy denied by denylist",
+            NO_SERVICE => "Service backend not found",
+            SERVICE_NAT_FAILED => "Service NAT failed",
             _ => "Unknown drop reason",
         }
     }
@@ -462,6 +531,266 @@ pub struct FlowEvent {
 }
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 
+/// Scope of a service frontend (Cilium's `LB_LOOKUP_SCOPE_*`): a service whose internal and
+/// external traffic policies differ has two entries per frontend, the external one with the
+/// backends for traffic from outside the cluster and the internal one with those for traffic
+/// from inside ([`service_flags::TWO_SCOPES`] on the external entry says the other exists).
+pub mod lb_scope {
+    pub const EXTERNAL: u8 = 0;
+    pub const INTERNAL: u8 = 1;
+}
+
+/// Bits of [`Lb4Service::flags`].
+pub mod service_flags {
+    /// An `externalIPs` frontend: translated at the socket only when the address is the
+    /// node's own (`reserved:host` in the ipcache), so a public address is never hijacked.
+    pub const EXTERNAL_IP: u16 = 1 << 0;
+    /// A NodePort frontend (address 0 = every address of the node).
+    pub const NODEPORT: u16 = 1 << 1;
+    /// `externalTrafficPolicy: Local`: the external scope holds node-local backends only.
+    pub const EXT_LOCAL_SCOPE: u16 = 1 << 2;
+    /// `internalTrafficPolicy: Local`: the internal scope holds node-local backends only.
+    pub const INT_LOCAL_SCOPE: u16 = 1 << 3;
+    /// `sessionAffinity: ClientIP`; the timeout is [`super::Lb4Service::affinity_timeout_secs`].
+    pub const AFFINITY: u16 = 1 << 4;
+    /// A LoadBalancer ingress address.
+    pub const LOADBALANCER: u16 = 1 << 5;
+    /// A ClusterIP frontend.
+    pub const CLUSTER_IP: u16 = 1 << 6;
+    /// There is an [`super::lb_scope::INTERNAL`] entry for the same frontend: in-cluster
+    /// clients (the socket programs) use it.
+    pub const TWO_SCOPES: u16 = 1 << 7;
+}
+
+/// [`Lb4Backend::state`] values (Cilium's backend states).
+pub mod backend_state {
+    /// Ready: takes new connections.
+    pub const ACTIVE: u8 = 0;
+    /// Terminating: keeps its connections, takes no new ones.
+    pub const TERMINATING: u8 = 1;
+    /// Not ready (or unhealthy): kept so existing connections survive readiness flaps,
+    /// takes no new ones.
+    pub const QUARANTINED: u8 = 2;
+    /// Taken out by an operator.
+    pub const MAINTENANCE: u8 = 3;
+}
+
+/// [`Lb4Service::algorithm`] values (Cilium's `LB_SELECTION_*`).
+pub mod lb_algorithm {
+    pub const RANDOM: u8 = 1;
+    pub const MAGLEV: u8 = 2;
+}
+
+/// Key of [`names::MAP_LB4_SERVICES`]: one frontend (address, port, protocol) in one scope.
+/// A NodePort frontend has address 0 (every node address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4ServiceKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// [`proto`] number (TCP or UDP).
+    pub protocol: u8,
+    /// [`lb_scope`].
+    pub scope: u8,
+}
+const _: () = assert!(core::mem::size_of::<Lb4ServiceKey>() == 8);
+
+/// Value of [`names::MAP_LB4_SERVICES`].
+///
+/// Slots `1..=count` of [`names::MAP_LB4_SLOTS`] hold the active backends, slots
+/// `count+1..=count+qcount` the others (terminating, quarantined), which take no new
+/// connections. `count == 0` fails `connect()` with `EHOSTUNREACH`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Service {
+    /// Node-local frontend id (Cilium's `rev_nat_index`, but 32 bits wide): keys the
+    /// slots, the affinity and Maglev maps, and validates reverse-translation entries.
+    pub service_id: u32,
+    /// Active backends.
+    pub count: u16,
+    /// Backends that take no new connections.
+    pub qcount: u16,
+    /// [`service_flags`] bits.
+    pub flags: u16,
+    /// [`lb_algorithm`] for the per-packet path (sockets always pick at random).
+    pub algorithm: u8,
+    pub _pad: u8,
+    /// Session affinity timeout in seconds (with [`service_flags::AFFINITY`]).
+    pub affinity_timeout_secs: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Service>() == 16);
+
+/// Value of [`names::MAP_LB4_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub protocol: u8,
+    /// [`backend_state`].
+    pub state: u8,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Backend>() == 8);
+
+/// Key of [`names::MAP_LB4_SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4SlotKey {
+    pub service_id: u32,
+    /// 1-based (see [`Lb4Service`]).
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4SlotKey>() == 8);
+
+/// Maglev lookup table size (Cilium's default `M`, a prime from its allowed list); fixed in
+/// the ABI because it is the size of [`MaglevTable`].
+pub const MAGLEV_TABLE_SIZE: usize = 16381;
+
+/// Value of [`names::MAP_LB4_MAGLEV`]: backend ids by `hash(flow) % MAGLEV_TABLE_SIZE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
+}
+const _: () = assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE);
+
+/// Key of [`names::MAP_LB4_REVERSE_SK`]: a socket (by its cookie) and the backend it was
+/// sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4ReverseSkKey {
+    pub cookie: u64,
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Lb4ReverseSkKey>() == 16);
+
+/// Value of [`names::MAP_LB4_REVERSE_SK`]: the service frontend the socket asked for. Used
+/// only while that frontend still has the same `service_id` and backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4ReverseSk {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4ReverseSk>() == 12);
+
+/// Key of [`names::MAP_LB4_AFFINITY`]: the client (at the socket layer the network
+/// namespace cookie, as Cilium: no source address exists yet) and the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4AffinityKey {
+    pub client_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4AffinityKey>() == 16);
+
+/// Value of [`names::MAP_LB4_AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Affinity {
+    /// `bpf_ktime_get_ns()` of the last connection that used it.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Affinity>() == 16);
+
+/// Key of [`names::MAP_LB_AFFINITY_MATCH`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct LbAffinityMatchKey {
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<LbAffinityMatchKey>() == 8);
+
+/// Value of [`names::MAP_LB_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbConfig {
+    /// Cookie of the node's ("host") network namespace: NodePort via the node's own
+    /// addresses and bind protection apply there only. 0 = unknown: no socket counts as
+    /// the host's.
+    pub host_netns_cookie: u64,
+    /// NodePort range (inclusive, host order); NodePort lookups only for ports inside.
+    pub nodeport_min: u16,
+    pub nodeport_max: u16,
+    /// [`lb_config_flags`] bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 16);
+
+/// Bits of [`LbConfig::flags`].
+pub mod lb_config_flags {
+    /// The tc programs translate service addresses per packet (for endpoints whose sockets
+    /// are not under socket LB; a packet socket LB already translated matches no service).
+    pub const PER_PACKET: u32 = 1 << 0;
+}
+
+/// Key of [`names::MAP_LB4_NAT`]: a packet's tuple as it is on the wire at the endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4NatKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    /// [`lb_nat_dir`].
+    pub direction: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Lb4NatKey>() == 16);
+
+/// [`Lb4NatKey::direction`] values.
+pub mod lb_nat_dir {
+    /// Client → service: the value is the backend (destination rewrite).
+    pub const FORWARD: u8 = 0;
+    /// Backend → client: the value is the service (source rewrite).
+    pub const REVERSE: u8 = 1;
+}
+
+/// Value of [`names::MAP_LB4_NAT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Nat {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<Lb4Nat>() == 16);
+
+/// Slots of [`names::MAP_LB_METRICS`] (per-CPU `u64` counters of the socket programs).
+pub mod sock_lb_counter {
+    /// A socket address was translated to a backend (connect or sendmsg).
+    pub const XLATE_FWD: u32 = 0;
+    /// A reply source or peer name was translated back to the service.
+    pub const XLATE_REV: u32 = 1;
+    /// `connect()`/`sendmsg()` to a service without active backends: `EHOSTUNREACH`.
+    pub const NO_BACKEND: u32 = 2;
+    /// A slot or backend entry was missing (userspace mid-update): `EHOSTUNREACH`.
+    pub const BACKEND_MISSING: u32 = 3;
+    /// The reverse-translation entry could not be written: `ENOMEM` (Cilium's answer).
+    pub const REVNAT_UPDATE_FAILED: u32 = 4;
+    /// A reverse-translation entry named a frontend that is gone or changed: removed.
+    pub const REVNAT_STALE: u32 = 5;
+    /// A bind to a NodePort frontend in the host namespace was refused.
+    pub const BIND_REFUSED: u32 = 6;
+    /// An affinity entry was used.
+    pub const AFFINITY_HIT: u32 = 7;
+    /// A closing socket's reverse-translation entry was removed.
+    pub const RELEASE_CLEANED: u32 = 8;
+    /// Number of slots.
+    pub const SLOTS: u32 = 9;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all impls): the types are `#[repr(C)]`, made only of integers, with explicit
@@ -475,6 +804,19 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::MetricsValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::Lb4ServiceKey {}
+    unsafe impl aya::Pod for super::Lb4Service {}
+    unsafe impl aya::Pod for super::Lb4Backend {}
+    unsafe impl aya::Pod for super::Lb4SlotKey {}
+    unsafe impl aya::Pod for super::MaglevTable {}
+    unsafe impl aya::Pod for super::Lb4ReverseSkKey {}
+    unsafe impl aya::Pod for super::Lb4ReverseSk {}
+    unsafe impl aya::Pod for super::Lb4AffinityKey {}
+    unsafe impl aya::Pod for super::Lb4Affinity {}
+    unsafe impl aya::Pod for super::LbAffinityMatchKey {}
+    unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::Lb4NatKey {}
+    unsafe impl aya::Pod for super::Lb4Nat {}
 }
 
 #[cfg(test)]

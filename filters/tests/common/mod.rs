@@ -1,6 +1,7 @@
 //! Builds the guest filters (the examples, the test-only `chaos` filter and the upstream-SDK
 //! conformance filter) for wasm32-wasip1
 //! with the same toolchain, once per test binary, into `<target>/tmp/wasm-guests`.
+//! [`guest_at`] builds one guest crate on demand (other test crates include this file too).
 
 #![allow(dead_code)]
 
@@ -64,6 +65,28 @@ fn build(manifest_dir: &Path) {
         "building the guest filter in {} for {TARGET} failed",
         manifest_dir.display()
     );
+}
+
+/// Returns the bytes of the guest crate in `dir` (relative to the workspace root), building
+/// it the first time it is asked for in this test binary.
+pub fn guest_at(dir: &str, crate_name: &str) -> Vec<u8> {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    {
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        let built = built.get_or_insert_with(HashSet::new);
+        if !built.contains(dir) {
+            check_target();
+            build(&workspace_root().join(dir));
+            built.insert(dir.to_owned());
+        }
+    }
+    let path = guest_target_dir()
+        .join(TARGET)
+        .join("release")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 /// Returns the bytes of a guest module, building all guests the first time.

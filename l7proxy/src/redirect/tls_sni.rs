@@ -317,6 +317,8 @@ enum Denial {
     Closed,
     Slow,
     Read(std::io::Error),
+    /// A TCP filter closed it in `proxy_on_new_connection`.
+    ClosedByFilter,
 }
 
 impl fmt::Display for Denial {
@@ -328,6 +330,7 @@ impl fmt::Display for Denial {
             Self::Closed => f.write_str("closed before the ClientHello was complete"),
             Self::Slow => write!(f, "no complete ClientHello within {HELLO_TIMEOUT:?}"),
             Self::Read(error) => write!(f, "reading the ClientHello: {error}"),
+            Self::ClosedByFilter => f.write_str("closed by a TCP filter"),
         }
     }
 }
@@ -368,6 +371,8 @@ pub(super) struct TlsConnection {
     connect_timeout: Duration,
     idle_timeout: Duration,
     access: AccessLog,
+    /// TCP filters of this flow (`PolicySource::tcp_filters`): run on the relayed bytes.
+    filters: Option<Arc<dyn crate::tcp_filter::ConnectionFilters>>,
 }
 
 impl ConnRouter {
@@ -385,6 +390,12 @@ impl ConnRouter {
             port: self.destination.port(),
             remote_identity,
         })?;
+        let filters = self.shared.policies.tcp_filters(&PolicyQuery {
+            direction: self.direction,
+            endpoint_ip,
+            port: self.destination.port(),
+            remote_identity,
+        });
         Some((
             TlsConnection {
                 source: self.source,
@@ -395,6 +406,7 @@ impl ConnRouter {
                 connect_timeout: self.shared.pools.connect_timeout,
                 idle_timeout: self.shared.tls_idle_timeout,
                 access: access.clone(),
+                filters,
             },
             policy,
         ))
@@ -427,7 +439,12 @@ impl TlsConnection {
             ),
             rule => {
                 let url = self.url(Some(&server_name));
-                self.relay(client, buffered, url, rule).await;
+                match self.start_filters(Some(&server_name)) {
+                    Ok(filter) => {
+                        self.relay_with(client, buffered, url, rule, filter).await;
+                    }
+                    Err(()) => self.deny(client, Some(&server_name), rule, Denial::ClosedByFilter),
+                }
             }
         }
     }
@@ -452,7 +469,54 @@ impl TlsConnection {
         );
     }
 
+    /// Starts this connection's TCP filters and runs `proxy_on_new_connection`; `Err` when
+    /// a filter closed it there.
+    fn start_filters(
+        &self,
+        server_name: Option<&str>,
+    ) -> Result<Option<Box<dyn crate::tcp_filter::ConnectionFilterStream>>, ()> {
+        use crate::filter::PeerMeta;
+        use crate::tcp_filter::{ConnectionMeta, L4Action};
+        let Some(filters) = &self.filters else {
+            return Ok(None);
+        };
+        let meta = ConnectionMeta {
+            source: PeerMeta {
+                address: Some(self.source),
+                identity: Some(self.source_identity),
+                ..PeerMeta::default()
+            },
+            destination: PeerMeta {
+                address: Some(self.destination),
+                identity: Some(self.destination_identity),
+                ..PeerMeta::default()
+            },
+            server_name: server_name.map(str::to_owned),
+        };
+        let Some(mut filter) = filters.start(meta) else {
+            return Ok(None);
+        };
+        if filter.on_new_connection() == L4Action::Close {
+            return Err(());
+        }
+        Ok(Some(filter))
+    }
+
     async fn relay(&self, client: TcpStream, buffered: Vec<u8>, url: String, rule: RuleRef) {
+        match self.start_filters(None) {
+            Ok(filter) => self.relay_with(client, buffered, url, rule, filter).await,
+            Err(()) => self.deny(client, None, rule, Denial::ClosedByFilter),
+        }
+    }
+
+    async fn relay_with(
+        &self,
+        client: TcpStream,
+        buffered: Vec<u8>,
+        url: String,
+        rule: RuleRef,
+        filter: Option<Box<dyn crate::tcp_filter::ConnectionFilterStream>>,
+    ) {
         self.record(RecordKind::Request, url.clone(), Some(rule), None);
         let connected = crate::upstream::connect_upstream(
             self.destination,
@@ -474,6 +538,19 @@ impl TlsConnection {
                 return;
             }
         };
+        if let Some(filter) = filter {
+            // The filters see the buffered ClientHello as the first client bytes.
+            let end = crate::tcp_filter::relay_filtered(
+                client,
+                upstream,
+                buffered,
+                filter,
+                self.idle_timeout,
+            )
+            .await;
+            tracing::debug!(%url, ?end, "filtered TLS relay ended");
+            return;
+        }
         if upstream.write_all(&buffered).await.is_err() {
             return;
         }
