@@ -476,14 +476,61 @@ fn parse_upstreams(spec: &Value, at: &str) -> Result<Vec<CalloutUpstream>, Strin
     Ok(upstreams)
 }
 
-/// The SHA-256 of a file, lower-case hex.
+/// Largest module a `WasmFilter` may name, bytes (filters are tens to hundreds of KiB; this
+/// bounds what reading `spec.module` can cost whatever the path names).
+pub const MAX_MODULE_BYTES: u64 = 64 << 20;
+
+/// The SHA-256 of a module file, lower-case hex. Only a regular file of at most
+/// [`MAX_MODULE_BYTES`] is read: a path naming a device (`/dev/zero`), a FIFO or a directory
+/// is refused by name instead of being read without bound.
 pub fn module_sha256(path: &Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    use std::io::Read as _;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_MODULE_BYTES {
+        return Err(format!(
+            "{} has {} bytes, more than the {MAX_MODULE_BYTES} a module may have",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    // The size can change between the check and the read: the read is bounded too.
+    file.take(MAX_MODULE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_MODULE_BYTES {
+        return Err(format!(
+            "{} grew past the {MAX_MODULE_BYTES} bytes a module may have",
+            path.display()
+        ));
+    }
     Ok(hex(&sha2::Sha256::digest(&bytes)))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod module_tests {
+    use super::*;
+
+    /// Found while writing the policy fuzz target: a `WasmFilter` naming `/dev/zero` made
+    /// the agent read without end. Now it is refused by name.
+    #[test]
+    fn a_module_that_is_not_a_regular_file_is_refused() {
+        let err = module_sha256(Path::new("/dev/zero")).expect_err("a device");
+        assert!(err.contains("/dev/zero is not a regular file"), "{err}");
+        let err = module_sha256(Path::new("/")).expect_err("a directory");
+        assert!(err.contains("not a regular file"), "{err}");
+    }
 }
 
 #[cfg(test)]
