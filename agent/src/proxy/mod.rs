@@ -73,9 +73,10 @@ pub(crate) fn running_proxy(run_dir: &RunDir) -> Option<u32> {
         .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// Creates the transparent DNS listeners (UDP and TCP on `port`, all addresses) in the
-/// current network namespace, for handing to proxies. `IP_TRANSPARENT` and
-/// `IP_RECVORIGDSTADDR` are set by the proxy when it adopts them.
+/// Creates the transparent DNS listeners (UDP and TCP on `port`, all addresses, with
+/// `IP_TRANSPARENT`) in the current network namespace, for handing to every proxy the agent
+/// starts as descriptors 3 and 4; the UDP socket gets a large receive buffer so queries queue
+/// while a proxy restarts.
 pub(crate) fn bind_dns_listeners(
     port: u16,
 ) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
