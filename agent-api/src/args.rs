@@ -114,6 +114,74 @@ pub struct ClusterArgs {
     /// the store only with it; ipcache entries name it as their host.
     #[arg(long, value_name = "IP")]
     pub node_ip: Option<IpAddr>,
+    /// This node's pod CIDR (`a.b.c.d/len`), registered with the node: other nodes route it
+    /// here. Without it, and with `--cluster-pool-ipv4-cidr`, the node takes a block from
+    /// the pool (the operator role's cluster-pool IPAM).
+    #[arg(long, value_name = "CIDR", value_parser = parse_ipv4_cidr)]
+    pub pod_cidr: Option<String>,
+    /// The cluster's pod address pool, comma-separated CIDRs (Helm's
+    /// `ipam.operator.clusterPoolIPv4PodCIDRList`): each node gets a block of it.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_ipv4_cidr)]
+    pub cluster_pool_ipv4_cidr: Vec<String>,
+    /// Prefix length of each node's block of the pool (Helm's
+    /// `ipam.operator.clusterPoolIPv4MaskSize`).
+    #[arg(long, value_name = "LEN", default_value_t = DEFAULT_CLUSTER_POOL_MASK_SIZE)]
+    pub cluster_pool_ipv4_mask_size: u8,
+    /// How pod traffic reaches other nodes (Cilium's `routing-mode`): `tunnel` (VXLAN on UDP
+    /// 8472, the source identity in the VNI) or `native` (routes to each node's pod CIDR via
+    /// its underlay address). Needs `--kvstore`, `--node-ip` and a pod CIDR. Without it the
+    /// agent leaves the node's routes and devices alone (single node, or routing done by
+    /// someone else).
+    #[arg(long, value_enum, value_name = "MODE", requires = "kvstore")]
+    pub routing_mode: Option<RoutingModeArg>,
+}
+
+/// Default block size of the cluster pool: a /24 per node (Cilium's default).
+pub const DEFAULT_CLUSTER_POOL_MASK_SIZE: u8 = 24;
+
+/// Values of `--routing-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoutingModeArg {
+    /// VXLAN between nodes, the source identity in the VNI.
+    Tunnel,
+    /// Plain routes between nodes; identities from the ipcache.
+    Native,
+}
+
+impl RoutingModeArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingModeArg::Tunnel => "tunnel",
+            RoutingModeArg::Native => "native",
+        }
+    }
+}
+
+/// Checks `a.b.c.d/len` (no host bits) and returns it as written.
+pub fn parse_ipv4_cidr(s: &str) -> Result<String, String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("`{s}` is not a.b.c.d/len"))?;
+    let addr: std::net::Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("`{s}`: `{addr}` is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("`{s}`: the prefix length must be 0-32"))?;
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    if u32::from(addr) & !mask != 0 {
+        return Err(format!(
+            "`{s}` has host bits set; did you mean {}/{len}?",
+            std::net::Ipv4Addr::from(u32::from(addr) & mask)
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 /// Kinds of cluster store.
@@ -135,6 +203,10 @@ impl Default for ClusterArgs {
             cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
             node_name: None,
             node_ip: None,
+            pod_cidr: None,
+            cluster_pool_ipv4_cidr: Vec::new(),
+            cluster_pool_ipv4_mask_size: DEFAULT_CLUSTER_POOL_MASK_SIZE,
+            routing_mode: None,
         }
     }
 }
@@ -172,6 +244,22 @@ impl ClusterArgs {
         }
         if let Some(ip) = self.node_ip {
             out.extend(["--node-ip".into(), ip.to_string()]);
+        }
+        if let Some(c) = &self.pod_cidr {
+            out.extend(["--pod-cidr".into(), c.clone()]);
+        }
+        if !self.cluster_pool_ipv4_cidr.is_empty() {
+            out.extend([
+                "--cluster-pool-ipv4-cidr".into(),
+                self.cluster_pool_ipv4_cidr.join(","),
+            ]);
+        }
+        out.extend([
+            "--cluster-pool-ipv4-mask-size".into(),
+            self.cluster_pool_ipv4_mask_size.to_string(),
+        ]);
+        if let Some(m) = self.routing_mode {
+            out.extend(["--routing-mode".into(), m.as_str().into()]);
         }
         out
     }
@@ -411,13 +499,42 @@ mod tests {
             cluster_name: "east".into(),
             node_name: Some("node-1".into()),
             node_ip: Some("192.168.0.11".parse().expect("ip")),
+            pod_cidr: Some("10.200.1.0/24".into()),
+            cluster_pool_ipv4_cidr: vec!["10.200.0.0/16".into(), "10.201.0.0/16".into()],
+            cluster_pool_ipv4_mask_size: 26,
+            routing_mode: Some(RoutingModeArg::Native),
         };
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.cluster.routing_mode = Some(RoutingModeArg::Tunnel);
+        args.cluster.pod_cidr = None;
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
         args.cluster.kvstore_ca = None;
         args.cluster.kvstore_cert = None;
         args.cluster.kvstore_key = None;
         args.cluster.node_ip = None;
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+    }
+
+    #[test]
+    fn cidrs_are_checked_where_given() {
+        assert_eq!(parse_ipv4_cidr("10.200.1.0/24"), Ok("10.200.1.0/24".into()));
+        let host_bits = parse_ipv4_cidr("10.200.1.5/24").expect_err("host bits");
+        assert!(
+            host_bits.contains("did you mean 10.200.1.0/24"),
+            "{host_bits}"
+        );
+        assert!(parse_ipv4_cidr("10.200.1.0").is_err());
+        assert!(parse_ipv4_cidr("10.200.1.0/33").is_err());
+        assert!(parse_ipv4_cidr("10.300.1.0/24").is_err());
+        let e = AgentArgs::try_parse_from([
+            "membrane-agent",
+            "--node-netns",
+            "n",
+            "--pod-cidr",
+            "10.1.1.1/16",
+        ])
+        .expect_err("bad pod CIDR");
+        assert!(e.to_string().contains("--pod-cidr"), "{e}");
     }
 
     #[test]

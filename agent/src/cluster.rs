@@ -41,9 +41,10 @@ use membrane_agent_api::{
     args::KvstoreKind,
 };
 use membrane_cluster::{
-    AllocError, IdentityAllocator, IdentityRange, IpcacheEntry, IpcacheError, IpcacheSync,
-    NodeRegistry, PolicyDocument, PolicyFormat, PolicyName, PolicyStore, PolicyStoreError, Store,
-    StoreConfig, StoreError, SyncedMap, TlsFiles, keys,
+    AllocError, ClusterPoolConfig, IdentityAllocator, IdentityRange, IpamError, IpcacheEntry,
+    IpcacheError, IpcacheSync, Ipv4Cidr, NodeRegistry, PodCidrAllocator, PolicyDocument,
+    PolicyFormat, PolicyName, PolicyStore, PolicyStoreError, Store, StoreConfig, StoreError,
+    SyncedMap, TlsFiles, keys,
 };
 use membrane_policy::{Identity, Labels};
 use tokio::sync::watch;
@@ -71,6 +72,16 @@ pub const UNKNOWN_HOST_IP: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 pub enum ClusterError {
     #[error("cluster store: {0}")]
     Connect(#[source] StoreError),
+    #[error("pod CIDR of node `{node}` from the cluster pool: {source}")]
+    PodCidr {
+        node: String,
+        #[source]
+        source: IpamError,
+    },
+    #[error("pod CIDR of node `{node}`: the cluster store did not answer within {ms} ms")]
+    PodCidrTimeout { node: String, ms: u128 },
+    #[error("--pod-cidr `{cidr}`: {detail}")]
+    BadPodCidr { cidr: String, detail: String },
     #[error("registering node `{node}` in the cluster store: {source}")]
     Register {
         node: String,
@@ -101,13 +112,31 @@ pub enum ClusterError {
     },
 }
 
+/// Another node's endpoint, from the cluster ipcache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    pub identity: Identity,
+    /// The underlay address of the node that has it (`None`: it published none).
+    pub node_ip: Option<Ipv4Addr>,
+}
+
+/// Another node, from the store's `nodes/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteNode {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: Option<Ipv4Cidr>,
+}
+
 /// The store as the daemon's model needs it, read from the watches' memory.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     /// Every identity of the cluster (the mirror of `id/`).
     pub identities: BTreeMap<Identity, Labels>,
-    /// Other nodes' endpoint addresses (IPv4; the datapath has no IPv6) → identity.
-    pub remote: BTreeMap<Ipv4Addr, Identity>,
+    /// Other nodes' endpoint addresses (IPv4; the datapath has no IPv6).
+    pub remote: BTreeMap<Ipv4Addr, RemoteEndpoint>,
+    /// Every other node with an IPv4 underlay address.
+    pub nodes: Vec<RemoteNode>,
     /// Every policy document, with the revision of its last write.
     pub policies: BTreeMap<PolicyName, (i64, PolicyDocument)>,
 }
@@ -118,6 +147,8 @@ pub struct ClusterClient {
     store: Store,
     node: String,
     node_ip: Option<IpAddr>,
+    /// This node's pod CIDR (`--pod-cidr`, or a block of the cluster pool).
+    pod_cidr: Option<Ipv4Cidr>,
     identities: IdentityAllocator,
     ipcache: IpcacheSync,
     nodes: NodeRegistry,
@@ -199,10 +230,24 @@ impl ClusterClient {
             }
         }
         let node = config.node_name().to_owned();
+        let pod_cidr = match &config.cluster.pod_cidr {
+            Some(text) => Some(
+                text.parse::<Ipv4Cidr>()
+                    .map_err(|e| ClusterError::BadPodCidr {
+                        cidr: text.clone(),
+                        detail: e.to_string(),
+                    })?,
+            ),
+            None if !config.cluster.cluster_pool_ipv4_cidr.is_empty() => {
+                Some(pool_block(config, &store, &node, rt)?)
+            }
+            None => None,
+        };
         let client = Arc::new(ClusterClient {
             rt: rt.handle().clone(),
             node: node.clone(),
             node_ip: config.cluster.node_ip,
+            pod_cidr,
             identities,
             ipcache,
             nodes,
@@ -215,7 +260,7 @@ impl ClusterClient {
             store,
         });
         if let Some(ip) = client.node_ip {
-            rt.block_on(client.nodes.register(ip, None, None))
+            rt.block_on(client.nodes.register(ip, client.pod_cidr, None))
                 .map_err(|source| ClusterError::Register {
                     node: node.clone(),
                     source,
@@ -337,6 +382,11 @@ impl ClusterClient {
         &self.node
     }
 
+    /// This node's pod CIDR, if it has one.
+    pub fn pod_cidr(&self) -> Option<Ipv4Cidr> {
+        self.pod_cidr
+    }
+
     /// The identity of an endpoint's labels, allocated cluster-wide if new. Blocks the
     /// calling thread (never a runtime worker) for at most [`ALLOCATE_TIMEOUT`]. With etcd
     /// unreachable, labels the cluster already numbered keep their number; new ones fail
@@ -405,7 +455,30 @@ impl ClusterClient {
             .into_values()
             .filter(|e| e.node != self.node)
             .filter_map(|e| match e.ip {
-                IpAddr::V4(v4) => Some((v4, e.identity)),
+                IpAddr::V4(v4) => Some((
+                    v4,
+                    RemoteEndpoint {
+                        identity: e.identity,
+                        node_ip: match e.host_ip {
+                            IpAddr::V4(h) if !h.is_unspecified() => Some(h),
+                            _ => None,
+                        },
+                    },
+                )),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let nodes = self
+            .nodes
+            .nodes()
+            .into_values()
+            .filter(|n| n.name != self.node)
+            .filter_map(|n| match n.underlay_ip {
+                IpAddr::V4(underlay_ip) => Some(RemoteNode {
+                    name: n.name,
+                    underlay_ip,
+                    pod_cidr: n.pod_cidr,
+                }),
                 IpAddr::V6(_) => None,
             })
             .collect();
@@ -421,6 +494,7 @@ impl ClusterClient {
         ClusterView {
             identities: self.identities.identities(),
             remote,
+            nodes,
             policies,
         }
     }
@@ -544,9 +618,56 @@ impl crate::daemon::State {
             self.remote_ipcache = view.remote;
             changed = true;
         }
+        if self.remote_nodes != view.nodes {
+            self.remote_nodes = view.nodes;
+            changed = true;
+        }
         changed |= self.take_cluster_policies(view.policies);
         changed
     }
+}
+
+/// A block of the cluster pool for `node` (the one it holds, else the first free one).
+fn pool_block(
+    config: &AgentConfig,
+    store: &Store,
+    node: &str,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Ipv4Cidr, ClusterError> {
+    let bad = |source| ClusterError::PodCidr {
+        node: node.to_owned(),
+        source,
+    };
+    let mut pool = Vec::new();
+    for text in &config.cluster.cluster_pool_ipv4_cidr {
+        pool.push(
+            text.parse::<Ipv4Cidr>()
+                .map_err(|e| ClusterError::BadPodCidr {
+                    cidr: text.clone(),
+                    detail: format!("--cluster-pool-ipv4-cidr: {e}"),
+                })?,
+        );
+    }
+    let allocator = PodCidrAllocator::new(
+        store,
+        ClusterPoolConfig {
+            pod_cidr_list: pool,
+            mask_size: config.cluster.cluster_pool_ipv4_mask_size,
+        },
+    )
+    .map_err(bad)?;
+    let block = rt
+        .block_on(tokio::time::timeout(
+            POLICY_TIMEOUT,
+            allocator.allocate(node),
+        ))
+        .map_err(|_| ClusterError::PodCidrTimeout {
+            node: node.to_owned(),
+            ms: POLICY_TIMEOUT.as_millis(),
+        })?
+        .map_err(bad)?;
+    tracing::info!(node, %block, "pod CIDR from the cluster pool");
+    Ok(block)
 }
 
 /// One document of a policy text, as stored: its name and its text.

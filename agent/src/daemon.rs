@@ -90,7 +90,12 @@ pub(crate) struct State {
     /// The cluster store (`--kvstore`); `None` on a node of its own.
     pub(crate) cluster: Option<Arc<ClusterClient>>,
     /// Other nodes' endpoints (from the cluster ipcache), written into this node's ipcache.
-    pub(crate) remote_ipcache: BTreeMap<std::net::Ipv4Addr, Identity>,
+    pub(crate) remote_ipcache: BTreeMap<std::net::Ipv4Addr, crate::cluster::RemoteEndpoint>,
+    /// Other nodes (from the store's `nodes/`): their addresses go into the ipcache, their
+    /// pod CIDRs into the routes (with `--routing-mode`).
+    pub(crate) remote_nodes: Vec<crate::cluster::RemoteNode>,
+    /// Cross-node routing (`--routing-mode`); `None`: the node's routes are not ours.
+    pub(crate) routing: Option<crate::routing::NodeRouting>,
     /// Policy documents of the cluster store in force here.
     pub(crate) cluster_docs: BTreeMap<membrane_cluster::PolicyName, crate::policies::ClusterDoc>,
     /// Stored documents that do not parse here, by name (their previous version, if any,
@@ -118,6 +123,8 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         .build()
         .map_err(io_err("start the async runtime"))?;
     let cluster = ClusterClient::start(&config, &runtime).map_err(AgentError::from)?;
+    let routing =
+        crate::routing::NodeRouting::setup(&config, cluster.as_deref(), &node, &mut datapath)?;
     let enricher = Arc::new(StaticEnricher::new(config.node_netns.clone()));
     let observer = {
         let _context = runtime.enter();
@@ -160,6 +167,8 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         pending: Vec::new(),
         cluster: cluster.clone(),
         remote_ipcache: BTreeMap::new(),
+        remote_nodes: Vec::new(),
+        routing,
         cluster_docs: BTreeMap::new(),
         cluster_doc_errors: BTreeMap::new(),
     };
@@ -360,15 +369,28 @@ impl State {
                 policy: &desired[&endpoint.id],
             });
         }
+        let own_node_ip = match self.config.cluster.node_ip {
+            Some(std::net::IpAddr::V4(ip)) if self.cluster.is_some() => Some(ip),
+            _ => None,
+        };
+        let remote = crate::routing::remote_entries(
+            self.routing.as_ref(),
+            own_node_ip,
+            &self.remote_ipcache,
+            &self.remote_nodes,
+        );
         let want = reconcile::desired_state(
             &locals,
-            &self.remote_ipcache,
+            &remote,
             &prefixes,
             &self.fqdn.ips,
             self.config.http_proxy_port,
         )
         .map_err(AgentError::PolicyEntry)?;
         reconcile::apply(&mut self.datapath, &want)?;
+        if let Some(routing) = &mut self.routing {
+            routing.sync(&self.node, &self.remote_nodes)?;
+        }
         self.cookies = want.cookies;
         for (id, labels) in self.identities.iter() {
             self.enricher

@@ -19,6 +19,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {detail}")]
+    Config { what: String, detail: String },
     #[error("flow pipeline: {0}")]
     FlowPipeline(#[source] membrane_observer::ConfigError),
     #[error("Hubble API on {path}: {source}")]

@@ -8,7 +8,8 @@
 //! [`policies`] (the watched directory, the applied-policy store, the cluster store's
 //! documents), [`reconcile`] (the desired state, computed purely, then applied to the maps),
 //! [`proxy`] (supervision, the channel's snapshots, records), [`flows`], [`servers`],
-//! [`fqdn`], [`cluster`] (the cluster store: identities, ipcache, nodes, policies on etcd);
+//! [`fqdn`], [`cluster`] (the cluster store: identities, ipcache, nodes, policies on etcd),
+//! [`routing`] (other nodes in the ipcache, routes to their pod CIDRs, the tunnel);
 //! [`daemon`] ties them together.
 //!
 //! Must not depend on wasmtime, the lab or the CLI (checked by `cargo xtask test`); talks to
@@ -26,6 +27,7 @@ pub mod fqdn;
 pub mod policies;
 pub mod proxy;
 pub mod reconcile;
+pub mod routing;
 pub mod servers;
 
 pub use config::AgentConfig;

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use membrane_common::Direction;
 use membrane_datapath::{
-    Datapath, EndpointEntry, Ipv4Prefix, PolicyRule, PolicyVerdict, PortMatch,
+    Datapath, EndpointEntry, IpcacheInfo, Ipv4Prefix, PolicyRule, PolicyVerdict, PortMatch,
     plumbing::POD_GATEWAY,
 };
 use membrane_policy::{EndpointPolicy, Identity, IpPrefix};
@@ -43,14 +43,15 @@ pub type RuleKey = (u32, Direction, u32, u8, PortMatch);
 pub struct DesiredState {
     /// By interface index.
     pub endpoints: BTreeMap<u32, EndpointEntry>,
-    pub ipcache: BTreeMap<Ipv4Prefix, u32>,
+    pub ipcache: BTreeMap<Ipv4Prefix, IpcacheInfo>,
     pub rules: BTreeMap<RuleKey, PolicyRule>,
     /// Rule cookie → the policy rule it came from (for flows).
     pub cookies: BTreeMap<u32, String>,
 }
 
-/// The maps' contents for these endpoints. `remote` are other nodes' endpoints from the
-/// cluster ipcache (empty without a cluster store); `prefixes` the CIDR identities policies
+/// The maps' contents for these endpoints. `remote` are the entries the cluster store
+/// implies (`routing::remote_entries`: other nodes' endpoints, nodes' addresses and pod
+/// CIDRs with their tunnel endpoints, this node's own addresses; empty without a store); `prefixes` the CIDR identities policies
 /// reference; `learned` the addresses the DNS proxy learned with their `fqdn:` identities.
 /// Precedence in the ipcache, highest first: the node's own address is the host; local
 /// endpoints' addresses (what this node registered wins over whatever another node claims
@@ -60,7 +61,7 @@ pub struct DesiredState {
 /// `http_proxy_port`.
 pub fn desired_state(
     endpoints: &[LocalEndpoint<'_>],
-    remote: &BTreeMap<Ipv4Addr, Identity>,
+    remote: &BTreeMap<Ipv4Prefix, IpcacheInfo>,
     prefixes: &BTreeMap<IpPrefix, Identity>,
     learned: &BTreeMap<Ipv4Addr, Identity>,
     http_proxy_port: u16,
@@ -78,23 +79,47 @@ pub fn desired_state(
             },
         );
     }
+    let plain = |identity| IpcacheInfo {
+        identity,
+        tunnel_endpoint: None,
+    };
     state.ipcache.insert(
         Ipv4Prefix::host(POD_GATEWAY),
-        membrane_common::identity::HOST,
+        plain(membrane_common::identity::HOST),
     );
     for e in endpoints {
-        state.ipcache.insert(Ipv4Prefix::host(e.ipv4), e.identity);
+        state
+            .ipcache
+            .insert(Ipv4Prefix::host(e.ipv4), plain(e.identity));
     }
-    for (ip, id) in remote {
-        state.ipcache.entry(Ipv4Prefix::host(*ip)).or_insert(id.0);
+    for (prefix, info) in remote {
+        // This node's own addresses (host) win over a local endpoint claiming them.
+        if info.identity == membrane_common::identity::HOST {
+            state.ipcache.insert(*prefix, *info);
+        } else {
+            state.ipcache.entry(*prefix).or_insert(*info);
+        }
     }
     for (prefix, id) in prefixes {
         if let Some(v4) = datapath_sync::ipv4_prefix(prefix) {
-            state.ipcache.entry(v4).or_insert(id.0);
+            state
+                .ipcache
+                .entry(v4)
+                // A policy's CIDR that is exactly another node's pod CIDR names the
+                // identity; the tunnel endpoint stays.
+                .and_modify(|info| {
+                    if info.identity == membrane_common::identity::WORLD {
+                        info.identity = id.0;
+                    }
+                })
+                .or_insert(plain(id.0));
         }
     }
     for (ip, id) in learned {
-        state.ipcache.entry(Ipv4Prefix::host(*ip)).or_insert(id.0);
+        state
+            .ipcache
+            .entry(Ipv4Prefix::host(*ip))
+            .or_insert(plain(id.0));
     }
     for e in endpoints {
         let policy = e.policy;
@@ -151,21 +176,24 @@ pub fn apply(datapath: &mut Datapath, desired: &DesiredState) -> Result<(), Agen
         }
     }
 
-    let have_ipcache = datapath.ipcache().list().map_err(dp_err("list ipcache"))?;
+    let have_ipcache = datapath
+        .ipcache()
+        .list_info()
+        .map_err(dp_err("list ipcache"))?;
+    for (prefix, info) in &desired.ipcache {
+        if !have_ipcache.iter().any(|(p, i)| p == prefix && i == info) {
+            datapath
+                .ipcache()
+                .upsert_info(*prefix, *info)
+                .map_err(dp_err("write ipcache entry"))?;
+        }
+    }
     for (prefix, _) in &have_ipcache {
         if !desired.ipcache.contains_key(prefix) {
             datapath
                 .ipcache()
                 .remove(*prefix)
                 .map_err(dp_err("remove ipcache entry"))?;
-        }
-    }
-    for (prefix, id) in &desired.ipcache {
-        if !have_ipcache.iter().any(|(p, i)| p == prefix && i == id) {
-            datapath
-                .ipcache()
-                .upsert(*prefix, *id)
-                .map_err(dp_err("write ipcache entry"))?;
         }
     }
 
@@ -271,14 +299,18 @@ spec:
         );
         assert!(s.rules.values().all(|r| r.endpoint_id == 1001));
         assert_eq!(
-            s.ipcache,
-            BTreeMap::from([
+            s.ipcache
+                .iter()
+                .map(|(p, i)| (*p, i.identity, i.tunnel_endpoint))
+                .collect::<Vec<_>>(),
+            [
+                (Ipv4Prefix::host(Ipv4Addr::new(10, 0, 0, 1)), 1000, None),
                 (
                     Ipv4Prefix::host(POD_GATEWAY),
-                    membrane_common::identity::HOST
+                    membrane_common::identity::HOST,
+                    None
                 ),
-                (Ipv4Prefix::host(Ipv4Addr::new(10, 0, 0, 1)), 1000),
-            ])
+            ]
         );
     }
 
@@ -346,17 +378,21 @@ spec:
             (Ipv4Addr::new(198, 51, 100, 1), Identity(0x0100_0005)),
         ]);
         let s = desired_state(&eps, &BTreeMap::new(), &prefixes, &learned, HTTP_PORT).expect("ok");
-        assert_eq!(s.ipcache[&Ipv4Prefix::host(ip)], 1000, "the pod wins");
+        assert_eq!(
+            s.ipcache[&Ipv4Prefix::host(ip)].identity,
+            1000,
+            "the pod wins"
+        );
         let block =
             datapath_sync::ipv4_prefix(&"192.0.2.0/24".parse().expect("prefix")).expect("v4");
-        assert_eq!(s.ipcache[&block], 0x0100_0002);
+        assert_eq!(s.ipcache[&block].identity, 0x0100_0002);
         assert_eq!(
-            s.ipcache[&Ipv4Prefix::host(Ipv4Addr::new(192, 0, 2, 9))],
+            s.ipcache[&Ipv4Prefix::host(Ipv4Addr::new(192, 0, 2, 9))].identity,
             0x0100_0004,
             "a learned host inside a CIDR block keeps its own /32"
         );
         assert_eq!(
-            s.ipcache[&Ipv4Prefix::host(Ipv4Addr::new(198, 51, 100, 1))],
+            s.ipcache[&Ipv4Prefix::host(Ipv4Addr::new(198, 51, 100, 1))].identity,
             0x0100_0005
         );
     }
@@ -374,10 +410,14 @@ spec:
         }];
         let remote_ip = Ipv4Addr::new(10, 0, 2, 1);
         let learned_ip = Ipv4Addr::new(10, 0, 2, 2);
+        let remote_info = |identity| IpcacheInfo {
+            identity,
+            tunnel_endpoint: Some(Ipv4Addr::new(10, 199, 0, 12)),
+        };
         let remote = BTreeMap::from([
-            (remote_ip, Identity(2000)),
+            (Ipv4Prefix::host(remote_ip), remote_info(2000)),
             // Another node claims a local endpoint's address: the local registration wins.
-            (local, Identity(3000)),
+            (Ipv4Prefix::host(local), remote_info(3000)),
         ]);
         let prefixes = BTreeMap::from([(
             "10.0.2.1/32".parse::<IpPrefix>().expect("prefix"),
@@ -388,17 +428,30 @@ spec:
             (learned_ip, Identity(0x0100_0003)),
         ]);
         let s = desired_state(&eps, &remote, &prefixes, &learned, HTTP_PORT).expect("ok");
-        assert_eq!(s.ipcache[&Ipv4Prefix::host(local)], 1000, "local wins");
         assert_eq!(
-            s.ipcache[&Ipv4Prefix::host(remote_ip)],
+            s.ipcache[&Ipv4Prefix::host(local)].identity,
+            1000,
+            "local wins"
+        );
+        assert_eq!(
+            s.ipcache[&Ipv4Prefix::host(remote_ip)].identity,
             2000,
             "a remote pod is never relabelled by a CIDR rule or a DNS answer"
         );
-        assert_eq!(s.ipcache[&Ipv4Prefix::host(learned_ip)], 0x0100_0003);
+        assert_eq!(
+            s.ipcache[&Ipv4Prefix::host(remote_ip)].tunnel_endpoint,
+            Some(Ipv4Addr::new(10, 199, 0, 12)),
+            "its tunnel endpoint is kept"
+        );
+        assert_eq!(s.ipcache[&Ipv4Prefix::host(local)].tunnel_endpoint, None);
+        assert_eq!(
+            s.ipcache[&Ipv4Prefix::host(learned_ip)].identity,
+            0x0100_0003
+        );
         let without =
             desired_state(&eps, &BTreeMap::new(), &prefixes, &learned, HTTP_PORT).expect("ok");
         assert_eq!(
-            without.ipcache[&Ipv4Prefix::host(remote_ip)],
+            without.ipcache[&Ipv4Prefix::host(remote_ip)].identity,
             0x0100_0001,
             "a remote entry that went leaves the address to the rest"
         );

@@ -17,13 +17,18 @@ pub struct AgentSocket {
     /// /run/membrane/$MEMBRANE_LAB_NAME/agent.sock or /run/membrane/membrane-lab/agent.sock].
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+    /// The lab node whose agent to ask (`node1`, `node2`, …) [default: the first].
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "socket")]
+    pub node: Option<String>,
 }
 
 impl AgentSocket {
-    fn path(&self) -> PathBuf {
-        self.socket
-            .clone()
-            .unwrap_or_else(membrane_lab::lab::agent_socket)
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        let run = membrane_lab::lab::node_run_name(self.node.as_deref())?;
+        Ok(membrane_agent_api::RunDir::new(&run).agent_socket())
     }
 }
 
@@ -38,8 +43,8 @@ pub struct AgentTarget {
 }
 
 impl AgentTarget {
-    fn client(&self) -> Client {
-        Client::new(self.agent.path())
+    fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(self.agent.path()?))
     }
 
     fn json(&self) -> bool {
@@ -226,14 +231,14 @@ fn render_cluster(c: &ClusterStatus, now_unix_ms: u64, line: &mut impl FnMut(Str
 }
 
 pub fn status(target: &AgentTarget) -> anyhow::Result<()> {
-    let s = target.client().status()?;
+    let s = target.client()?.status()?;
     print(target, &s, |s| print!("{}", render_status(s)));
     Ok(())
 }
 
 /// `membrane fqdn cache list`: what the DNS proxy learned.
 pub fn fqdn_cache(target: &AgentTarget) -> anyhow::Result<()> {
-    let rows = target.client().fqdn_cache()?;
+    let rows = target.client()?.fqdn_cache()?;
     print(target, &rows, |rows| {
         println!(
             "{:<40} {:<15} {:>8} {:>10}",
@@ -253,7 +258,7 @@ pub fn fqdn_cache(target: &AgentTarget) -> anyhow::Result<()> {
 }
 
 pub fn endpoints(target: &AgentTarget) -> anyhow::Result<()> {
-    let rows = target.client().endpoints()?;
+    let rows = target.client()?.endpoints()?;
     print(target, &rows, |rows| {
         println!(
             "{:>8} {:<24} {:>10} {:<15} {:<14} LABELS",
@@ -275,7 +280,7 @@ pub fn endpoints(target: &AgentTarget) -> anyhow::Result<()> {
 }
 
 pub fn identities(target: &AgentTarget) -> anyhow::Result<()> {
-    let rows = target.client().identities()?;
+    let rows = target.client()?.identities()?;
     print(target, &rows, |rows| {
         println!("{:>10}  LABELS", "ID");
         for r in rows {
@@ -286,7 +291,7 @@ pub fn identities(target: &AgentTarget) -> anyhow::Result<()> {
 }
 
 pub fn policy(agent: &AgentSocket, command: PolicyAgentCommand) -> anyhow::Result<()> {
-    let client = Client::new(agent.path());
+    let client = Client::new(agent.path()?);
     let target = &AgentTarget {
         agent: agent.clone(),
         output: "table".into(),

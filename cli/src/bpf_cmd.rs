@@ -19,10 +19,13 @@ use serde::Serialize;
 
 #[derive(Args, Debug)]
 pub struct BpfArgs {
-    /// Pin directory of the datapath's maps [default: the lab's,
+    /// Pin directory of the datapath's maps [default: the lab's first node's,
     /// /sys/fs/bpf/membrane/$MEMBRANE_LAB_NAME or /sys/fs/bpf/membrane/membrane-lab].
-    #[arg(long, global = true, default_value_os_t = default_pin_dir(), hide_default_value = true)]
-    pub pin_dir: PathBuf,
+    #[arg(long, global = true)]
+    pub pin_dir: Option<PathBuf>,
+    /// The lab node whose maps to read (`node1`, `node2`, …) [default: the first].
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "pin_dir")]
+    pub node: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -74,8 +77,12 @@ pub enum ListOnly {
     List,
 }
 
-fn default_pin_dir() -> PathBuf {
-    membrane_lab::lab::pin_path()
+fn pin_dir_of(args: &BpfArgs) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.pin_dir {
+        return Ok(dir.clone());
+    }
+    let run = membrane_lab::lab::node_run_name(args.node.as_deref())?;
+    Ok(membrane_lab::lab::pin_path().with_file_name(run))
 }
 
 fn registry_path(pin_dir: &Path) -> PathBuf {
@@ -127,7 +134,7 @@ fn verdict_text(v: PolicyVerdict) -> String {
 }
 
 pub fn run(args: BpfArgs) -> anyhow::Result<()> {
-    let pin_dir = &args.pin_dir;
+    let pin_dir = &pin_dir_of(&args)?;
     if !pin_dir.exists() {
         anyhow::bail!(
             "no datapath pinned at {} (is the lab up? `membrane lab up`, or pass --pin-dir)",
@@ -253,17 +260,29 @@ pub fn run(args: BpfArgs) -> anyhow::Result<()> {
         BpfCommand::Ipcache {
             command: ListOnly::List,
         } => {
-            let rows = IpcacheMap::open_pinned(pin_dir)?.list()?;
+            let rows = IpcacheMap::open_pinned(pin_dir)?.list_info()?;
             if json {
                 let out: Vec<_> = rows
                     .iter()
-                    .map(|(prefix, id)| serde_json::json!({"prefix": prefix.to_string(), "identity": id}))
+                    .map(|(prefix, info)| {
+                        serde_json::json!({
+                            "prefix": prefix.to_string(),
+                            "identity": info.identity,
+                            "tunnel_endpoint": info.tunnel_endpoint.map(|ip| ip.to_string()),
+                        })
+                    })
                     .collect();
                 return print_json(&out);
             }
-            println!("{:<20} {:>10}", "PREFIX", "IDENTITY");
-            for (prefix, id) in rows {
-                println!("{:<20} {:>10}", prefix.to_string(), id);
+            println!("{:<20} {:>10}  {}", "PREFIX", "IDENTITY", "TUNNEL ENDPOINT");
+            for (prefix, info) in rows {
+                println!(
+                    "{:<20} {:>10}  {}",
+                    prefix.to_string(),
+                    info.identity,
+                    info.tunnel_endpoint
+                        .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+                );
             }
         }
         BpfCommand::Endpoint {

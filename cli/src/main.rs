@@ -133,9 +133,11 @@ enum PolicyCli {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Build the node in a box: a node namespace with the topology's pods (by default the
-    /// seed guide's: frontend, backend and api serving HTTP on 8080, external-client,
-    /// kube-system/kube-dns), world hosts behind an uplink (github, slack, aws in the
+    /// Build the cluster in a box: node namespaces (two by default) with the topology's pods
+    /// (by default the seed guide's: frontend, backend and kube-system/kube-dns on node1, api
+    /// and external-client on node2), an underlay between the nodes, etcd (the cluster store,
+    /// on the host's loopback), one agent and proxy per node, world hosts behind each node's
+    /// uplink (github, slack, aws in the
     /// documentation ranges), the cluster DNS (pods resolve `backend`,
     /// `backend.default.svc.cluster.local`, `api.github.com`; under the seed policies only once
     /// the DNS proxy is on the node, see the README), the datapath (pinned, so it keeps
@@ -149,6 +151,15 @@ enum LabCommand {
         /// Apply no policy (everything is allowed until you apply some).
         #[arg(long)]
         no_policies: bool,
+        /// Nodes of the lab (1-16). With one there is no cluster store: the node allocates
+        /// identities itself. Pods of nodes beyond the count run on the last node.
+        #[arg(long, value_name = "N", default_value_t = membrane_lab::lab::DEFAULT_NODES,
+              value_parser = clap::value_parser!(u32).range(1..=16))]
+        nodes: u32,
+        /// How pod traffic crosses between nodes: `tunnel` (VXLAN, the source identity in the
+        /// VNI) or `native` (routes to each node's pod CIDR over the underlay).
+        #[arg(long, value_enum, value_name = "MODE", default_value = "tunnel")]
+        routing: membrane_agent_api::args::RoutingModeArg,
         /// Where the agent serves the flow page (live flow table with filters, service map)
         /// on this host's loopback; `up` prints its URL. Default 127.0.0.1:9966 (another free
         /// loopback port when that one is taken, e.g. by another lab); an ADDR given here must
@@ -218,11 +229,14 @@ fn main() -> anyhow::Result<ExitCode> {
             LabCommand::Up {
                 topology,
                 no_policies,
+                nodes,
+                routing,
                 ui_listen,
                 no_ui,
             } => membrane_lab::lab::up(&membrane_lab::lab::UpOptions {
                 topology,
                 policies: !no_policies,
+                shape: membrane_lab::topology::Shape { nodes, routing },
                 ui: match (ui_listen, no_ui) {
                     (_, true) => membrane_lab::lab::UiListen::Off,
                     (Some(addr), false) => membrane_lab::lab::UiListen::Addr(addr),

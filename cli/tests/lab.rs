@@ -132,7 +132,7 @@ fn lab_with_agent_end_to_end() {
     require_root();
     let lab = Lab::new("lab");
 
-    let up = lab.membrane(&["lab", "up"]);
+    let up = lab.membrane(&["lab", "up", "--nodes", "1"]);
     let out = text(&up);
     assert!(up.status.success(), "lab up failed:\n{out}");
     for step in [
@@ -148,7 +148,7 @@ fn lab_with_agent_end_to_end() {
     ] {
         assert!(out.contains(step), "missing `{step}` in:\n{out}");
     }
-    let again = lab.membrane(&["lab", "up"]);
+    let again = lab.membrane(&["lab", "up", "--nodes", "1"]);
     assert!(again.status.success(), "{}", text(&again));
     assert!(text(&again).contains("is up"), "{}", text(&again));
     for dir in ["frontend", "kube-dns"] {
@@ -171,7 +171,7 @@ fn lab_with_agent_end_to_end() {
         "-> backend:9090 (ID:257) TCP drop INGRESS DROPPED (Policy denied)",
         "-> world/github:443 (ID:2) TCP drop EGRESS DROPPED (Policy denied)",
         "policy-verdict:L3-L4 INGRESS REDIRECTED",
-        "http-request DROPPED (HTTP/1.1 DELETE http://10.200.0.12:8080/api/v1/orders/42)",
+        "http-request DROPPED (HTTP/1.1 DELETE http://10.200.1.12:8080/api/v1/orders/42)",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
     }
@@ -462,7 +462,7 @@ fn lab_with_agent_end_to_end() {
                 method,
                 "-w",
                 " %{http_code}",
-                "http://10.200.0.12:8080/api/v1/orders",
+                "http://10.200.1.12:8080/api/v1/orders",
             ],
         )
     };
@@ -587,6 +587,8 @@ world:
     let up = lab.membrane(&[
         "lab",
         "up",
+        "--nodes",
+        "1",
         "--topology",
         good.to_str().expect("utf8"),
         "--no-policies",
@@ -649,7 +651,7 @@ world:
 fn seed_policies_with_the_dns_proxy() {
     require_root();
     let lab = Lab::new("dnsp");
-    let up = lab.membrane(&["lab", "up"]);
+    let up = lab.membrane(&["lab", "up", "--nodes", "1"]);
     assert!(up.status.success(), "{}", text(&up));
     let run = |pod: &str, cmd: &[&str]| {
         let out = lab.exec(pod, cmd);
@@ -767,7 +769,7 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
 fn dns_proxy_restart_loses_no_query() {
     require_root();
     let lab = Lab::new("dnsr");
-    let up = lab.membrane(&["lab", "up"]);
+    let up = lab.membrane(&["lab", "up", "--nodes", "1"]);
     assert!(up.status.success(), "{}", text(&up));
     let pid_file = format!("/run/membrane/{}/proxy.pid", lab.name);
     let proxy_pid = || -> i32 {
@@ -883,6 +885,8 @@ pods:
     let up = lab.membrane(&[
         "lab",
         "up",
+        "--nodes",
+        "1",
         "--topology",
         topology.to_str().expect("utf8"),
         "--no-policies",
@@ -1028,4 +1032,140 @@ spec:
 
     let _ = std::fs::remove_dir_all(&dir);
     lab.down_and_check_nothing_left();
+}
+
+/// Pins and run directories of every node of the lab (node 1 has the lab's own name).
+fn node_dirs_left(name: &str) -> Vec<String> {
+    ["/sys/fs/bpf/membrane", "/run/membrane"]
+        .iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path().display().to_string())
+                        .filter(|p| p.contains(&format!("/{name}")))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The seed guide's demo across two nodes over the VXLAN tunnel: frontend, backend and
+/// kube-dns on node1, api and external-client on node2; one etcd, two agents and proxies.
+#[test]
+fn two_node_lab_over_the_tunnel_runs_the_demo_across_nodes() {
+    require_root();
+    let lab = Lab::new("lab2t");
+    let up = lab.membrane(&["lab", "up", "--nodes", "2", "--routing", "tunnel"]);
+    let out = text(&up);
+    assert!(up.status.success(), "lab up failed:\n{out}");
+    for step in [
+        "\u{2713} node node2 namespace",
+        "routing tunnel",
+        "\u{2713} etcd at http://127.0.0.1:",
+        "10.200.1.12   netns",
+        " on node2",
+        "(cluster-wide, on etcd)",
+        "\u{2713} policy CiliumNetworkPolicy default/api-l7 applied",
+    ] {
+        assert!(out.contains(step), "missing `{step}` in:\n{out}");
+    }
+
+    let demo = lab.membrane(&["lab", "demo"]);
+    let out = text(&demo);
+    assert!(demo.status.success(), "lab demo failed:\n{out}");
+    for line in [
+        "frontend -> backend:8080 GET /                       HTTP 200 \"hello from backend\"",
+        "external-client -> backend:8080 GET /                DROPPED",
+        "frontend -> api:8080 GET /api/v1/orders              HTTP 200 \"hello from api\"",
+        "frontend -> api:8080 DELETE /api/v1/orders/42        HTTP 403 \"Access denied\"",
+        "http-request DROPPED (HTTP/1.1 DELETE http://10.200.1.12:8080/api/v1/orders/42)",
+    ] {
+        assert!(out.contains(line), "missing `{line}` in:\n{out}");
+    }
+    // external-client (node2) -> backend (node1) is dropped at backend's node, which knows
+    // the sender from the identity the tunnel carried.
+    let ext = json(&lab.membrane(&["endpoint", "list", "--node", "node2", "-o", "json"]));
+    let ext_identity = ext
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["name"] == "external-client")
+        .map(|e| e["identity"].as_u64().expect("identity"))
+        .expect("external-client on node2");
+    let node1_hubble = format!("/run/membrane/{}/hubble.sock", lab.name);
+    let drops = lab.membrane(&[
+        "observe",
+        "--socket",
+        &node1_hubble,
+        "--verdict",
+        "DROPPED",
+        "--to-pod",
+        "default/backend",
+        "-o",
+        "json",
+    ]);
+    let drops = text(&drops);
+    assert!(
+        drops.contains(&format!("\"identity\":{ext_identity}"))
+            && drops.contains("app=external-client"),
+        "node1's drop names the sender's identity {ext_identity} and labels:\n{drops}"
+    );
+
+    // The cluster in the agents' views.
+    let status = json(&lab.membrane(&["status", "--node", "node2", "-o", "json"]));
+    assert_eq!(status["endpoints"], 2, "{status}");
+    let nodes = status["cluster"]["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 2, "{status}");
+    assert_eq!(status["cluster"]["store"]["connected"], true, "{status}");
+    let ipcache = json(&lab.membrane(&["bpf", "ipcache", "list", "--node", "node1", "-o", "json"]));
+    let api = ipcache
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|e| e["prefix"] == "10.200.1.12/32")
+        .unwrap_or_else(|| panic!("api in node1's ipcache: {ipcache}"));
+    assert_eq!(api["tunnel_endpoint"], "10.199.0.12", "{ipcache}");
+
+    let down = lab.membrane(&["lab", "down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(node_dirs_left(&lab.name), Vec::<String>::new());
+}
+
+/// Two nodes routed natively: the receiving node takes the sender's identity from its
+/// ipcache (the cluster store's), so the same policies hold across nodes.
+#[test]
+fn two_node_lab_with_native_routing_enforces_across_nodes() {
+    require_root();
+    let lab = Lab::new("lab2n");
+    let up = lab.membrane(&["lab", "up", "--nodes", "2", "--routing", "native"]);
+    assert!(up.status.success(), "lab up failed:\n{}", text(&up));
+    let curl = |pod: &str, url: &str, max: &str| {
+        stdout(&lab.exec(pod, &["curl", "-s", "--max-time", max, url]))
+    };
+    // frontend (node1) -> api (node2): L7 allowed by api's node's proxy.
+    assert_eq!(
+        curl("frontend", "http://10.200.1.12:8080/api/v1/orders", "10"),
+        "hello from api"
+    );
+    // external-client (node2) -> backend (node1): dropped by backend's ingress policy.
+    let dropped = lab.exec(
+        "external-client",
+        &["curl", "-s", "--max-time", "2", "http://10.200.0.11:8080/"],
+    );
+    assert!(!dropped.status.success(), "{}", text(&dropped));
+    // Routes to the other node's pod CIDR via its underlay address, no tunnel device.
+    let routes = Command::new("ip")
+        .args(["-n", &lab.name, "route", "show", "10.200.1.0/24"])
+        .output()
+        .expect("ip route");
+    assert!(
+        text(&routes).contains("via 10.199.0.12"),
+        "{}",
+        text(&routes)
+    );
+    let down = lab.membrane(&["lab", "down"]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(node_dirs_left(&lab.name), Vec::<String>::new());
 }

@@ -233,7 +233,7 @@ fn flow_page_shows_lab_flows_in_headless_chromium() {
     let lab = Lab {
         name: unique_name("ui"),
     };
-    let up = lab.membrane(&["lab", "up", "--ui-listen", "127.0.0.1:0"]);
+    let up = lab.membrane(&["lab", "up", "--nodes", "1", "--ui-listen", "127.0.0.1:0"]);
     let out = text(&up);
     assert!(up.status.success(), "lab up failed:\n{out}");
     let url = out
@@ -281,7 +281,7 @@ fn flow_page_shows_lab_flows_in_headless_chromium() {
                 "%{http_code}",
                 "-X",
                 "DELETE",
-                "http://10.200.0.12:8080/api/v1/orders/42"
+                "http://10.200.1.12:8080/api/v1/orders/42"
             ]
         ),
         (Some(0), "403".to_owned())

@@ -19,14 +19,15 @@ pub mod maps;
 pub mod netns;
 pub mod object;
 pub mod plumbing;
+pub mod routing;
 pub mod services;
 
 pub use error::DatapathError;
 pub use events::{EventKind, EventReader, EventVerdict, FlowEventView};
 pub use loader::{Datapath, MapSizes, ProgramStats, RunTimeStats, enable_run_time_stats};
 pub use maps::{
-    CtEntryView, CtMap, EndpointEntry, EndpointsMap, IpcacheMap, Ipv4Prefix, MetricsMap, PolicyMap,
-    PolicyRule, PolicyVerdict, PortMatch,
+    CtEntryView, CtMap, EndpointEntry, EndpointsMap, IpcacheInfo, IpcacheMap, Ipv4Prefix,
+    MetricsMap, PolicyMap, PolicyRule, PolicyVerdict, PortMatch,
 };
 pub use membrane_common::{Direction, reason};
 pub use netns::Netns;

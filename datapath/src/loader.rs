@@ -376,6 +376,28 @@ impl Datapath {
     /// are already pinned (a previous process attached them), the freshly loaded programs
     /// replace the old ones in those links atomically: enforcement never pauses.
     pub fn attach_endpoint(&mut self, node: &Netns, host_ifname: &str) -> Result<()> {
+        self.attach_pair(
+            node,
+            host_ifname,
+            names::PROG_FROM_ENDPOINT,
+            names::PROG_TO_ENDPOINT,
+        )
+    }
+
+    /// Attaches `from_tunnel` (tc ingress) and `to_tunnel` (tc egress) to the node's
+    /// flow-based VXLAN device `ifname` inside `node`, pinned like an endpoint's (and detached
+    /// with [`Datapath::detach_endpoint`]).
+    pub fn attach_tunnel(&mut self, node: &Netns, ifname: &str) -> Result<()> {
+        self.attach_pair(node, ifname, names::PROG_FROM_TUNNEL, names::PROG_TO_TUNNEL)
+    }
+
+    fn attach_pair(
+        &mut self,
+        node: &Netns,
+        host_ifname: &str,
+        ingress_program: &'static str,
+        egress_program: &'static str,
+    ) -> Result<()> {
         if self.attached.contains_key(host_ifname) {
             return Ok(());
         }
@@ -385,18 +407,9 @@ impl Datapath {
             what: "create link pin directory",
             source,
         })?;
-        let ingress = self.attach_one(
-            node,
-            names::PROG_FROM_ENDPOINT,
-            host_ifname,
-            TcAttachType::Ingress,
-        )?;
-        let egress = match self.attach_one(
-            node,
-            names::PROG_TO_ENDPOINT,
-            host_ifname,
-            TcAttachType::Egress,
-        ) {
+        let ingress = self.attach_one(node, ingress_program, host_ifname, TcAttachType::Ingress)?;
+        let egress = match self.attach_one(node, egress_program, host_ifname, TcAttachType::Egress)
+        {
             Ok(link) => link,
             Err(err) => {
                 // Leave nothing half-attached.

@@ -232,6 +232,14 @@ impl EndpointsMap {
     }
 }
 
+/// One ipcache entry: the identity, and for another node's addresses in tunnel mode the
+/// node's underlay address (the outer destination `to_tunnel` uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpcacheInfo {
+    pub identity: u32,
+    pub tunnel_endpoint: Option<Ipv4Addr>,
+}
+
 /// The ipcache: IPv4 address or prefix → security identity (longest prefix wins; addresses
 /// it does not cover are `world` to the datapath).
 pub struct IpcacheMap(
@@ -261,9 +269,26 @@ impl IpcacheMap {
         )
     }
 
+    /// An entry without a tunnel endpoint (a local address, or native routing).
     pub fn upsert(&mut self, prefix: Ipv4Prefix, identity: u32) -> Result<()> {
+        self.upsert_info(
+            prefix,
+            IpcacheInfo {
+                identity,
+                tunnel_endpoint: None,
+            },
+        )
+    }
+
+    pub fn upsert_info(&mut self, prefix: Ipv4Prefix, info: IpcacheInfo) -> Result<()> {
+        let value = IpcacheValue {
+            identity: info.identity,
+            tunnel_endpoint_be: info
+                .tunnel_endpoint
+                .map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+        };
         self.0
-            .insert(&ipcache_key(prefix), IpcacheValue { identity, _pad: 0 }, 0)
+            .insert(&ipcache_key(prefix), value, 0)
             .map_err(map_err(names::MAP_IPCACHE_V4, "insert"))?;
         self.1.bump().map(drop)
     }
@@ -290,12 +315,29 @@ impl IpcacheMap {
     }
 
     pub fn list(&self) -> Result<Vec<(Ipv4Prefix, u32)>> {
+        Ok(self
+            .list_info()?
+            .into_iter()
+            .map(|(p, info)| (p, info.identity))
+            .collect())
+    }
+
+    /// Every entry with its tunnel endpoint, sorted by prefix.
+    pub fn list_info(&self) -> Result<Vec<(Ipv4Prefix, IpcacheInfo)>> {
         let mut out = Vec::new();
         for item in self.0.iter() {
             let (key, value) = item.map_err(map_err(names::MAP_IPCACHE_V4, "iterate"))?;
             let len = u8::try_from(key.prefix_len()).unwrap_or(32).min(32);
             let addr = Ipv4Addr::from(key.data().ip4_be.to_ne_bytes());
-            out.push((Ipv4Prefix { addr, len }, value.identity));
+            let tunnel_endpoint = (value.tunnel_endpoint_be != 0)
+                .then(|| Ipv4Addr::from(value.tunnel_endpoint_be.to_ne_bytes()));
+            out.push((
+                Ipv4Prefix { addr, len },
+                IpcacheInfo {
+                    identity: value.identity,
+                    tunnel_endpoint,
+                },
+            ));
         }
         out.sort();
         Ok(out)

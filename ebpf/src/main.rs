@@ -32,6 +32,10 @@
 //! ingress, where `from_endpoint` recognises the mark and assigns the socket. Pods cannot
 //! forge that mark: crossing from the pod's namespace scrubs it.
 //!
+//! Packets that arrived through the tunnel carry the sender's identity in the mark
+//! (`MAGIC_IDENTITY`, set by [`tunnel`]'s `from_tunnel`): `to_endpoint` takes it as the
+//! peer's identity instead of the ipcache's. Pods cannot forge it either.
+//!
 //! Socket load balancing (cgroup programs) lives in [`sock`]; the per-packet service
 //! translation ([`lb`], off unless configured) runs before conntrack at `from_endpoint`
 //! (policy judges the backend) and after policy at `to_endpoint` (replies get the service
@@ -43,6 +47,7 @@
 
 mod lb;
 mod sock;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::{
@@ -454,6 +459,10 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
         Some((remote, _, _)) => remote,
         // The proxy speaks for the original source; the mark carries its identity.
         None if from_proxy => mark::decode_identity(skb_mark),
+        // Arrived through the tunnel: the identity the sending node put in the VNI.
+        None if direction == Direction::Ingress && magic == mark::MAGIC_IDENTITY => {
+            mark::decode_identity(skb_mark)
+        }
         None => lookup_identity(match direction {
             Direction::Egress => flow.daddr_be,
             Direction::Ingress => flow.saddr_be,
@@ -602,11 +611,17 @@ fn try_policy(ctx: &TcContext, direction: Direction) -> Result<Action, u8> {
 /// Identity of a remote address: most specific ipcache prefix, else world.
 #[inline(always)]
 fn lookup_identity(addr_be: u32) -> u32 {
-    let key = Key::new(32, IpcacheKeyV4 { ip4_be: addr_be });
-    match IPCACHE_V4.get(&key) {
+    match lookup_ipcache(addr_be) {
         Some(value) => value.identity,
         None => identity::WORLD,
     }
+}
+
+/// The most specific ipcache entry covering an address.
+#[inline(always)]
+fn lookup_ipcache(addr_be: u32) -> Option<IpcacheValue> {
+    let key = Key::new(32, IpcacheKeyV4 { ip4_be: addr_be });
+    IPCACHE_V4.get(&key).copied()
 }
 
 #[inline(always)]

@@ -592,9 +592,13 @@ fn topology() -> Topology {
 
 fn build(name: &str) -> Result<Run, LabError> {
     let topology = topology();
-    let built = topology::build(name, &topology, None, &mut |line| {
-        println!("  \u{2713} {line}")
-    })?;
+    let built = topology::build(
+        name,
+        &topology,
+        topology::Shape::SINGLE,
+        None,
+        &mut |line| println!("  \u{2713} {line}"),
+    )?;
     let mut names = topology.names();
     names.push((HOST, "host".to_owned()));
     let module =

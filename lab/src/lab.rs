@@ -115,7 +115,7 @@ pub enum LabError {
     Unexpected(String),
 }
 
-type Result<T> = std::result::Result<T, LabError>;
+pub(crate) type Result<T> = std::result::Result<T, LabError>;
 
 fn at(step: &str) -> impl FnOnce(membrane_datapath::DatapathError) -> LabError + '_ {
     move |source| LabError::Datapath {
@@ -183,10 +183,38 @@ pub fn down() -> Result<Vec<String>> {
 pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let state = Path::new(STATE_ROOT).join(name);
-    // The processes the run started (the agent first), then the proxy the agent started:
-    // only once the agent is gone can it no longer start a new one.
-    for file in ["pids", "proxy.pid"] {
-        if let Ok(recorded) = std::fs::read_to_string(state.join(file)) {
+    // The other nodes' run names (`NAME-nodeK`): their run directories and pins.
+    let is_node = |n: &str| {
+        n.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix("-node"))
+            .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut node_runs: Vec<String> = [
+        Path::new(STATE_ROOT).to_owned(),
+        Path::new(DEFAULT_BPFFS).join("membrane"),
+    ]
+    .iter()
+    .flat_map(|dir| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    })
+    .filter(|n| is_node(n))
+    .collect();
+    node_runs.sort();
+    node_runs.dedup();
+    // The processes the run started (the agents first, etcd among them), then the proxies
+    // the agents started: only once an agent is gone can it no longer start a new one.
+    if let Ok(recorded) = std::fs::read_to_string(state.join("pids")) {
+        removed.extend(stop_processes(&recorded));
+    }
+    for run in std::iter::once(name.to_owned()).chain(node_runs.iter().cloned()) {
+        let pid_file = Path::new(STATE_ROOT).join(&run).join("proxy.pid");
+        if let Ok(recorded) = std::fs::read_to_string(pid_file) {
             removed.extend(stop_processes(&recorded));
         }
     }
@@ -236,11 +264,26 @@ pub(crate) fn teardown(name: &str) -> Result<Vec<String>> {
     if let Some(parent) = pins.parent() {
         let _ = std::fs::remove_dir(parent);
     }
+    for run in &node_runs {
+        let pins = Path::new(DEFAULT_BPFFS).join("membrane").join(run);
+        if pins.exists() {
+            PinDir::under(Path::new(DEFAULT_BPFFS), run)
+                .and_then(PinDir::remove)
+                .map_err(at("remove pinned maps and links"))?;
+            removed.push(format!("pins {}", pins.display()));
+        }
+        let dir = Path::new(STATE_ROOT).join(run);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(step_err("remove run state"))?;
+            removed.push(format!("state {}", dir.display()));
+        }
+    }
     if state.exists() {
         std::fs::remove_dir_all(&state).map_err(step_err("remove run state"))?;
         removed.push(format!("state {}", state.display()));
-        let _ = std::fs::remove_dir(STATE_ROOT);
     }
+    let _ = std::fs::remove_dir(Path::new(DEFAULT_BPFFS).join("membrane"));
+    let _ = std::fs::remove_dir(STATE_ROOT);
     Ok(removed)
 }
 
@@ -291,6 +334,9 @@ pub enum UiListen {
     Off,
 }
 
+/// Nodes of `membrane lab up` without `--nodes`.
+pub const DEFAULT_NODES: u32 = 2;
+
 /// How `membrane lab up` builds the lab.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -298,6 +344,8 @@ pub struct UpOptions {
     pub topology: Option<PathBuf>,
     /// Apply the four seed policies (`--no-policies` turns this off).
     pub policies: bool,
+    /// Nodes, and how they route to each other (`--nodes`, `--routing`).
+    pub shape: topology::Shape,
     /// The flow page (`--ui-listen`, `--no-ui`).
     pub ui: UiListen,
 }
@@ -307,6 +355,10 @@ impl Default for UpOptions {
         Self {
             topology: None,
             policies: true,
+            shape: topology::Shape {
+                nodes: DEFAULT_NODES,
+                routing: membrane_agent_api::args::RoutingModeArg::Tunnel,
+            },
             ui: UiListen::Default,
         }
     }
@@ -392,7 +444,13 @@ pub fn up(options: &UpOptions) -> Result<()> {
             |p| p.display().to_string()
         )
     );
-    match build(&topology, &text, options.policies, ui.as_ref()) {
+    match build(
+        &topology,
+        &text,
+        options.policies,
+        options.shape,
+        ui.as_ref(),
+    ) {
         Ok(()) => {
             println!(
                 "the lab is up: membrane lab exec POD -- CMD, membrane observe, membrane lab down"
@@ -408,9 +466,15 @@ pub fn up(options: &UpOptions) -> Result<()> {
     }
 }
 
-fn build(topology: &Topology, text: &str, policies: bool, ui: Option<&TcpListener>) -> Result<()> {
+fn build(
+    topology: &Topology,
+    text: &str,
+    policies: bool,
+    shape: topology::Shape,
+    ui: Option<&TcpListener>,
+) -> Result<()> {
     let name = lab_name();
-    let built = topology::build(&name, topology, ui, &mut |line| ok(&line))?;
+    let built = topology::build(&name, topology, shape, ui, &mut |line| ok(&line))?;
     std::fs::write(state_dir().join("topology.yaml"), text)
         .map_err(step_err("keep the topology"))?;
     if policies {
@@ -486,6 +550,39 @@ pub fn agent_socket() -> PathBuf {
     RunDir::new(&lab_name()).agent_socket()
 }
 
+/// The nodes of the running lab (empty when it is down).
+pub fn nodes() -> Vec<topology::BuiltNode> {
+    std::fs::read_to_string(state_dir().join(topology::NODES_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// The run name (namespace, run directory, pin directory) of the lab's node `node` — its
+/// cluster name (`node2`) or its run name; `None` is the first node.
+pub fn node_run_name(node: Option<&str>) -> Result<String> {
+    let lab = lab_name();
+    let Some(node) = node else {
+        return Ok(lab);
+    };
+    let nodes = nodes();
+    if let Some(n) = nodes.iter().find(|n| n.name == node || n.run_name == node) {
+        return Ok(n.run_name.clone());
+    }
+    if node == topology::node_name(1) || node == lab {
+        return Ok(lab);
+    }
+    let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    Err(LabError::Step {
+        step: format!("find lab node `{node}`"),
+        detail: if known.is_empty() {
+            "the lab is down or has a single node (node1)".into()
+        } else {
+            format!("the lab's nodes are {}", known.join(", "))
+        },
+    })
+}
+
 /// The lab agent's Hubble socket.
 pub fn hubble_socket() -> PathBuf {
     RunDir::new(&lab_name()).hubble_socket()
@@ -505,13 +602,20 @@ pub(crate) fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()
     Ok(())
 }
 
-/// Starts `membrane-agent` for the node namespace, logging to the lab's state directory.
-pub(crate) fn spawn_agent(
-    name: &str,
-    node: &str,
-    policy_dir: &Path,
-    ui: Option<&TcpListener>,
-) -> Result<u32> {
+/// The log file of the agent of node `run_name` in the lab's state directory (node 1's
+/// is `agent.log`).
+pub fn agent_log(lab: &str, run_name: &str) -> PathBuf {
+    let state = Path::new(STATE_ROOT).join(lab);
+    if run_name == lab {
+        state.join("agent.log")
+    } else {
+        state.join(format!("agent-{run_name}.log"))
+    }
+}
+
+/// Starts `membrane-agent` with `args` (its node namespace and run name in them), logging to
+/// the lab's state directory.
+pub(crate) fn spawn_agent(name: &str, args: &AgentArgs) -> Result<u32> {
     let exe = std::env::current_exe().map_err(step_err("find the membrane binary"))?;
     let agent = exe.with_file_name("membrane-agent");
     if !agent.exists() {
@@ -523,15 +627,12 @@ pub(crate) fn spawn_agent(
             ),
         });
     }
-    let log = std::fs::File::create(Path::new(STATE_ROOT).join(name).join("agent.log"))
-        .map_err(step_err("create agent log"))?;
+    let log =
+        std::fs::File::create(agent_log(name, &args.name)).map_err(step_err("create agent log"))?;
     let log2 = log.try_clone().map_err(step_err("agent log"))?;
     // Not under `ip netns exec`: that gives the process a private mount namespace with a
     // fresh /sys, so its bpffs pins would vanish with it. The agent enters the node
     // namespace per operation instead (Netns::run).
-    let mut args = AgentArgs::new(name, node);
-    args.policy_dir = Some(policy_dir.to_owned());
-    args.ui_listen_fd = ui.map(std::os::fd::AsRawFd::as_raw_fd);
     let mut command = Command::new(agent);
     command.args(args.to_args());
     if let Some(fd) = args.ui_listen_fd {
@@ -916,15 +1017,35 @@ pub fn demo() -> Result<()> {
             ),
         });
     }
-    let pins = pin_path();
-    let registry = registry::read(&RunDir::of_pin_dir(&pins));
+    // Every node of the lab: (run name, pin directory, agent socket, registry).
+    let runs: Vec<String> = {
+        let n: Vec<String> = nodes().into_iter().map(|n| n.run_name).collect();
+        if n.is_empty() { vec![lab_name()] } else { n }
+    };
+    let node_pins = |run: &str| pin_path().with_file_name(run);
+    let registries: Vec<(String, Vec<registry::RegisteredEndpoint>)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r.clone(),
+                registry::read(&RunDir::of_pin_dir(&node_pins(r))),
+            )
+        })
+        .collect();
+    let registry: Vec<registry::RegisteredEndpoint> = registries
+        .iter()
+        .flat_map(|(_, r)| r.iter().cloned())
+        .collect();
     let seen = |socket: &Path| -> u64 {
         Client::new(socket)
             .status()
             .map(|s| s.flows.seen)
             .unwrap_or(0)
     };
-    let seen_before = seen(&socket);
+    let seen_before: Vec<u64> = runs
+        .iter()
+        .map(|r| seen(&RunDir::new(r).agent_socket()))
+        .collect();
 
     println!("\nidentities (from pod labels):");
     for e in &registry {
@@ -952,11 +1073,15 @@ pub fn demo() -> Result<()> {
             |e| format!("{id} ({})", e.name),
         )
     };
-    let backend = registry
+    let (backend_run, backend) = registries
         .iter()
-        .find(|e| e.name == "backend")
-        .map(|e| e.endpoint_id);
-    for r in PolicyMap::open_pinned(&pins)
+        .find_map(|(run, r)| {
+            r.iter()
+                .find(|e| e.name == "backend")
+                .map(|e| (run.clone(), Some(e.endpoint_id)))
+        })
+        .unwrap_or_else(|| (lab_name(), None));
+    for r in PolicyMap::open_pinned(&node_pins(&backend_run))
         .and_then(|m| m.list())
         .map_err(at("read policy map"))?
         .into_iter()
@@ -1006,46 +1131,63 @@ pub fn demo() -> Result<()> {
     println!("\nflows (the datapath's events for those connections, from the agent):");
     let names = topology.names();
     let names: Vec<(Ipv4Addr, &str)> = names.iter().map(|(ip, n)| (*ip, n.as_str())).collect();
-    // The agent reads the ring buffer every 200 ms.
+    // The agents read the ring buffer every 200 ms.
     std::thread::sleep(Duration::from_millis(500));
-    let new = seen(&socket).saturating_sub(seen_before);
-    let flows = Client::new(&socket)
-        .flows(usize::try_from(new).unwrap_or(usize::MAX))
-        .map_err(|e| LabError::Step {
-            step: "read flows from the agent".into(),
-            detail: e.to_string(),
-        })?;
-    for flow in &flows {
-        println!("  {}", describe_flow(flow, &names));
+    let several = runs.len() > 1;
+    for (run, before) in runs.iter().zip(&seen_before) {
+        let socket = RunDir::new(run).agent_socket();
+        let new = seen(&socket).saturating_sub(*before);
+        let flows = Client::new(&socket)
+            .flows(usize::try_from(new).unwrap_or(usize::MAX))
+            .map_err(|e| LabError::Step {
+                step: format!("read flows from the agent of {run}"),
+                detail: e.to_string(),
+            })?;
+        if several {
+            println!("  on {run}:");
+        }
+        for flow in &flows {
+            println!("  {}", describe_flow(flow, &names));
+        }
     }
     println!("\nL7 verdicts (membrane observe --type l7 --last 4):");
-    let _ = std::io::stdout().flush();
-    if let Err(e) = membrane_observer::client::observe(
-        &[
-            "--type".to_owned(),
-            "l7".to_owned(),
-            "--last".to_owned(),
-            "4".to_owned(),
-        ],
-        &hubble_socket(),
-    ) {
-        unexpected.push(format!("reading L7 flows: {e}"));
+    for run in &runs {
+        if several {
+            println!("  on {run}:");
+        }
+        let _ = std::io::stdout().flush();
+        if let Err(e) = membrane_observer::client::observe(
+            &[
+                "--type".to_owned(),
+                "l7".to_owned(),
+                "--last".to_owned(),
+                "4".to_owned(),
+            ],
+            &RunDir::new(run).hubble_socket(),
+        ) {
+            unexpected.push(format!("reading L7 flows of {run}: {e}"));
+        }
     }
 
     println!("\ndatapath counters (membrane bpf metrics):");
-    let metrics = MetricsMap::open_pinned(&pins).map_err(at("read metrics"))?;
-    for s in metrics.snapshot().map_err(at("read metrics"))? {
-        let verdict = if s.reason == reason::FORWARDED {
-            "forwarded".to_owned()
-        } else {
-            format!("dropped: {} ({})", reason::describe(s.reason), s.reason)
-        };
-        println!(
-            "  {:<8} {:<40} {:>8} packets",
-            s.direction.as_str(),
-            verdict,
-            s.packets
-        );
+    for run in &runs {
+        if several {
+            println!("  on {run}:");
+        }
+        let metrics = MetricsMap::open_pinned(&node_pins(run)).map_err(at("read metrics"))?;
+        for s in metrics.snapshot().map_err(at("read metrics"))? {
+            let verdict = if s.reason == reason::FORWARDED {
+                "forwarded".to_owned()
+            } else {
+                format!("dropped: {} ({})", reason::describe(s.reason), s.reason)
+            };
+            println!(
+                "  {:<8} {:<40} {:>8} packets",
+                s.direction.as_str(),
+                verdict,
+                s.packets
+            );
+        }
     }
 
     println!(

@@ -8,6 +8,7 @@
 //! ([`DENY_PATH_WASM`]); the agent never does.
 
 pub mod connectivity;
+pub mod etcd;
 pub mod lab;
 pub mod lab_dns;
 pub mod topology;

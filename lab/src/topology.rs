@@ -32,7 +32,9 @@ use std::{
     str::FromStr,
 };
 
-use membrane_agent_api::{Client, RunDir, api::EndpointSpec, run_dir::STATE_ROOT};
+use membrane_agent_api::{
+    Client, RunDir, api::EndpointSpec, args::RoutingModeArg, run_dir::STATE_ROOT,
+};
 use membrane_datapath::{Netns, plumbing::Node};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +55,9 @@ pub const UPLINK_NODE: Ipv4Addr = Ipv4Addr::new(169, 254, 2, 1);
 pub const UPLINK_ROUTER: Ipv4Addr = Ipv4Addr::new(169, 254, 2, 2);
 /// The node's interface towards the world.
 pub const UPLINK_IFNAME: &str = "uplink";
+
+/// Most nodes a lab has.
+pub const MAX_NODES: u32 = 16;
 
 /// An IPv4 prefix, written `a.b.c.d/len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,9 +143,14 @@ impl<'de> Deserialize<'de> for Cidr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Topology {
-    /// Every pod address is in this prefix (the `cluster` side of `toEntities`).
+    /// Every pod address is in this prefix (the `cluster` side of `toEntities`): the
+    /// cluster pool, of which node N has the N-th block of `podCIDRMaskSize`.
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Cidr,
+    /// Prefix length of each node's block of `podCIDR` (default 24, or podCIDR's own
+    /// length when that is longer).
+    #[serde(rename = "podCIDRMaskSize", default)]
+    pub pod_cidr_mask_size: Option<u8>,
     #[serde(default)]
     pub dns: DnsSettings,
     pub pods: Vec<PodSpec>,
@@ -169,6 +179,10 @@ fn default_ttl() -> u32 {
     DEFAULT_TTL
 }
 
+fn default_node() -> u32 {
+    1
+}
+
 fn default_namespace() -> String {
     "default".to_owned()
 }
@@ -187,6 +201,11 @@ pub struct PodSpec {
     /// This pod runs the lab's cluster DNS on 53/UDP and 53/TCP.
     #[serde(default, rename = "clusterDNS")]
     pub cluster_dns: bool,
+    /// The node the pod runs on, 1-based (default 1); its address is in that node's block.
+    /// With fewer nodes (`lab up --nodes`), pods of the missing nodes run on the last one,
+    /// keeping their addresses.
+    #[serde(default = "default_node")]
+    pub node: u32,
 }
 
 /// An HTTP server on one port.
@@ -274,6 +293,17 @@ impl Topology {
                 format!("{}: use a prefix length of 8-30", self.pod_cidr),
             );
         }
+        if self.mask_size() < self.pod_cidr.prefix() || self.mask_size() > 30 {
+            p(
+                "podCIDRMaskSize".into(),
+                format!(
+                    "{}: use {}-30 (a block of podCIDR {} per node)",
+                    self.mask_size(),
+                    self.pod_cidr.prefix(),
+                    self.pod_cidr
+                ),
+            );
+        }
         if self.dns.ttl > 604_800 {
             p(
                 "dns.ttl".into(),
@@ -288,6 +318,19 @@ impl Topology {
             let at = format!("pods[{i}]");
             if let Err(e) = check_label(&pod.name) {
                 p(format!("{at}.name"), e);
+            } else if pod.name == "underlay"
+                || pod
+                    .name
+                    .strip_prefix("node")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                p(
+                    format!("{at}.name"),
+                    format!(
+                        "`{}`: `underlay` and `nodeN` name the lab's node namespaces",
+                        pod.name
+                    ),
+                );
             } else if pod.name == "world" || pod.name.starts_with("world-") {
                 p(
                     format!("{at}.name"),
@@ -334,6 +377,34 @@ impl Topology {
                     format!("{at}.ip"),
                     format!("{} is podCIDR's network address", pod.ip),
                 );
+            }
+            if pod.node == 0 || pod.node > MAX_NODES {
+                p(
+                    format!("{at}.node"),
+                    format!("{}: nodes are numbered 1-{MAX_NODES}", pod.node),
+                );
+            } else if let Some(block) = self.node_block(pod.node)
+                && self.pod_cidr.contains(pod.ip)
+            {
+                if !block.contains(pod.ip) {
+                    p(
+                        format!("{at}.ip"),
+                        format!(
+                            "{} is outside node {}'s block {block} of podCIDR",
+                            pod.ip, pod.node
+                        ),
+                    );
+                } else if pod.ip == block.network()
+                    || u32::from(pod.ip) == u32::from(block.network()) + 1
+                {
+                    p(
+                        format!("{at}.ip"),
+                        format!(
+                            "{} is node {}'s network or router address",
+                            pod.ip, pod.node
+                        ),
+                    );
+                }
             }
             if let Some(other) = ips.insert(pod.ip, at.clone()) {
                 p(format!("{at}.ip"), format!("{} is also {other}'s", pod.ip));
@@ -457,6 +528,36 @@ impl Topology {
         check_serves(&self.node.serve, "node.serve", &mut p);
         out.sort();
         out
+    }
+
+    /// The prefix length of each node's block.
+    pub fn mask_size(&self) -> u8 {
+        self.pod_cidr_mask_size
+            .unwrap_or(self.pod_cidr.prefix().max(24))
+    }
+
+    /// Node `node`'s block of `podCIDR` (1-based), if the pool has that many.
+    pub fn node_block(&self, node: u32) -> Option<Cidr> {
+        let len = self.mask_size();
+        if node == 0 || len < self.pod_cidr.prefix() || len > 32 {
+            return None;
+        }
+        let blocks = 1u64 << (len - self.pod_cidr.prefix());
+        let index = u64::from(node - 1);
+        if index >= blocks {
+            return None;
+        }
+        let size = 1u64 << (32 - len);
+        let base = u64::from(u32::from(self.pod_cidr.network())) + index * size;
+        Some(Cidr {
+            addr: Ipv4Addr::from(u32::try_from(base).ok()?),
+            prefix: len,
+        })
+    }
+
+    /// The node (1-based) pod `pod` runs on when the lab has `nodes` nodes.
+    pub fn placement(pod: &PodSpec, nodes: u32) -> u32 {
+        pod.node.min(nodes.max(1))
     }
 
     /// The pod running the cluster DNS, if any.
@@ -630,9 +731,85 @@ pub fn resolv_conf(namespace: &str, dns: Ipv4Addr) -> String {
     )
 }
 
+/// How many nodes a lab has and how they reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// 1: a single node without a cluster store (the agent allocates identities itself).
+    pub nodes: u32,
+    /// Between nodes (two or more).
+    pub routing: RoutingModeArg,
+}
+
+impl Shape {
+    pub const SINGLE: Shape = Shape {
+        nodes: 1,
+        routing: RoutingModeArg::Tunnel,
+    };
+}
+
+/// The underlay: node N is `10.199.0.(10+N)/24` on a bridge in the lab's underlay namespace.
+pub const UNDERLAY_NET: [u8; 3] = [10, 199, 0];
+/// The node's interface on the underlay.
+pub const UNDERLAY_IFNAME: &str = "underlay";
+/// Lease TTL of the lab agents' keys in the store: a stopped node leaves the others' ipcache
+/// within seconds, not Cilium's 15 minutes.
+pub const LAB_LEASE_TTL_SECS: i64 = 10;
+
+/// Node `k`'s (1-based) run name: its network namespace, run directory and pin directory.
+/// Node 1 keeps the lab's own name, so a single-node lab is what it always was.
+pub fn node_run_name(lab: &str, k: u32) -> String {
+    if k <= 1 {
+        lab.to_owned()
+    } else {
+        format!("{lab}-node{k}")
+    }
+}
+
+/// Node `k`'s name in the cluster (`membrane status --node node2`).
+pub fn node_name(k: u32) -> String {
+    format!("node{k}")
+}
+
+/// Node `k`'s underlay address.
+pub fn node_underlay_ip(k: u32) -> Ipv4Addr {
+    let [a, b, c] = UNDERLAY_NET;
+    Ipv4Addr::new(a, b, c, 10 + k as u8)
+}
+
+/// The underlay's namespace (a bridge, nothing else).
+pub fn underlay_netns(lab: &str) -> String {
+    format!("{lab}-underlay")
+}
+
+/// Node `k`'s end of its uplink to the world router, and the router's: `169.254.2.0/24` in
+/// /30s (node 1: .1 and .2, as a single-node lab always had).
+fn uplink_addresses(k: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let base = 4 * (k - 1) as u8;
+    (
+        Ipv4Addr::new(169, 254, 2, base + 1),
+        Ipv4Addr::new(169, 254, 2, base + 2),
+    )
+}
+
+/// One node of a built lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuiltNode {
+    /// The cluster's name for it (`node1`, …).
+    pub name: String,
+    /// Its namespace, run directory and pin directory name.
+    pub run_name: String,
+    /// Its underlay address (two or more nodes).
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// Its block of the pod CIDR (two or more nodes).
+    pub pod_cidr: Option<String>,
+}
+
+/// The lab's nodes file in its state directory (`membrane … --node NAME` reads it).
+pub const NODES_FILE: &str = "nodes.json";
+
 /// What [`build`] started.
 pub(crate) struct Built {
-    /// The agent's API socket.
+    /// The first node's agent API socket.
     pub socket: PathBuf,
 }
 
@@ -650,13 +827,15 @@ fn io(step: &str) -> impl FnOnce(std::io::Error) -> LabError + '_ {
     }
 }
 
-/// Builds `topology` as the run `name`: the node namespace, pods, world, the agent (with the
-/// pods registered), the servers and the cluster DNS. Every process started is recorded in
-/// `/run/membrane/NAME/pids` as soon as it runs, so [`lab::teardown`] stops it whatever fails
-/// later; the caller tears down on error. `progress` gets one line per finished step.
+/// Builds `topology` as the run `name` with `shape.nodes` nodes: the node namespaces (and,
+/// for two or more, the underlay and etcd), pods, world, one agent per node (with the pods
+/// registered), the servers and the cluster DNS. Every process started is recorded in
+/// `/run/membrane/NAME/pids` as soon as it runs, so [`lab::teardown`] stops it whatever
+/// fails later; the caller tears down on error. `progress` gets one line per finished step.
 pub(crate) fn build(
     name: &str,
     topology: &Topology,
+    shape: Shape,
     ui: Option<&std::net::TcpListener>,
     progress: &mut dyn FnMut(String),
 ) -> Result<Built, LabError> {
@@ -664,36 +843,101 @@ pub(crate) fn build(
     let policy_dir = state.join("policies");
     std::fs::create_dir_all(&policy_dir).map_err(io("create the state directory"))?;
     let mut pids = Vec::new();
+    let count = shape.nodes.clamp(1, MAX_NODES);
+    let cluster = count > 1;
+    let tunnel = cluster && shape.routing == RoutingModeArg::Tunnel;
 
-    let node = Node::create(name).map_err(dp("create the node namespace"))?;
-    progress(format!(
-        "node namespace {name} (forwarding on; its uplink leads only to the lab's world hosts)"
-    ));
+    let mut nodes = Vec::new();
+    let mut built_nodes = Vec::new();
+    for k in 1..=count {
+        let run_name = node_run_name(name, k);
+        let node = Node::create(&run_name).map_err(dp("create a node namespace"))?;
+        progress(format!(
+            "node {} namespace {run_name} (forwarding on; its uplink leads only to the lab's world hosts)",
+            node_name(k)
+        ));
+        built_nodes.push(BuiltNode {
+            name: node_name(k),
+            run_name,
+            underlay_ip: cluster.then(|| node_underlay_ip(k)),
+            pod_cidr: if cluster {
+                topology.node_block(k).map(|b| b.to_string())
+            } else {
+                None
+            },
+        });
+        nodes.push(node);
+    }
+    let mut etcd_endpoint = None;
+    if cluster {
+        build_underlay(name, &nodes)?;
+        progress(format!(
+            "underlay {} (bridge; nodes at {}..{}, MTU 1500), routing {}",
+            underlay_netns(name),
+            node_underlay_ip(1),
+            node_underlay_ip(count),
+            shape.routing.as_str()
+        ));
+        let etcd = crate::etcd::start(&state, &mut |pid| {
+            pids.push(pid);
+            lab::record_pids_in(&state, &pids)
+        })?;
+        progress(format!(
+            "etcd at {} (data {}, log {})",
+            etcd.endpoint,
+            etcd.data_dir.display(),
+            etcd.log.display()
+        ));
+        etcd_endpoint = Some(etcd.endpoint);
+    }
+    lab::check_interrupt()?;
+
     let dns_ip = topology.cluster_dns().map(|p| p.ip);
     let mut links = Vec::new();
     for pod in &topology.pods {
+        let k = Topology::placement(pod, count);
+        let node = &nodes[(k - 1) as usize];
         let netns = pod_netns(name, &pod.name);
         let link = node
             .add_endpoint(&netns, &host_ifname(&pod.name), pod.ip)
             .map_err(dp(&format!("create pod {}", pod.name)))?;
+        if tunnel {
+            // Pods see the tunnel's MTU, so nothing they send needs fragmenting on the way.
+            let mtu = (1500 - membrane_datapath::routing::TUNNEL_OVERHEAD).to_string();
+            link.netns
+                .ip(&[
+                    "link",
+                    "set",
+                    "dev",
+                    membrane_datapath::plumbing::POD_IFNAME,
+                    "mtu",
+                    &mtu,
+                ])
+                .map_err(dp(&format!("set pod {}'s MTU", pod.name)))?;
+        }
         if let Some(dns) = dns_ip {
             let dir = Path::new(ETC_NETNS).join(&netns);
             std::fs::create_dir_all(&dir).map_err(io("create /etc/netns entry"))?;
             std::fs::write(dir.join("resolv.conf"), resolv_conf(&pod.namespace, dns))
                 .map_err(io("write the pod's resolv.conf"))?;
         }
+        let on = if cluster {
+            format!(" on {}", node_name(k))
+        } else {
+            String::new()
+        };
         progress(format!(
-            "pod {:<24} {:<13} netns {netns}, host veth {}",
+            "pod {:<24} {:<13} netns {netns}, host veth {}{on}",
             format!("{}/{}", pod.namespace, pod.name),
             pod.ip,
             link.host_ifname
         ));
-        links.push(link);
+        links.push((k, link));
     }
     lab::check_interrupt()?;
 
     if !topology.world.is_empty() {
-        build_world(name, &node, topology)?;
+        build_world(name, &nodes, topology, count)?;
         for host in &topology.world {
             let mut what = format!("{}", host.ip);
             if !host.names.is_empty() {
@@ -711,19 +955,41 @@ pub(crate) fn build(
     }
     lab::check_interrupt()?;
 
-    // The agent owns the datapath from here on; it runs inside the node namespace.
-    pids.push(lab::spawn_agent(name, name, &policy_dir, ui)?);
-    lab::record_pids_in(&state, &pids)?;
-    let socket = RunDir::new(name).agent_socket();
-    lab::wait_for(&format!("agent API at {}", socket.display()), || {
-        socket.exists()
-    })?;
-    progress(format!(
-        "membrane-agent running in {name} (API {}, log {})",
-        socket.display(),
-        state.join("agent.log").display()
-    ));
-    for (pod, link) in topology.pods.iter().zip(&links) {
+    // The agents own the datapath from here on, one per node namespace.
+    let mut sockets = Vec::new();
+    for (i, node) in built_nodes.iter().enumerate() {
+        let k = i as u32 + 1;
+        let mut args = membrane_agent_api::args::AgentArgs::new(&node.run_name, &node.run_name);
+        args.policy_dir = Some(policy_dir.clone());
+        if k == 1 {
+            args.ui_listen_fd = ui.map(std::os::fd::AsRawFd::as_raw_fd);
+        }
+        if let Some(endpoint) = &etcd_endpoint {
+            let c = &mut args.cluster;
+            c.kvstore = Some(membrane_agent_api::args::KvstoreKind::Etcd);
+            c.kvstore_endpoints = vec![endpoint.clone()];
+            c.kvstore_lease_ttl = LAB_LEASE_TTL_SECS;
+            c.node_name = Some(node.name.clone());
+            c.node_ip = node.underlay_ip.map(std::net::IpAddr::V4);
+            c.pod_cidr = node.pod_cidr.clone();
+            c.routing_mode = Some(shape.routing);
+        }
+        pids.push(lab::spawn_agent(name, &args)?);
+        lab::record_pids_in(&state, &pids)?;
+        sockets.push(RunDir::new(&node.run_name).agent_socket());
+    }
+    for (node, socket) in built_nodes.iter().zip(&sockets) {
+        lab::wait_for(&format!("agent API at {}", socket.display()), || {
+            socket.exists()
+        })?;
+        progress(format!(
+            "membrane-agent running for {} (API {}, log {})",
+            node.run_name,
+            socket.display(),
+            lab::agent_log(name, &node.run_name).display()
+        ));
+    }
+    for (pod, (k, link)) in topology.pods.iter().zip(&links) {
         let endpoint = EndpointSpec {
             name: pod.name.clone(),
             namespace: pod.namespace.clone(),
@@ -731,7 +997,7 @@ pub(crate) fn build(
             ipv4: pod.ip,
             host_ifname: link.host_ifname.clone(),
         };
-        Client::new(&socket)
+        Client::new(&sockets[(*k - 1) as usize])
             .endpoint_add(endpoint)
             .map_err(|e| LabError::Step {
                 step: format!("register pod {}", pod.name),
@@ -739,9 +1005,22 @@ pub(crate) fn build(
             })?;
     }
     progress(format!(
-        "{} endpoints registered: identities from their labels, tc programs attached (tcx, pinned)",
-        topology.pods.len()
+        "{} endpoints registered: identities from their labels{}, tc programs attached (tcx, pinned)",
+        topology.pods.len(),
+        if cluster {
+            " (cluster-wide, on etcd)"
+        } else {
+            ""
+        }
     ));
+    std::fs::write(
+        state.join(NODES_FILE),
+        serde_json::to_string_pretty(&built_nodes).map_err(|e| LabError::Step {
+            step: "record the nodes".into(),
+            detail: e.to_string(),
+        })?,
+    )
+    .map_err(io("record the nodes"))?;
     lab::check_interrupt()?;
 
     // Servers: (namespace, address to probe, serve) for pods, world hosts and the node.
@@ -807,12 +1086,54 @@ pub(crate) fn build(
         ));
     }
     lab::check_interrupt()?;
-    Ok(Built { socket })
+    Ok(Built {
+        socket: sockets[0].clone(),
+    })
+}
+
+/// The underlay: a bridge in its own namespace, each node's `underlay` veth on it.
+fn build_underlay(name: &str, nodes: &[Node]) -> Result<(), LabError> {
+    let ns = Netns::create(&underlay_netns(name)).map_err(dp("create the underlay"))?;
+    let wire = || -> Result<(), membrane_datapath::DatapathError> {
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        for (i, node) in nodes.iter().enumerate() {
+            let k = i as u32 + 1;
+            let port = format!("n{k}");
+            node.netns().ip(&[
+                "link",
+                "add",
+                UNDERLAY_IFNAME,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                ns.name(),
+            ])?;
+            ns.ip(&["link", "set", &port, "master", "br0"])?;
+            ns.ip(&["link", "set", &port, "up"])?;
+            let addr = format!("{}/24", node_underlay_ip(k));
+            node.netns()
+                .ip(&["addr", "add", &addr, "dev", UNDERLAY_IFNAME])?;
+            node.netns().ip(&["link", "set", UNDERLAY_IFNAME, "up"])?;
+        }
+        Ok(())
+    };
+    wire().map_err(dp("wire the underlay"))
 }
 
 /// The world: a router namespace behind the node's uplink, and one namespace per host behind
 /// the router, with the pools' AnyIP routes.
-fn build_world(name: &str, node: &Node, topology: &Topology) -> Result<(), LabError> {
+fn build_world(
+    name: &str,
+    nodes: &[Node],
+    topology: &Topology,
+    count: u32,
+) -> Result<(), LabError> {
     let router_name = world_router_netns(name);
     let router = Netns::create(&router_name).map_err(dp("create the world router"))?;
     for (key, value) in [
@@ -826,43 +1147,74 @@ fn build_world(name: &str, node: &Node, topology: &Topology) -> Result<(), LabEr
             .sysctl(key, value)
             .map_err(dp("configure the world router"))?;
     }
-    let uplink_node = format!("{UPLINK_NODE}/30");
-    let uplink_router = format!("{UPLINK_ROUTER}/30");
-    let node_ns = node.netns();
-    let to_router = UPLINK_ROUTER.to_string();
-    let to_node = UPLINK_NODE.to_string();
+    // One uplink per node; the router sends each node's block (and any pod living outside
+    // its node's block) back through that node's uplink, everything else to node 1.
     let wire = || -> Result<(), membrane_datapath::DatapathError> {
-        node_ns.ip(&[
-            "link",
-            "add",
-            UPLINK_IFNAME,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &router_name,
-        ])?;
-        node_ns.ip(&["addr", "add", &uplink_node, "dev", UPLINK_IFNAME])?;
-        node_ns.ip(&["link", "set", UPLINK_IFNAME, "up"])?;
-        router.ip(&["addr", "add", &uplink_router, "dev", "eth0"])?;
-        router.ip(&["link", "set", "eth0", "up"])?;
-        // Like a real node: whatever is not a pod leaves through the uplink.
-        node_ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &to_router,
-            "dev",
-            UPLINK_IFNAME,
-        ])?;
-        // The router sends everything that is not a world host back to the node (pods).
-        router.ip(&["route", "add", "default", "via", &to_node, "dev", "eth0"])?;
+        for (i, node) in nodes.iter().enumerate() {
+            let k = i as u32 + 1;
+            let (node_end, router_end) = uplink_addresses(k);
+            let router_if = format!("eth{}", k - 1);
+            let node_ns = node.netns();
+            node_ns.ip(&[
+                "link",
+                "add",
+                UPLINK_IFNAME,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &router_if,
+                "netns",
+                &router_name,
+            ])?;
+            node_ns.ip(&[
+                "addr",
+                "add",
+                &format!("{node_end}/30"),
+                "dev",
+                UPLINK_IFNAME,
+            ])?;
+            node_ns.ip(&["link", "set", UPLINK_IFNAME, "up"])?;
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("{router_end}/30"),
+                "dev",
+                &router_if,
+            ])?;
+            router.ip(&["link", "set", &router_if, "up"])?;
+            // Like a real node: whatever is not a pod (or another node's) leaves through
+            // the uplink.
+            node_ns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &router_end.to_string(),
+                "dev",
+                UPLINK_IFNAME,
+            ])?;
+            let via = node_end.to_string();
+            if k == 1 {
+                router.ip(&["route", "add", "default", "via", &via, "dev", &router_if])?;
+            } else if let Some(block) = topology.node_block(k) {
+                let block = block.to_string();
+                router.ip(&["route", "add", &block, "via", &via, "dev", &router_if])?;
+            }
+            for pod in &topology.pods {
+                let home = topology.node_block(pod.node);
+                if Topology::placement(pod, count) == k
+                    && k > 1
+                    && !home.is_some_and(|b| b.contains(pod.ip) && pod.node == k)
+                {
+                    let ip = pod.ip.to_string();
+                    router.ip(&["route", "add", &ip, "via", &via, "dev", &router_if])?;
+                }
+            }
+        }
         Ok(())
     };
-    wire().map_err(dp("wire the uplink"))?;
+    wire().map_err(dp("wire the uplinks"))?;
     let router_node = Node::open(&router_name).map_err(dp("open the world router"))?;
     for host in &topology.world {
         let ifname = world_ifname(&host.name);
@@ -907,8 +1259,8 @@ mod tests {
             vec![
                 ("default", "frontend", Ipv4Addr::new(10, 200, 0, 10)),
                 ("default", "backend", Ipv4Addr::new(10, 200, 0, 11)),
-                ("default", "api", Ipv4Addr::new(10, 200, 0, 12)),
-                ("default", "external-client", Ipv4Addr::new(10, 200, 0, 13)),
+                ("default", "api", Ipv4Addr::new(10, 200, 1, 12)),
+                ("default", "external-client", Ipv4Addr::new(10, 200, 1, 13)),
                 ("kube-system", "kube-dns", Ipv4Addr::new(10, 200, 0, 53)),
             ]
         );
@@ -1010,6 +1362,56 @@ mod tests {
         assert!(e.contains("world[0].names[0]"), "{e}");
         let e = problems(&format!("{base}- {{name: world, ip: 10.9.0.3}}\n"));
         assert!(e.contains("pods[1].name: `world`"), "{e}");
+        // Nodes: a pod's address is in its node's block, never the block's router address.
+        let pool = "podCIDR: 10.9.0.0/16\npodCIDRMaskSize: 24\npods:\n";
+        let e = problems(&format!(
+            "{pool}- {{name: a, ip: 10.9.0.2, node: 2}}\n- {{name: b, ip: 10.9.1.1, node: 2}}\n- {{name: c, ip: 10.9.2.2, node: 0}}\n"
+        ));
+        assert!(
+            e.contains("pods[0].ip: 10.9.0.2 is outside node 2's block 10.9.1.0/24"),
+            "{e}"
+        );
+        assert!(
+            e.contains("pods[1].ip: 10.9.1.1 is node 2's network or router address"),
+            "{e}"
+        );
+        assert!(e.contains("pods[2].node: 0: nodes are numbered"), "{e}");
+        let e = problems(
+            "podCIDR: 10.9.0.0/16\npodCIDRMaskSize: 12\npods:\n- {name: a, ip: 10.9.0.2}\n",
+        );
+        assert!(e.contains("podCIDRMaskSize: 12: use 16-30"), "{e}");
+    }
+
+    #[test]
+    fn nodes_have_consecutive_blocks_of_the_pool() {
+        let t = Topology::seed();
+        assert_eq!(
+            t.node_block(1).map(|c| c.to_string()),
+            Some("10.200.0.0/24".into())
+        );
+        assert_eq!(
+            t.node_block(2).map(|c| c.to_string()),
+            Some("10.200.1.0/24".into())
+        );
+        assert_eq!(
+            t.node_block(256),
+            Some("10.200.255.0/24".parse().expect("cidr"))
+        );
+        assert_eq!(t.node_block(257), None);
+        assert_eq!(t.node_block(0), None);
+        let api = t.pod("api").expect("api");
+        assert_eq!((api.node, Topology::placement(api, 2)), (2, 2));
+        assert_eq!(Topology::placement(api, 1), 1, "one node runs every pod");
+        assert_eq!(node_run_name("lab", 1), "lab");
+        assert_eq!(node_run_name("lab", 3), "lab-node3");
+        assert_eq!(node_underlay_ip(2), Ipv4Addr::new(10, 199, 0, 12));
+        // A /25 pool without a mask size is one node's block.
+        let small = Topology::parse(
+            "podCIDR: 10.9.0.0/25\npods:\n- {name: a, ip: 10.9.0.2}\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(small.mask_size(), 25);
     }
 
     #[test]

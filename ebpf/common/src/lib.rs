@@ -15,7 +15,7 @@
 
 /// Version of the layout of every pinned map. Bump it with any change to a type in this
 /// crate: a build refuses pinned maps of another version instead of misreading them.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 pub mod names {
     //! Names of maps and programs in the built eBPF object.
@@ -97,8 +97,17 @@ pub mod names {
     pub const PROG_FROM_ENDPOINT: &str = "from_endpoint";
     /// tc program for packets entering an endpoint (host-side veth, tc egress hook).
     pub const PROG_TO_ENDPOINT: &str = "to_endpoint";
+    /// tc egress of the node's VXLAN device: the tunnel key (source identity, node).
+    pub const PROG_TO_TUNNEL: &str = "to_tunnel";
+    /// tc ingress of the node's VXLAN device: the identity the VNI carries, into the mark.
+    pub const PROG_FROM_TUNNEL: &str = "from_tunnel";
     /// Every tc program the object must contain, and nothing else.
-    pub const ALL_PROGRAMS: [&str; 2] = [PROG_FROM_ENDPOINT, PROG_TO_ENDPOINT];
+    pub const ALL_PROGRAMS: [&str; 4] = [
+        PROG_FROM_ENDPOINT,
+        PROG_TO_ENDPOINT,
+        PROG_TO_TUNNEL,
+        PROG_FROM_TUNNEL,
+    ];
 
     /// Socket LB, `cgroup/connect4`: service → backend before the connection exists.
     pub const PROG_SOCK4_CONNECT: &str = "sock4_connect";
@@ -169,6 +178,12 @@ pub mod identity {
     /// Everything outside the cluster without a more specific identity; the ipcache's
     /// fallback for addresses it does not know.
     pub const WORLD: u32 = 2;
+    /// Another node of the cluster (its underlay and router addresses, and whatever a
+    /// remote node sends as its host).
+    pub const REMOTE_NODE: u32 = 6;
+    /// Identities at or above this are node-local (CIDR, `fqdn:`): they never cross the
+    /// tunnel (the VNI has 24 bits).
+    pub const LOCAL_SCOPE: u32 = 1 << 24;
 }
 
 /// Drop reasons, numbered as Cilium's datapath (`bpf/lib/common.h`, `pkg/monitor/api/drop.go`)
@@ -204,6 +219,17 @@ pub mod reason {
     /// The per-packet service translation could not record or rewrite the flow
     /// (`Service NAT failed`, membrane's wording; Cilium has no exact equivalent).
     pub const SERVICE_NAT_FAILED: u8 = 159;
+    /// A tunnelled packet whose tunnel key could not be read or written (`Error retrieving
+    /// tunnel key`).
+    pub const TUNNEL_KEY_FAILED: u8 = 147;
+    /// Routed into the tunnel, but the ipcache names no node for the destination (`No
+    /// tunnel/encapsulation endpoint (datapath BUG!)`).
+    pub const NO_TUNNEL_ENDPOINT: u8 = 160;
+    /// A source identity the tunnel cannot carry, or a VNI of 0 (`Invalid identity`).
+    pub const INVALID_IDENTITY: u8 = 171;
+    /// A tunnelled packet from an outer source that is no node of the cluster (`Unknown
+    /// sender`): anyone who can reach UDP 8472 could otherwise claim any identity.
+    pub const UNKNOWN_SENDER: u8 = 172;
 
     /// Human-readable description, Cilium's wording.
     pub const fn describe(reason: u8) -> &'static str {
@@ -222,6 +248,10 @@ pub mod reason {
             POLICY_DENY => "Policy denied by denylist",
             NO_SERVICE => "Service backend not found",
             SERVICE_NAT_FAILED => "Service NAT failed",
+            TUNNEL_KEY_FAILED => "Error retrieving tunnel key",
+            NO_TUNNEL_ENDPOINT => "No tunnel/encapsulation endpoint (datapath BUG!)",
+            INVALID_IDENTITY => "Invalid identity",
+            UNKNOWN_SENDER => "Unknown sender",
             _ => "Unknown drop reason",
         }
     }
@@ -246,6 +276,10 @@ pub mod mark {
     pub const MAGIC_PROXY_INGRESS: u32 = 0x0A00;
     /// From the egress proxy; carries the source identity ([`encode_identity`]).
     pub const MAGIC_PROXY_EGRESS: u32 = 0x0B00;
+    /// From the tunnel: `from_tunnel` put the source identity the VNI carried in the mark
+    /// ([`encode_identity`]); `to_endpoint` takes it instead of the ipcache's (Cilium's
+    /// MARK_MAGIC_IDENTITY).
+    pub const MAGIC_IDENTITY: u32 = 0x0F00;
 
     /// `MAGIC_TO_PROXY | port << 16`.
     pub const fn to_proxy(port: u16) -> u32 {
@@ -298,7 +332,10 @@ const _: () = assert!(core::mem::size_of::<IpcacheKeyV4>() == 4);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IpcacheValue {
     pub identity: u32,
-    pub _pad: u32,
+    /// Underlay address (network order) of the node that has this address, for tunnel
+    /// routing: the outer destination of the VXLAN packet `to_tunnel` builds. 0: none (a
+    /// local address, or native routing). Was padding before ABI 6, always written 0.
+    pub tunnel_endpoint_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
 
