@@ -550,6 +550,17 @@ pub fn agent_socket() -> PathBuf {
     RunDir::new(&lab_name()).agent_socket()
 }
 
+/// The endpoints registered on every node of the running lab.
+pub fn lab_endpoints() -> Vec<registry::RegisteredEndpoint> {
+    let mut runs: Vec<String> = nodes().into_iter().map(|n| n.run_name).collect();
+    if runs.is_empty() {
+        runs.push(lab_name());
+    }
+    runs.iter()
+        .flat_map(|r| registry::read(&RunDir::of_pin_dir(&pin_path().with_file_name(r))))
+        .collect()
+}
+
 /// The nodes of the running lab (empty when it is down).
 pub fn nodes() -> Vec<topology::BuiltNode> {
     std::fs::read_to_string(state_dir().join(topology::NODES_FILE))
@@ -838,7 +849,7 @@ pub fn dns_serve(zone: &Path, listen: SocketAddr) -> Result<()> {
 /// code. POD is `name` (namespace `default`) or `namespace/name`.
 pub fn exec(pod: &str, command: &[String]) -> Result<i32> {
     let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
-    let known = registry::read(&RunDir::of_pin_dir(&pin_path()));
+    let known = lab_endpoints();
     if !known
         .iter()
         .any(|e| e.name == name && e.namespace == namespace)
