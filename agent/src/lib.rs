@@ -8,7 +8,8 @@
 //! [`policies`] (the watched directory, the applied-policy store, the cluster store's
 //! documents), [`reconcile`] (the desired state, computed purely, then applied to the maps),
 //! [`proxy`] (supervision, the channel's snapshots, records), [`flows`], [`servers`],
-//! [`fqdn`], [`cluster`] (the cluster store: identities, ipcache, nodes, policies on etcd);
+//! [`fqdn`], [`cluster`] (the cluster store: identities, ipcache, nodes, policies on etcd),
+//! [`ipam`] (the node's pod addresses for the CNI plugin, the runtime's conflist);
 //! [`daemon`] ties them together.
 //!
 //! Must not depend on wasmtime, the lab or the CLI (checked by `cargo xtask test`); talks to
@@ -23,6 +24,7 @@ pub mod endpoints;
 pub mod error;
 pub mod flows;
 pub mod fqdn;
+pub mod ipam;
 pub mod policies;
 pub mod proxy;
 pub mod reconcile;
