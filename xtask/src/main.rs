@@ -439,6 +439,16 @@ const DEPENDENCY_RULES: &[(&str, &[&str])] = &[
     ),
     ("membrane-node-proxy", &["membrane-lab", "membrane-cli"]),
     (
+        "membrane-cni",
+        &[
+            "aya",
+            "tokio",
+            "wasmtime",
+            "membrane-agent",
+            "membrane-datapath",
+        ],
+    ),
+    (
         "membrane-lab",
         &["membrane-agent", "membrane-cli", "wasmtime"],
     ),

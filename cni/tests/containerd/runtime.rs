@@ -34,6 +34,7 @@ impl Containerd {
         cni_conf_dir: &Path,
         sandbox_image: &str,
     ) -> anyhow::Result<Containerd> {
+        std::fs::create_dir_all(dir)?;
         let d = dir.display();
         let config = format!(
             r#"version = 2
