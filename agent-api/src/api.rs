@@ -90,6 +90,17 @@ pub enum Request {
     Flows {
         last: usize,
     },
+    /// From the CNI plugin: an address of the node's pod CIDR for `owner` (a CNI attachment,
+    /// `CONTAINERID/IFNAME`). The same owner gets the same address again.
+    IpamAllocate {
+        owner: String,
+    },
+    /// Gives `owner`'s address back; nothing to do if it holds none.
+    IpamRelease {
+        owner: String,
+    },
+    /// The node's pod CIDR and every address handed out.
+    IpamList,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -245,6 +256,22 @@ impl Client {
 
     pub fn flows(&self, last: usize) -> Result<Vec<FlowRow>, ApiError> {
         self.call(&Request::Flows { last })
+    }
+
+    pub fn ipam_allocate(&self, owner: &str) -> Result<IpamAllocated, ApiError> {
+        self.call(&Request::IpamAllocate {
+            owner: owner.to_owned(),
+        })
+    }
+
+    pub fn ipam_release(&self, owner: &str) -> Result<IpamReleased, ApiError> {
+        self.call(&Request::IpamRelease {
+            owner: owner.to_owned(),
+        })
+    }
+
+    pub fn ipam(&self) -> Result<IpamState, ApiError> {
+        self.call(&Request::IpamList)
     }
 
     /// Sends one request and decodes its reply as `R`.
@@ -535,9 +562,70 @@ pub struct FlowRow {
     pub rule_cookie: u32,
 }
 
+/// `IpamAllocate`: the owner's address and how the pod reaches the node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IpamAllocated {
+    pub ip: Ipv4Addr,
+    /// The node's pod CIDR the address is from, `a.b.c.d/len`.
+    pub pod_cidr: String,
+    /// The pod's next hop: the link-local address every host-side veth carries.
+    pub gateway: Ipv4Addr,
+}
+
+/// `IpamRelease`: the address given back, if the owner held one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IpamReleased {
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// `IpamList`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IpamState {
+    /// `None` until the node has a block (`--pod-cidr`, or the cluster pool): the agent cannot
+    /// serve pods yet.
+    pub pod_cidr: Option<String>,
+    /// Addresses handed out, by address.
+    pub allocations: Vec<IpamAllocation>,
+    /// Addresses still free.
+    pub free: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IpamAllocation {
+    pub ip: Ipv4Addr,
+    /// A CNI attachment (`CONTAINERID/IFNAME`) or `endpoint:NAMESPACE/NAME` for an address an
+    /// endpoint was registered with directly.
+    pub owner: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipam_requests_and_replies_round_trip() {
+        let line = encode(&Request::IpamAllocate {
+            owner: "abc/eth0".into(),
+        })
+        .expect("encode");
+        assert_eq!(
+            std::str::from_utf8(&line).expect("utf8"),
+            r#"{"cmd":"ipam_allocate","owner":"abc/eth0"}"#
+        );
+        assert!(matches!(
+            decode_request(&line).expect("decode"),
+            Request::IpamAllocate { owner } if owner == "abc/eth0"
+        ));
+        assert!(decode_request(br#"{"cmd":"ipam_allocate"}"#).is_err());
+        let reply = IpamAllocated {
+            ip: Ipv4Addr::new(10, 0, 1, 2),
+            pod_cidr: "10.0.1.0/24".into(),
+            gateway: Ipv4Addr::new(169, 254, 1, 1),
+        };
+        let back: IpamAllocated =
+            serde_json::from_value(serde_json::to_value(&reply).expect("to")).expect("from");
+        assert_eq!(back, reply);
+    }
 
     /// The bug this type ended: the agent sent revisions as numbers, the CLI read strings
     /// and printed `-` forever. A reply decodes only into the type it was encoded from.

@@ -72,6 +72,8 @@ pub struct AgentArgs {
     pub no_proxy: bool,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub pods: PodNetworkArgs,
 }
 
 /// The cluster store (Cilium's `kvstore` flags). Without `--kvstore` the agent runs one
@@ -114,11 +116,6 @@ pub struct ClusterArgs {
     /// the store only with it; ipcache entries name it as their host.
     #[arg(long, value_name = "IP")]
     pub node_ip: Option<IpAddr>,
-    /// This node's pod CIDR (`a.b.c.d/len`), registered with the node: other nodes route it
-    /// here. Without it, and with `--cluster-pool-ipv4-cidr`, the node takes a block from
-    /// the pool (the operator role's cluster-pool IPAM).
-    #[arg(long, value_name = "CIDR", value_parser = parse_ipv4_cidr)]
-    pub pod_cidr: Option<String>,
     /// The cluster's pod address pool, comma-separated CIDRs (Helm's
     /// `ipam.operator.clusterPoolIPv4PodCIDRList`): each node gets a block of it.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_ipv4_cidr)]
@@ -203,7 +200,6 @@ impl Default for ClusterArgs {
             cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
             node_name: None,
             node_ip: None,
-            pod_cidr: None,
             cluster_pool_ipv4_cidr: Vec::new(),
             cluster_pool_ipv4_mask_size: DEFAULT_CLUSTER_POOL_MASK_SIZE,
             routing_mode: None,
@@ -245,9 +241,6 @@ impl ClusterArgs {
         if let Some(ip) = self.node_ip {
             out.extend(["--node-ip".into(), ip.to_string()]);
         }
-        if let Some(c) = &self.pod_cidr {
-            out.extend(["--pod-cidr".into(), c.clone()]);
-        }
         if !self.cluster_pool_ipv4_cidr.is_empty() {
             out.extend([
                 "--cluster-pool-ipv4-cidr".into(),
@@ -280,6 +273,7 @@ impl AgentArgs {
             ui_listen_fd: None,
             no_proxy: false,
             cluster: ClusterArgs::default(),
+            pods: PodNetworkArgs::default(),
         }
     }
 
@@ -313,8 +307,53 @@ impl AgentArgs {
             out.push("--no-proxy".into());
         }
         out.extend(self.cluster.to_args());
+        out.extend(self.pods.to_args());
         out
     }
+}
+
+/// Pods on this node: the block their addresses come from and where the agent announces
+/// itself to the container runtime (the CNI plugin `membrane-cni` asks the agent for both).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args)]
+pub struct PodNetworkArgs {
+    /// The node's pod CIDR (IPv4, at most /30): `membrane-cni` gets pod addresses from it,
+    /// the network, first (router) and broadcast addresses excepted.
+    #[arg(long, value_name = "CIDR", value_parser = parse_pod_cidr)]
+    pub pod_cidr: Option<membrane_policy::IpPrefix>,
+    /// The container runtime's CNI config directory: the agent writes
+    /// `05-membrane.conflist` there once it serves the API and has a pod CIDR, and removes it
+    /// when it stops.
+    #[arg(long, value_name = "DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+}
+
+impl PodNetworkArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(cidr) = &self.pod_cidr {
+            out.extend(["--pod-cidr".into(), cidr.to_string()]);
+        }
+        if let Some(dir) = &self.cni_conf_dir {
+            out.extend(["--cni-conf-dir".into(), dir.display().to_string()]);
+        }
+        out
+    }
+}
+
+/// `--pod-cidr`: an IPv4 network without host bits, with room for a pod (≤ /30).
+fn parse_pod_cidr(text: &str) -> Result<membrane_policy::IpPrefix, String> {
+    let prefix = membrane_policy::IpPrefix::parse_strict(text).map_err(|e| e.to_string())?;
+    if !prefix.is_ipv4() {
+        return Err(format!(
+            "`{text}` is not IPv4 (pods get IPv4 addresses only)"
+        ));
+    }
+    if prefix.prefix_len() > 30 {
+        return Err(format!(
+            "`{text}` has no room for a pod besides its network, router and broadcast addresses (use /30 or shorter)"
+        ));
+    }
+    Ok(prefix)
 }
 
 /// DNS proxy settings (Cilium's `tofqdns-*` flags), the same flags on `membrane-agent` and
@@ -499,20 +538,39 @@ mod tests {
             cluster_name: "east".into(),
             node_name: Some("node-1".into()),
             node_ip: Some("192.168.0.11".parse().expect("ip")),
-            pod_cidr: Some("10.200.1.0/24".into()),
             cluster_pool_ipv4_cidr: vec!["10.200.0.0/16".into(), "10.201.0.0/16".into()],
             cluster_pool_ipv4_mask_size: 26,
             routing_mode: Some(RoutingModeArg::Native),
         };
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
         args.cluster.routing_mode = Some(RoutingModeArg::Tunnel);
-        args.cluster.pod_cidr = None;
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
         args.cluster.kvstore_ca = None;
         args.cluster.kvstore_cert = None;
         args.cluster.kvstore_key = None;
         args.cluster.node_ip = None;
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.pods.pod_cidr = Some("10.244.1.0/24".parse().expect("cidr"));
+        args.pods.cni_conf_dir = Some("/etc/cni/net.d".into());
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+    }
+
+    #[test]
+    fn pod_cidr_is_checked() {
+        let parse = |cidr: &str| {
+            AgentArgs::try_parse_from(["membrane-agent", "--node-netns", "n", "--pod-cidr", cidr])
+        };
+        assert!(parse("10.244.1.0/24").is_ok());
+        for bad in [
+            "10.244.1.1/24",
+            "10.244.1.0/31",
+            "fd00::/64",
+            "10.244.1.0",
+            "x/24",
+        ] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("--pod-cidr") && e.contains(bad), "{bad}: {e}");
+        }
     }
 
     #[test]

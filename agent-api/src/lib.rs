@@ -10,12 +10,14 @@
 //! - [`wasm_resource`]: the `WasmFilter` resource model;
 //! - [`args`]: the command lines of `membrane-agent` and `membrane-proxy` as clap structs that
 //!   whoever starts them renders (`to_args()`), so a spawn cannot drift from the parser;
-//! - [`shutdown::Shutdown`]: the one shutdown signal of a process.
+//! - [`shutdown::Shutdown`]: the one shutdown signal of a process;
+//! - [`cni`]: the CNI network configuration the agent writes and `membrane-cni` reads.
 //!
 //! Must not depend on aya, wasmtime or tokio: the CLI, the CNI plugin and the lab link it.
 
 pub mod api;
 pub mod args;
+pub mod cni;
 pub mod proxy_channel;
 pub mod registry;
 pub mod run_dir;

@@ -97,6 +97,11 @@ impl RunDir {
         self.path.join("endpoints.json")
     }
 
+    /// The node IPAM's block and addresses handed out (restored by a restarted agent).
+    pub fn ipam(&self) -> PathBuf {
+        self.path.join("ipam.json")
+    }
+
     /// Policies applied over the API, restored by a restarted agent.
     pub fn applied_policies(&self) -> PathBuf {
         self.path.join("applied-policies.json")

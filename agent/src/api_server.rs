@@ -299,6 +299,12 @@ impl State {
                     .map_err(|e| format!("FQDN {name}: {e}")),
             ),
             Request::FqdnCacheList => reply(Ok(self.fqdn_rows())),
+            Request::IpamAllocate { owner } => reply(
+                self.ipam_allocate(&owner)
+                    .map_err(|e| format!("pod address for {owner}: {e}")),
+            ),
+            Request::IpamRelease { owner } => reply(Ok(self.ipam_release(&owner))),
+            Request::IpamList => reply(Ok(self.ipam.state())),
             Request::Flows { last } => {
                 let skip = self.flows.len().saturating_sub(last);
                 reply(Ok(self

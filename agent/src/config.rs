@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use membrane_agent_api::{
     RunDir,
-    args::{AgentArgs, ClusterArgs, DnsSettings},
+    args::{AgentArgs, ClusterArgs, DnsSettings, PodNetworkArgs},
 };
 use membrane_datapath::MapSizes;
 
@@ -46,6 +46,8 @@ pub struct AgentConfig {
     /// The cluster store (`--kvstore …`) and the cluster's and node's names. The cluster name
     /// is also the `cluster` entity's label value without a store.
     pub cluster: ClusterArgs,
+    /// The node's pod CIDR and the runtime's CNI config directory (`crate::ipam`).
+    pub pods: PodNetworkArgs,
 }
 
 impl AgentConfig {
@@ -70,6 +72,7 @@ impl AgentConfig {
             dns: args.dns,
             map_sizes: MapSizes::default(),
             cluster: args.cluster,
+            pods: args.pods,
         }
     }
 

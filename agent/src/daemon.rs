@@ -102,6 +102,10 @@ pub(crate) struct State {
     /// stays in force).
     /// (revision, problem).
     pub(crate) cluster_doc_errors: BTreeMap<membrane_cluster::PolicyName, (i64, String)>,
+    /// The node's pod addresses (`crate::ipam`).
+    pub(crate) ipam: crate::ipam::NodeIpam,
+    /// The conflist written for the container runtime, removed at stop.
+    pub(crate) cni_announced: Option<std::path::PathBuf>,
 }
 
 /// Runs the agent until `shutdown` (SIGTERM/SIGINT in the binary).
@@ -171,6 +175,8 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         routing,
         cluster_docs: BTreeMap::new(),
         cluster_doc_errors: BTreeMap::new(),
+        ipam: crate::ipam::NodeIpam::default(),
+        cni_announced: None,
     };
     // Serving the proxy channel before the first reconcile: an adopted proxy reconnects and
     // is brought up to date by it.
@@ -182,7 +188,9 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
             .map_err(io_err(format!("bind {}", path.display())))?;
     }
     state.restore_applied();
+    state.restore_ipam();
     state.restore_endpoints();
+    state.reserve_endpoint_addresses();
     state.scan_policy_dir();
     if let Some(c) = &cluster {
         state.take_cluster_view(c.view());
@@ -204,6 +212,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .ok();
     tracing::info!(socket = %socket.display(), node = %config.node_netns, "agent serving");
+    lock(&state).announce_to_runtime();
 
     crate::servers::start(&runtime, &config, &observer, ui_listener, &shutdown)?;
     let mut threads = Vec::new();
@@ -258,6 +267,7 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
         state.clone(),
         shutdown.clone(),
     ));
+    lock(&state).withdraw_from_runtime();
     for t in threads {
         let _ = t.join();
     }

@@ -234,6 +234,7 @@ impl State {
             },
         );
         self.save_registry()?;
+        self.reserve_endpoint_addresses();
         Ok(id)
     }
 
@@ -257,6 +258,7 @@ impl State {
             .map_err(dp_err("detach programs"))?;
         let _ = self.datapath.conntrack().flush_endpoint(endpoint.id);
         self.resolved.remove(&endpoint.id);
+        self.release_endpoint_address(namespace, name);
         self.save_registry()
     }
 

@@ -9,7 +9,8 @@
 //! documents), [`reconcile`] (the desired state, computed purely, then applied to the maps),
 //! [`proxy`] (supervision, the channel's snapshots, records), [`flows`], [`servers`],
 //! [`fqdn`], [`cluster`] (the cluster store: identities, ipcache, nodes, policies on etcd),
-//! [`routing`] (other nodes in the ipcache, routes to their pod CIDRs, the tunnel);
+//! [`routing`] (other nodes in the ipcache, routes to their pod CIDRs, the tunnel),
+//! [`ipam`] (the node's pod addresses for the CNI plugin, the runtime's conflist);
 //! [`daemon`] ties them together.
 //!
 //! Must not depend on wasmtime, the lab or the CLI (checked by `cargo xtask test`); talks to
@@ -24,6 +25,7 @@ pub mod endpoints;
 pub mod error;
 pub mod flows;
 pub mod fqdn;
+pub mod ipam;
 pub mod policies;
 pub mod proxy;
 pub mod reconcile;

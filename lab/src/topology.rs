@@ -971,8 +971,14 @@ pub(crate) fn build(
             c.kvstore_lease_ttl = LAB_LEASE_TTL_SECS;
             c.node_name = Some(node.name.clone());
             c.node_ip = node.underlay_ip.map(std::net::IpAddr::V4);
-            c.pod_cidr = node.pod_cidr.clone();
             c.routing_mode = Some(shape.routing);
+            args.pods.pod_cidr = match &node.pod_cidr {
+                Some(text) => Some(text.parse().map_err(|e| LabError::Step {
+                    step: format!("pod CIDR of {}", node.name),
+                    detail: format!("{text}: {e}"),
+                })?),
+                None => None,
+            };
         }
         pids.push(lab::spawn_agent(name, &args)?);
         lab::record_pids_in(&state, &pids)?;

@@ -41,6 +41,14 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     // `protoc` for etcd-client's build script (etcd's gRPC protos).
     "protobuf-compiler",
+    // The CNI plugin's test runs pods under a real runtime: containerd 1.6 with its CRI
+    // plugin and runc, the `loopback` CNI plugin CRI also calls, and a static C compiler for
+    // the pause image the test builds (nothing is pulled).
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "gcc",
+    "libc6-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -430,6 +438,16 @@ const DEPENDENCY_RULES: &[(&str, &[&str])] = &[
         ],
     ),
     ("membrane-node-proxy", &["membrane-lab", "membrane-cli"]),
+    (
+        "membrane-cni",
+        &[
+            "aya",
+            "tokio",
+            "wasmtime",
+            "membrane-agent",
+            "membrane-datapath",
+        ],
+    ),
     (
         "membrane-lab",
         &["membrane-agent", "membrane-cli", "wasmtime"],
