@@ -11,6 +11,7 @@ use crate::proto::flow::{
     TraceObservationPoint, TrafficDirection, Verdict, layer4, layer7,
 };
 use crate::proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes};
+use crate::proto::relay::{NodeState, NodeStatusEvent};
 use crate::timefmt;
 
 /// Separator the CLI prints between dict records.
@@ -222,6 +223,20 @@ pub fn compact_response(resp: &GetFlowsResponse, opts: PrintOptions) -> Option<S
     match resp.response_types.as_ref()? {
         ResponseTypes::Flow(flow) => Some(compact(flow, opts)),
         ResponseTypes::LostEvents(lost) => Some(lost_line(lost)),
+        ResponseTypes::NodeStatus(status) => node_status_line(status),
+    }
+}
+
+/// The line `hubble observe` prints for a relay's node status event: only failures are
+/// shown (connected nodes are not news).
+pub fn node_status_line(status: &NodeStatusEvent) -> Option<String> {
+    let state = NodeState::try_from(status.state_change).unwrap_or(NodeState::UnknownNodeState);
+    let names = status.node_names.join(", ");
+    match state {
+        NodeState::NodeUnavailable => Some(format!("NODES UNAVAILABLE: {names}")),
+        NodeState::NodeError => Some(format!("NODE ERROR ({names}): {}", status.message)),
+        NodeState::NodeGone => Some(format!("NODES GONE: {names}")),
+        NodeState::NodeConnected | NodeState::UnknownNodeState => None,
     }
 }
 
@@ -531,6 +546,20 @@ pub fn response_json(resp: &GetFlowsResponse) -> Value {
                 o.insert("cpu".to_owned(), json!(cpu));
             }
             m.insert("lost_events".to_owned(), Value::Object(o));
+        }
+        Some(ResponseTypes::NodeStatus(status)) => {
+            let mut o = Map::new();
+            put_enum(
+                &mut o,
+                "state_change",
+                status.state_change,
+                NodeState::try_from(status.state_change)
+                    .ok()
+                    .map(|s| s.as_str_name()),
+            );
+            put(&mut o, "node_names", json!(status.node_names));
+            put(&mut o, "message", json!(status.message));
+            m.insert("node_status".to_owned(), Value::Object(o));
         }
         None => {}
     }
