@@ -215,7 +215,7 @@ impl ClusterClient {
             store,
         });
         if let Some(ip) = client.node_ip {
-            rt.block_on(client.nodes.register(ip, None, None))
+            rt.block_on(client.nodes.register(ip, None, config.hubble_address()))
                 .map_err(|source| ClusterError::Register {
                     node: node.clone(),
                     source,
@@ -335,6 +335,16 @@ impl ClusterClient {
     /// This node's name in the cluster.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The cluster's nodes (Hubble's Peer service reads them, `crate::peer`).
+    pub fn nodes(&self) -> &NodeRegistry {
+        &self.nodes
+    }
+
+    /// The cluster's name.
+    pub fn cluster_name(&self) -> &str {
+        self.store.cluster()
     }
 
     /// The identity of an endpoint's labels, allocated cluster-wide if new. Blocks the

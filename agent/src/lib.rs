@@ -23,6 +23,7 @@ pub mod endpoints;
 pub mod error;
 pub mod flows;
 pub mod fqdn;
+pub mod peer;
 pub mod policies;
 pub mod proxy;
 pub mod reconcile;
