@@ -352,7 +352,11 @@ impl ClusterClient {
     /// unreachable, labels the cluster already numbered keep their number; new ones fail
     /// with an error naming the store.
     pub fn allocate(&self, labels: &Labels) -> Result<Identity, ClusterError> {
-        let allocation = tokio::time::timeout(ALLOCATE_TIMEOUT, self.identities.allocate(labels));
+        // The timer is created inside `block_on`, in the runtime's context: a restarting
+        // agent restores its endpoints from the main thread, outside any runtime.
+        let allocation = async {
+            tokio::time::timeout(ALLOCATE_TIMEOUT, self.identities.allocate(labels)).await
+        };
         match self.rt.block_on(allocation) {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(source)) => Err(ClusterError::Allocate {

@@ -120,7 +120,14 @@ pub fn run(mut config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError
         .build()
         .map_err(io_err("start the async runtime"))?;
     let cluster = ClusterClient::start(&config, &runtime).map_err(AgentError::from)?;
-    let enricher = Arc::new(StaticEnricher::new(config.node_netns.clone()));
+    // Flows name their node as the Peer service does (`<cluster>/<node>` outside the
+    // default cluster) in cluster mode, so the relay's merged stream says where each came
+    // from; a node of its own keeps its namespace's name.
+    let flow_node_name = match &cluster {
+        Some(c) => membrane_observer::peer::peer_name(c.cluster_name(), c.node()),
+        None => config.node_netns.clone(),
+    };
+    let enricher = Arc::new(StaticEnricher::new(flow_node_name));
     let observer = {
         let _context = runtime.enter();
         Observer::spawn(

@@ -18,7 +18,7 @@ use crate::timefmt;
 pub const DICT_SEPARATOR: &str = "------------";
 
 /// Printing options (the CLI's `--print-node-name` and `--ip-translation`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrintOptions {
     pub node_name: bool,
     pub ip_translation: bool,
@@ -190,6 +190,61 @@ pub fn compact(flow: &Flow, opts: PrintOptions) -> String {
         verdict_text(flow),
         flow.summary
     )
+}
+
+/// The header of `-o table` (Hubble's columns; NODE with `--print-node-name`).
+pub fn table_header(opts: PrintOptions) -> Vec<String> {
+    let mut cols = vec!["TIMESTAMP"];
+    if opts.node_name {
+        cols.push("NODE");
+    }
+    cols.extend(["SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]);
+    cols.into_iter().map(str::to_owned).collect()
+}
+
+/// One `-o table` row, the cells of [`table_header`].
+pub fn table_row(flow: &Flow, opts: PrintOptions) -> Vec<String> {
+    let (src, dst) = host_names(flow, opts);
+    let mut row = vec![timefmt::stamp_milli(flow.time.as_ref())];
+    if opts.node_name {
+        row.push(flow.node_name.clone());
+    }
+    row.extend([
+        src,
+        dst,
+        flow_type(flow),
+        verdict_text(flow),
+        flow.summary.clone(),
+    ]);
+    row
+}
+
+/// Rows as aligned columns (each padded to its widest cell, two spaces apart; the last
+/// column is not padded), one line per row.
+pub fn align_table(rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let w = cell.chars().count();
+            match widths.get_mut(i) {
+                Some(max) => *max = (*max).max(w),
+                None => widths.push(w),
+            }
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len().saturating_sub(1);
+        for (i, cell) in row.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths[i] - cell.chars().count() + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// One dict record (without the separator the CLI prints between records).

@@ -161,6 +161,7 @@ async fn node_stream(
     channel: Channel,
     request: Bytes,
     follow: bool,
+    open_ended: bool,
     idle: Duration,
     tx: mpsc::Sender<Incoming>,
 ) {
@@ -184,7 +185,13 @@ async fn node_stream(
                     .map_err(|_| format!("no response within {idle:?}"))?
             };
             let Some(bytes) = next.map_err(|e| e.message().to_owned())? else {
-                return Ok(());
+                // A following stream ends only when the node goes (an agent shutting down
+                // ends its streams cleanly): that is news for the client.
+                return if open_ended {
+                    Err("the node ended its stream".to_owned())
+                } else {
+                    Ok(())
+                };
             };
             let (nanos, is_flow, lost) =
                 head(&bytes).map_err(|e| format!("undecodable response: {e}"))?;
@@ -228,6 +235,8 @@ struct Merge {
     config: MergeConfig,
     request: Bytes,
     follow: bool,
+    /// Following without `until`: the nodes' streams never end by themselves.
+    open_ended: bool,
     number: u64,
     first: bool,
     out: mpsc::Sender<Result<Bytes, Status>>,
@@ -257,6 +266,7 @@ impl Merge {
                 channel,
                 self.request.clone(),
                 self.follow,
+                self.open_ended,
                 self.config.idle_timeout,
                 self.tx.clone(),
             ));
@@ -452,6 +462,7 @@ pub fn get_flows(
         config,
         request: raw,
         follow: request.follow,
+        open_ended: request.follow && request.until.is_none(),
         number: request.number,
         first: request.first,
         out,
