@@ -107,7 +107,7 @@ struct Agent {
 impl Agent {
     fn start(node: &TestNode, node_name: &str, node_ip: Ipv4Addr, etcd: &Etcd) -> Agent {
         let name = unique_name(node_name);
-        let mut args = AgentArgs::new(&name, &node.node.netns().name().to_owned());
+        let mut args = AgentArgs::new(&name, node.node.netns().name());
         args.no_proxy = true;
         args.hubble_listen = Some("127.0.0.1:0".parse().expect("addr"));
         args.cluster = ClusterArgs {
@@ -433,7 +433,7 @@ fn relay_merges_every_nodes_flows_and_survives_a_node_going_away() {
                 Some(ResponseTypes::NodeStatus(s))
                     if s.state_change == NodeState::NodeError as i32 =>
                 {
-                    assert_eq!(s.node_names, [gone.clone()]);
+                    assert_eq!(s.node_names, std::slice::from_ref(&gone));
                     error_seen = true;
                 }
                 Some(ResponseTypes::Flow(f)) if error_seen => {
@@ -447,7 +447,7 @@ fn relay_merges_every_nodes_flows_and_survives_a_node_going_away() {
         loop {
             let s = status(&mut client).await;
             if s.num_connected_nodes == Some(2) && s.num_unavailable_nodes == Some(1) {
-                assert_eq!(s.unavailable_nodes, [gone.clone()]);
+                assert_eq!(s.unavailable_nodes, std::slice::from_ref(&gone));
                 break;
             }
             assert!(Instant::now() < deadline, "never 2 of 3: {s:?}");

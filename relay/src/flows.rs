@@ -432,10 +432,10 @@ fn cut(items: Vec<Item>, number: u64, first: bool) -> Vec<Item> {
     } else {
         let mut out: Vec<Item> = Vec::new();
         for item in items.into_iter().rev() {
+            if seen == number {
+                break; // Notices before the oldest kept flow are outside the span.
+            }
             if item.is_flow {
-                if seen == number {
-                    break;
-                }
                 seen += 1;
             }
             out.push(item);

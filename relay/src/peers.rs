@@ -335,7 +335,7 @@ impl Peers {
             }
             self.inner.discovering.send_replace(false);
             // The next address at once; a full round waits for the retry timeout.
-            if attempt % addresses.len() == 0 {
+            if attempt.is_multiple_of(addresses.len()) {
                 tokio::time::sleep(self.inner.retry).await;
             }
         }
