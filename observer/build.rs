@@ -1,8 +1,14 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler, so no `protoc` is needed)
-//! and generates the prost messages plus the tonic server and client for `observer.Observer`.
+//! and generates the prost messages plus the tonic servers and clients for `observer.Observer`
+//! and `peer.Peer`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/flow/flow.proto", "proto/observer/observer.proto"];
+    let protos = [
+        "proto/flow/flow.proto",
+        "proto/relay/relay.proto",
+        "proto/observer/observer.proto",
+        "proto/peer/peer.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

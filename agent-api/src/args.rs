@@ -65,6 +65,12 @@ pub struct AgentArgs {
     /// one it bound).
     #[arg(long, value_name = "FD", hide = true)]
     pub ui_listen_fd: Option<i32>,
+    /// Also serve Hubble's observer and Peer APIs on this address of the host's network
+    /// namespace (where the agent process runs; TCP 4244 inside the node namespace is always
+    /// served). In cluster mode this is the address the node registers for the relay; port 0
+    /// picks one. Without it the node registers `--node-ip`:4244.
+    #[arg(long, value_name = "ADDR")]
+    pub hubble_listen: Option<SocketAddr>,
     /// Run without the node proxy (`membrane-proxy`): L7 rules and DNS rules then have no
     /// proxy socket and their flows are dropped, never let through. For tests of L3/L4 and
     /// of the cluster store.
@@ -271,6 +277,7 @@ impl AgentArgs {
             dns: DnsSettings::default(),
             ui_listen: None,
             ui_listen_fd: None,
+            hubble_listen: None,
             no_proxy: false,
             cluster: ClusterArgs::default(),
             pods: PodNetworkArgs::default(),
@@ -302,6 +309,9 @@ impl AgentArgs {
         }
         if let Some(fd) = self.ui_listen_fd {
             out.extend(["--ui-listen-fd".into(), fd.to_string()]);
+        }
+        if let Some(addr) = self.hubble_listen {
+            out.extend(["--hubble-listen".into(), addr.to_string()]);
         }
         if self.no_proxy {
             out.push("--no-proxy".into());
@@ -523,6 +533,8 @@ mod tests {
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
         args.ui_listen_fd = None;
         args.ui_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
+        args.hubble_listen = Some("127.0.0.1:4244".parse().expect("addr"));
         assert_eq!(parse::<AgentArgs>("membrane-agent", args.to_args()), args);
         args.no_proxy = true;
         args.cluster = ClusterArgs {

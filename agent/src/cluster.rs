@@ -260,7 +260,11 @@ impl ClusterClient {
             store,
         });
         if let Some(ip) = client.node_ip {
-            rt.block_on(client.nodes.register(ip, client.pod_cidr, None))
+            rt.block_on(
+                client
+                    .nodes
+                    .register(ip, client.pod_cidr, config.hubble_address()),
+            )
                 .map_err(|source| ClusterError::Register {
                     node: node.clone(),
                     source,
@@ -387,12 +391,26 @@ impl ClusterClient {
         self.pod_cidr
     }
 
+    /// The cluster's nodes (Hubble's Peer service reads them, `crate::peer`).
+    pub fn nodes(&self) -> &NodeRegistry {
+        &self.nodes
+    }
+
+    /// The cluster's name.
+    pub fn cluster_name(&self) -> &str {
+        self.store.cluster()
+    }
+
     /// The identity of an endpoint's labels, allocated cluster-wide if new. Blocks the
     /// calling thread (never a runtime worker) for at most [`ALLOCATE_TIMEOUT`]. With etcd
     /// unreachable, labels the cluster already numbered keep their number; new ones fail
     /// with an error naming the store.
     pub fn allocate(&self, labels: &Labels) -> Result<Identity, ClusterError> {
-        let allocation = tokio::time::timeout(ALLOCATE_TIMEOUT, self.identities.allocate(labels));
+        // The timer is created inside `block_on`, in the runtime's context: a restarting
+        // agent restores its endpoints from the main thread, outside any runtime.
+        let allocation = async {
+            tokio::time::timeout(ALLOCATE_TIMEOUT, self.identities.allocate(labels)).await
+        };
         match self.rt.block_on(allocation) {
             Ok(Ok(id)) => Ok(id),
             Ok(Err(source)) => Err(ClusterError::Allocate {

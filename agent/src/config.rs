@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub flow_capacity: usize,
     /// Hubble observer API on TCP inside the node namespace (`None` = Unix socket only).
     pub hubble_port: Option<u16>,
+    /// Hubble's observer and Peer APIs also on this address of the host's namespace; the
+    /// daemon replaces port 0 with the bound port before anything reads it.
+    pub hubble_listen: Option<std::net::SocketAddr>,
     /// Prometheus `/metrics` on TCP inside the node namespace (`None` = off).
     pub metrics_port: Option<u16>,
     /// The flow page on this loopback address of the host (`None` = off; port 0 = any, the
@@ -65,6 +68,7 @@ impl AgentConfig {
             dns_proxy_port: args.dns_proxy_port,
             flow_capacity: args.flow_capacity,
             hubble_port: Some(membrane_observer::DEFAULT_TCP_PORT),
+            hubble_listen: args.hubble_listen,
             metrics_port: Some(METRICS_PORT),
             ui_listen: args.ui_listen,
             ui_listen_fd: args.ui_listen_fd,
@@ -79,6 +83,17 @@ impl AgentConfig {
     /// This node's name in the cluster: `--node-name`, else the run name.
     pub fn node_name(&self) -> &str {
         self.cluster.node_name.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Where other nodes' relays reach this node's observer: `--hubble-listen`, else
+    /// `--node-ip` on the node namespace's Hubble port.
+    pub fn hubble_address(&self) -> Option<std::net::SocketAddr> {
+        self.hubble_listen.or_else(|| {
+            Some(std::net::SocketAddr::new(
+                self.cluster.node_ip?,
+                self.hubble_port?,
+            ))
+        })
     }
 
     pub fn run_dir(&self) -> RunDir {

@@ -109,12 +109,14 @@ pub(crate) struct State {
 }
 
 /// Runs the agent until `shutdown` (SIGTERM/SIGINT in the binary).
-pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
+pub fn run(mut config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     let run_dir = config.run_dir();
     let state_dir = run_dir.path().to_owned();
     std::fs::create_dir_all(&state_dir)
         .map_err(io_err(format!("create {}", state_dir.display())))?;
     let ui_listener = crate::servers::bind_ui(&config)?;
+    // Before the cluster store: the node registers the bound Hubble address.
+    let hubble_listener = crate::servers::bind_hubble(&mut config)?;
     let node = Netns::open(&config.node_netns).map_err(dp_err("open the node namespace"))?;
     let pins =
         PinDir::under(Path::new(DEFAULT_BPFFS), &config.name).map_err(dp_err("pin directory"))?;
@@ -129,7 +131,14 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     let cluster = ClusterClient::start(&config, &runtime).map_err(AgentError::from)?;
     let routing =
         crate::routing::NodeRouting::setup(&config, cluster.as_deref(), &node, &mut datapath)?;
-    let enricher = Arc::new(StaticEnricher::new(config.node_netns.clone()));
+    // Flows name their node as the Peer service does (`<cluster>/<node>` outside the
+    // default cluster) in cluster mode, so the relay's merged stream says where each came
+    // from; a node of its own keeps its namespace's name.
+    let flow_node_name = match &cluster {
+        Some(c) => membrane_observer::peer::peer_name(c.cluster_name(), c.node()),
+        None => config.node_netns.clone(),
+    };
+    let enricher = Arc::new(StaticEnricher::new(flow_node_name));
     let observer = {
         let _context = runtime.enter();
         Observer::spawn(
@@ -214,7 +223,18 @@ pub fn run(config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
     tracing::info!(socket = %socket.display(), node = %config.node_netns, "agent serving");
     lock(&state).announce_to_runtime();
 
-    crate::servers::start(&runtime, &config, &observer, ui_listener, &shutdown)?;
+    let peers = crate::peer::peer_set(&runtime, &config, cluster.as_ref());
+    crate::servers::start(
+        &runtime,
+        &config,
+        &observer,
+        crate::servers::Listeners {
+            ui: ui_listener,
+            hubble: hubble_listener,
+        },
+        peers,
+        &shutdown,
+    )?;
     let mut threads = Vec::new();
     if config.proxy {
         crate::proxy::start(&config, &state, &observer, pins.path(), &shutdown)?;

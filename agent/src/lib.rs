@@ -26,6 +26,7 @@ pub mod error;
 pub mod flows;
 pub mod fqdn;
 pub mod ipam;
+pub mod peer;
 pub mod policies;
 pub mod proxy;
 pub mod reconcile;

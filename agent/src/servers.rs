@@ -1,5 +1,6 @@
-//! The agent's servers besides its API: Hubble's observer API (a Unix socket in the run
-//! directory and TCP 4244 inside the node namespace), the flow page on the host's loopback,
+//! The agent's servers besides its API: Hubble's observer and Peer APIs (a Unix socket in
+//! the run directory, TCP 4244 inside the node namespace and, with `--hubble-listen`, an
+//! address of the host's namespace), the flow page on the host's loopback,
 //! and Prometheus metrics (9965 inside the node namespace). Each stops with the process's
 //! shutdown signal.
 
@@ -7,7 +8,8 @@ use std::{io::Write as _, time::Duration};
 
 use membrane_agent_api::shutdown::Shutdown;
 use membrane_datapath::Netns;
-use membrane_observer::Observer;
+use membrane_observer::{Observer, PeerService, PeerSet};
+use tokio::sync::watch;
 
 use crate::{
     config::AgentConfig,
@@ -19,9 +21,15 @@ pub(crate) fn start(
     runtime: &tokio::runtime::Runtime,
     config: &AgentConfig,
     observer: &Observer,
-    ui_listener: Option<std::net::TcpListener>,
+    listeners: Listeners,
+    peers: watch::Receiver<PeerSet>,
     shutdown: &Shutdown,
 ) -> Result<(), AgentError> {
+    let Listeners {
+        ui: ui_listener,
+        hubble: hubble_listener,
+    } = listeners;
+    let peers = PeerService::new(peers);
     // Hubble's observer API: a Unix socket, and TCP inside the node namespace.
     let stopped = |shutdown: Shutdown| async move {
         let _ = tokio::task::spawn_blocking(move || shutdown.wait()).await;
@@ -34,19 +42,35 @@ pub(crate) fn start(
                 path: hubble_socket.clone(),
                 source,
             })?;
-        let (obs, done) = (observer.clone(), stopped(shutdown.clone()));
+        let (obs, done, p) = (observer.clone(), stopped(shutdown.clone()), peers.clone());
         runtime.spawn(async move {
-            if let Err(e) = membrane_observer::serve_unix(&obs, listener, done).await {
+            if let Err(e) =
+                membrane_observer::serve_unix_with_peers(&obs, Some(p), listener, done).await
+            {
                 tracing::error!(error = %e, "Hubble API on the Unix socket stopped");
             }
         });
+        if let Some(bound) = hubble_listener {
+            let listener = tokio::net::TcpListener::from_std(bound)
+                .map_err(io_err("Hubble listener (--hubble-listen)"))?;
+            let (obs, done, p) = (observer.clone(), stopped(shutdown.clone()), peers.clone());
+            runtime.spawn(async move {
+                if let Err(e) =
+                    membrane_observer::serve_tcp_with_peers(&obs, Some(p), listener, done).await
+                {
+                    tracing::error!(error = %e, "Hubble API on --hubble-listen stopped");
+                }
+            });
+        }
         if let Some(port) = config.hubble_port {
             let bound = node_listener(&config.node_netns, port)?;
             let listener =
                 tokio::net::TcpListener::from_std(bound).map_err(io_err("Hubble TCP listener"))?;
-            let (obs, done) = (observer.clone(), stopped(shutdown.clone()));
+            let (obs, done, p) = (observer.clone(), stopped(shutdown.clone()), peers.clone());
             runtime.spawn(async move {
-                if let Err(e) = membrane_observer::serve_tcp(&obs, listener, done).await {
+                if let Err(e) =
+                    membrane_observer::serve_tcp_with_peers(&obs, Some(p), listener, done).await
+                {
                     tracing::error!(error = %e, "Hubble API on TCP stopped");
                 }
             });
@@ -70,6 +94,37 @@ pub(crate) fn start(
         std::thread::spawn(move || serve_metrics(listener, &obs, &shutdown));
     }
     Ok(())
+}
+
+/// Listeners bound before the datapath is touched, so a taken port fails the start early.
+pub(crate) struct Listeners {
+    /// The flow page ([`bind_ui`]).
+    pub ui: Option<std::net::TcpListener>,
+    /// Hubble on the host's namespace ([`bind_hubble`]).
+    pub hubble: Option<std::net::TcpListener>,
+}
+
+/// Binds `--hubble-listen` in the host's namespace and records the bound address in
+/// `config` (port 0 becomes the port the kernel chose), which the node then registers in
+/// the cluster store for the relay.
+pub(crate) fn bind_hubble(
+    config: &mut AgentConfig,
+) -> Result<Option<std::net::TcpListener>, AgentError> {
+    let Some(addr) = config.hubble_listen else {
+        return Ok(None);
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(io_err(format!(
+        "bind the Hubble API to {addr} (--hubble-listen)"
+    )))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("Hubble listener"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(io_err("the Hubble listener's address"))?;
+    config.hubble_listen = Some(bound);
+    tracing::info!(%bound, "Hubble API (observer and peers) serving on the host's namespace");
+    Ok(Some(listener))
 }
 
 /// A TCP listener on `0.0.0.0:port` inside the node namespace (reachable from the node and

@@ -58,12 +58,14 @@ enum Command {
         #[command(subcommand)]
         command: agent_cmd::FqdnCommand,
     },
-    /// Flows from the agent's Hubble observer API, with Hubble's flags: --last N, --first N,
-    /// --all, -f/--follow, -o compact|dict|json, and filters --namespace, --pod, --from-pod,
-    /// --to-pod, --from-ip, --to-ip, --label, --from-label, --to-label, --identity,
-    /// --verdict, -t/--type, --protocol, --port, --from-port, --to-port, --http-method,
-    /// --http-path, --http-status, --traffic-direction, --not ... (in order; --not negates the
-    /// next filter). --socket PATH selects the API socket (default: the lab agent's).
+    /// Flows from a Hubble observer API, with Hubble's flags: --last N, --first N, --all,
+    /// -f/--follow, -o compact|dict|json|table, --print-node-name, and filters --namespace,
+    /// --pod, --from-pod, --to-pod, --from-all-namespaces, --to-all-namespaces, --from-ip,
+    /// --to-ip, --label, --from-label, --to-label, --identity, --verdict, -t/--type,
+    /// --protocol, --port, --from-port, --to-port, --http-method, --http-path, --http-status,
+    /// --traffic-direction, --encrypted, --unencrypted, --not ... (in order; --not negates
+    /// the next filter). --server HOST:PORT reads from a node's TCP port or the relay (4245),
+    /// --socket PATH from an agent's Unix socket (default: the lab agent's).
     #[command(disable_help_flag = false)]
     Observe {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

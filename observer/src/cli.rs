@@ -274,6 +274,11 @@ impl FilterBuilder {
                 let p = format!("{value}/");
                 tracker.apply(|f| f.destination_pod.push(p.clone()));
             }
+            // Hubble sends these as the pod filter "/": a pod of any namespace.
+            "from-all-namespaces" => tracker.apply(|f| f.source_pod.push("/".to_owned())),
+            "to-all-namespaces" => tracker.apply(|f| f.destination_pod.push("/".to_owned())),
+            "encrypted" => tracker.apply(|f| f.encrypted.push(true)),
+            "unencrypted" => tracker.apply(|f| f.encrypted.push(false)),
             "fqdn" => tracker.apply_split(
                 |f| f.source_fqdn.push(v.clone()),
                 |f| f.destination_fqdn.push(v.clone()),
@@ -394,6 +399,20 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn all_namespaces_and_encryption_flags() {
+        let f = build(&[("--from-all-namespaces", ""), ("--to-pod", "prod/web")]).expect("valid");
+        assert_eq!(f.whitelist.len(), 1);
+        assert_eq!(f.whitelist[0].source_pod, s(&["/"]));
+        assert_eq!(f.whitelist[0].destination_pod, s(&["prod/web"]));
+        let f = build(&[("--to-all-namespaces", "")]).expect("valid");
+        assert_eq!(f.whitelist[0].destination_pod, s(&["/"]));
+        let f = build(&[("--unencrypted", "")]).expect("valid");
+        assert_eq!(f.whitelist[0].encrypted, [false]);
+        let f = build(&[("--not", ""), ("--encrypted", "")]).expect("valid");
+        assert_eq!(f.blacklist[0].encrypted, [true]);
     }
 
     #[test]

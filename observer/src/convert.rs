@@ -63,6 +63,8 @@ fn ip(src: IpAddr, dst: IpAddr) -> pb::Ip {
         source: ip_text(src),
         destination: ip_text(dst),
         ip_version: ip_version as i32,
+        // No transparent encryption (IPsec/WireGuard) on membrane's datapath.
+        encrypted: false,
     }
 }
 

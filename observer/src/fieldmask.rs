@@ -226,6 +226,7 @@ fn mask_ip(ip: &Ip, subs: &[String]) -> Ip {
         } else {
             0
         },
+        encrypted: has(subs, "encrypted") && ip.encrypted,
     }
 }
 

@@ -4,7 +4,7 @@
 //! field are alternatives (OR); a flow passes a list of filters when any filter matches
 //! (an empty whitelist passes everything); the result is `whitelist − blacklist`.
 //!
-//! Fields membrane cannot evaluate (workloads, clusters, node labels, trace ids, uuids,
+//! Fields membrane cannot evaluate (workloads, clusters, node labels, trace ids, IP trace ids, uuids,
 //! interfaces, translated addresses, CEL) are refused with [`FilterError::Unsupported`]
 //! rather than ignored, so a query never silently returns more than asked.
 
@@ -178,7 +178,9 @@ fn pod_check(field: &'static str, values: &[String], side: Side) -> Result<Check
         .iter()
         .map(|v| {
             let (ns, prefix) = v.split_once('/').unwrap_or(("", v.as_str()));
-            if ns.is_empty() && prefix.is_empty() {
+            // `"/"` (what `hubble observe --all-namespaces` sends) is any pod of any
+            // namespace; only an empty value says nothing at all.
+            if v.is_empty() {
                 return Err(invalid(field, v, "must be [namespace/][<name>]"));
             }
             Ok((ns.to_owned(), prefix.to_owned()))
@@ -435,7 +437,7 @@ fn event_type_compatible_with_http(filter: &FlowFilter) -> bool {
 /// Compiles one `FlowFilter`.
 pub fn compile(filter: &FlowFilter) -> Result<CompiledFilter, FilterError> {
     let f = filter;
-    let unsupported: [(&'static str, bool); 12] = [
+    let unsupported: [(&'static str, bool); 13] = [
         ("uuid", !f.uuid.is_empty()),
         ("source_ip_xlated", !f.source_ip_xlated.is_empty()),
         ("source_service", !f.source_service.is_empty()),
@@ -450,6 +452,7 @@ pub fn compile(filter: &FlowFilter) -> Result<CompiledFilter, FilterError> {
         ("interface", !f.interface.is_empty()),
         ("node_labels", !f.node_labels.is_empty()),
         ("trace_id", !f.trace_id.is_empty()),
+        ("ip_trace_id", !f.ip_trace_id.is_empty()),
         (
             "experimental.cel_expression",
             f.experimental
@@ -462,6 +465,13 @@ pub fn compile(filter: &FlowFilter) -> Result<CompiledFilter, FilterError> {
     }
 
     let mut checks: Vec<Check> = Vec::new();
+    if !f.encrypted.is_empty() {
+        // Hubble: the flow's IP.encrypted is one of the values (no IP layer = false).
+        let values = f.encrypted.clone();
+        checks.push(Box::new(move |flow| {
+            values.contains(&flow.ip.as_ref().is_some_and(|ip| ip.encrypted))
+        }));
+    }
     if !f.source_ip.is_empty() {
         checks.push(ip_check("source_ip", &f.source_ip, Side::Source)?);
     }
@@ -830,6 +840,33 @@ mod tests {
                 ],
             ),
             (
+                "`/` is any pod (hubble observe --all-namespaces)",
+                vec![FlowFilter {
+                    destination_pod: s(&["/"]),
+                    ..ff()
+                }],
+                vec![],
+                vec!["verdict", "ingress_trace", "http_req", "http_404"],
+            ),
+            (
+                "encrypted: membrane's flows never are",
+                vec![FlowFilter {
+                    encrypted: vec![true],
+                    ..ff()
+                }],
+                vec![],
+                vec![],
+            ),
+            (
+                "unencrypted: every flow",
+                vec![FlowFilter {
+                    encrypted: vec![false],
+                    ..ff()
+                }],
+                vec![],
+                ALL.to_vec(),
+            ),
+            (
                 "labels selector",
                 vec![FlowFilter {
                     destination_label: s(&["app=backend,tier in (api)"]),
@@ -1044,7 +1081,7 @@ mod tests {
                 ..ff()
             },
             FlowFilter {
-                source_pod: s(&["/"]),
+                source_pod: s(&[""]),
                 ..ff()
             },
             FlowFilter {

@@ -11,7 +11,7 @@
 //!   `max_flows` flows with per-producer lost-event accounting ([`Observer`]);
 //! - [`server`]: the `observer.Observer` gRPC service (GetFlows with filters, follow, time
 //!   bounds and field masks; ServerStatus; GetNamespaces) and gRPC health, on a Unix socket
-//!   or TCP;
+//!   or TCP, with [`peer`]'s `peer.Peer` (the cluster's nodes, for the relay) beside it;
 //! - [`metrics`]: Prometheus text with Hubble's metric names and labels;
 //! - [`printer`] and [`cli`]: `hubble observe` output formats and flag → filter mapping for
 //!   `membrane observe`;
@@ -33,6 +33,7 @@ pub mod filter;
 pub mod input;
 pub mod metrics;
 pub mod names;
+pub mod peer;
 pub mod pipeline;
 pub mod printer;
 pub mod proto;
@@ -52,10 +53,11 @@ pub use input::{
     DatapathEvent, DatapathEventKind, DatapathVerdict, Direction, DnsObservationSource, DnsRecord,
     FlowInput, FlowSource, HttpRecord, L7Kind, L7Verdict, ObservationPoint, PolicyRef,
 };
+pub use peer::{PeerInfo, PeerService, PeerSet};
 pub use pipeline::{ConfigError, FlowSender, Ingest, LostCounts, Observer, ObserverConfig};
 pub use printer::PrintOptions;
 pub use server::{
     DEFAULT_TCP_PORT, DEFAULT_UNIX_SOCKET, HEALTH_SERVICE_NAME, ObserverService, ServeError,
-    bind_unix, health_service, serve_tcp, serve_unix,
+    bind_unix, health_service, serve_tcp, serve_tcp_with_peers, serve_unix, serve_unix_with_peers,
 };
 pub use ui::{UiLimits, serve_ui};

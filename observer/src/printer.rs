@@ -11,13 +11,14 @@ use crate::proto::flow::{
     TraceObservationPoint, TrafficDirection, Verdict, layer4, layer7,
 };
 use crate::proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes};
+use crate::proto::relay::{NodeState, NodeStatusEvent};
 use crate::timefmt;
 
 /// Separator the CLI prints between dict records.
 pub const DICT_SEPARATOR: &str = "------------";
 
 /// Printing options (the CLI's `--print-node-name` and `--ip-translation`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrintOptions {
     pub node_name: bool,
     pub ip_translation: bool,
@@ -191,6 +192,61 @@ pub fn compact(flow: &Flow, opts: PrintOptions) -> String {
     )
 }
 
+/// The header of `-o table` (Hubble's columns; NODE with `--print-node-name`).
+pub fn table_header(opts: PrintOptions) -> Vec<String> {
+    let mut cols = vec!["TIMESTAMP"];
+    if opts.node_name {
+        cols.push("NODE");
+    }
+    cols.extend(["SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]);
+    cols.into_iter().map(str::to_owned).collect()
+}
+
+/// One `-o table` row, the cells of [`table_header`].
+pub fn table_row(flow: &Flow, opts: PrintOptions) -> Vec<String> {
+    let (src, dst) = host_names(flow, opts);
+    let mut row = vec![timefmt::stamp_milli(flow.time.as_ref())];
+    if opts.node_name {
+        row.push(flow.node_name.clone());
+    }
+    row.extend([
+        src,
+        dst,
+        flow_type(flow),
+        verdict_text(flow),
+        flow.summary.clone(),
+    ]);
+    row
+}
+
+/// Rows as aligned columns (each padded to its widest cell, two spaces apart; the last
+/// column is not padded), one line per row.
+pub fn align_table(rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let w = cell.chars().count();
+            match widths.get_mut(i) {
+                Some(max) => *max = (*max).max(w),
+                None => widths.push(w),
+            }
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let last = row.len().saturating_sub(1);
+        for (i, cell) in row.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths[i] - cell.chars().count() + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// One dict record (without the separator the CLI prints between records).
 pub fn dict(flow: &Flow, opts: PrintOptions) -> String {
     let (src, dst) = host_names(flow, opts);
@@ -222,6 +278,20 @@ pub fn compact_response(resp: &GetFlowsResponse, opts: PrintOptions) -> Option<S
     match resp.response_types.as_ref()? {
         ResponseTypes::Flow(flow) => Some(compact(flow, opts)),
         ResponseTypes::LostEvents(lost) => Some(lost_line(lost)),
+        ResponseTypes::NodeStatus(status) => node_status_line(status),
+    }
+}
+
+/// The line `hubble observe` prints for a relay's node status event: only failures are
+/// shown (connected nodes are not news).
+pub fn node_status_line(status: &NodeStatusEvent) -> Option<String> {
+    let state = NodeState::try_from(status.state_change).unwrap_or(NodeState::UnknownNodeState);
+    let names = status.node_names.join(", ");
+    match state {
+        NodeState::NodeUnavailable => Some(format!("NODES UNAVAILABLE: {names}")),
+        NodeState::NodeError => Some(format!("NODE ERROR ({names}): {}", status.message)),
+        NodeState::NodeGone => Some(format!("NODES GONE: {names}")),
+        NodeState::NodeConnected | NodeState::UnknownNodeState => None,
     }
 }
 
@@ -531,6 +601,20 @@ pub fn response_json(resp: &GetFlowsResponse) -> Value {
                 o.insert("cpu".to_owned(), json!(cpu));
             }
             m.insert("lost_events".to_owned(), Value::Object(o));
+        }
+        Some(ResponseTypes::NodeStatus(status)) => {
+            let mut o = Map::new();
+            put_enum(
+                &mut o,
+                "state_change",
+                status.state_change,
+                NodeState::try_from(status.state_change)
+                    .ok()
+                    .map(|s| s.as_str_name()),
+            );
+            put(&mut o, "node_names", json!(status.node_names));
+            put(&mut o, "message", json!(status.message));
+            m.insert("node_status".to_owned(), Value::Object(o));
         }
         None => {}
     }

@@ -28,10 +28,12 @@ use tonic_health::ServingStatus;
 
 use crate::fieldmask::FlowMask;
 use crate::filter::{FilterError, FlowFilters};
+use crate::peer::PeerService;
 use crate::pipeline::{Observer, Shared};
 use crate::proto::flow::{Flow, LostEvent, LostEventSource};
 use crate::proto::observer::observer_server::{self, ObserverServer};
 use crate::proto::observer::{
+    GetAgentEventsRequest, GetAgentEventsResponse, GetDebugEventsRequest, GetDebugEventsResponse,
     GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse, Namespace,
     ServerStatusRequest, ServerStatusResponse, get_flows_response::ResponseTypes,
 };
@@ -525,7 +527,30 @@ impl observer_server::Observer for ObserverService {
     ) -> Result<Response<ServerStatusResponse>, Status> {
         Ok(Response::new(self.shared.server_status()))
     }
+
+    async fn get_agent_events(
+        &self,
+        _request: Request<GetAgentEventsRequest>,
+    ) -> Result<Response<BoxStream<GetAgentEventsResponse>>, Status> {
+        Err(Status::unimplemented(AGENT_EVENTS_UNIMPLEMENTED))
+    }
+
+    async fn get_debug_events(
+        &self,
+        _request: Request<GetDebugEventsRequest>,
+    ) -> Result<Response<BoxStream<GetDebugEventsResponse>>, Status> {
+        Err(Status::unimplemented(DEBUG_EVENTS_UNIMPLEMENTED))
+    }
 }
+
+/// Why GetAgentEvents is refused (Cilium's agent streams endpoint, policy and ipcache
+/// changes; membrane's records none of them as events yet).
+pub const AGENT_EVENTS_UNIMPLEMENTED: &str = "GetAgentEvents is not implemented by membrane: \
+     the agent records no agent events (endpoint, policy and ipcache changes); \
+     `membrane status` and `membrane endpoint list` show the current state";
+/// Why GetDebugEvents is refused (Cilium's come from datapath debug builds).
+pub const DEBUG_EVENTS_UNIMPLEMENTED: &str = "GetDebugEvents is not implemented by membrane: \
+     its datapath emits no debug events (`membrane bpf metrics` counts drops by reason)";
 
 /// The gRPC health service, answering SERVING for `""` and `hubble.server.Observer`.
 pub async fn health_service()
@@ -540,10 +565,14 @@ pub async fn health_service()
     service
 }
 
-async fn router(observer: &Observer) -> tonic::transport::server::Router {
+async fn router(
+    observer: &Observer,
+    peers: Option<PeerService>,
+) -> tonic::transport::server::Router {
     tonic::transport::Server::builder()
         .add_service(health_service().await)
         .add_service(ObserverService::new(observer).into_server())
+        .add_optional_service(peers.map(PeerService::into_server))
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file left by a previous run.
@@ -576,7 +605,17 @@ pub async fn serve_unix(
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    router(observer)
+    serve_unix_with_peers(observer, None, listener, shutdown).await
+}
+
+/// [`serve_unix`], plus Hubble's Peer service when `peers` is given.
+pub async fn serve_unix_with_peers(
+    observer: &Observer,
+    peers: Option<PeerService>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    router(observer, peers)
         .await
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
@@ -590,7 +629,17 @@ pub async fn serve_tcp(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    router(observer)
+    serve_tcp_with_peers(observer, None, listener, shutdown).await
+}
+
+/// [`serve_tcp`], plus Hubble's Peer service when `peers` is given.
+pub async fn serve_tcp_with_peers(
+    observer: &Observer,
+    peers: Option<PeerService>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    router(observer, peers)
         .await
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
@@ -732,6 +781,26 @@ mod tests {
             .err()
             .expect("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn agent_and_debug_events_are_refused_saying_why() {
+        let o = observer(2).await;
+        let service = ObserverService::new(&o);
+        let agent = service
+            .get_agent_events(Request::new(GetAgentEventsRequest::default()))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(agent.code(), tonic::Code::Unimplemented);
+        assert!(agent.message().contains("agent records no agent events"));
+        let debug = service
+            .get_debug_events(Request::new(GetDebugEventsRequest::default()))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(debug.code(), tonic::Code::Unimplemented);
+        assert!(debug.message().contains("no debug events"));
     }
 
     #[tokio::test]

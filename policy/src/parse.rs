@@ -279,6 +279,7 @@ fn parse_resource(
         .get("namespace")
         .map(|v| as_str(v, &ns_path))
         .transpose()?;
+    let mut scope_warning = None;
     let namespace = if policy_kind.is_namespaced() {
         Some(
             given_ns
@@ -287,10 +288,11 @@ fn parse_resource(
                 .to_owned(),
         )
     } else {
-        if given_ns.is_some_and(|s| !s.is_empty()) {
-            return Err(FieldError::new(
-                ns_path,
-                "CiliumClusterwideNetworkPolicy is cluster-scoped and takes no namespace",
+        // Kubernetes drops the namespace of a cluster-scoped object (one of Cilium's own
+        // CCNP examples carries one): accepted and ignored, with a warning.
+        if let Some(ns) = given_ns.filter(|s| !s.is_empty()) {
+            scope_warning = Some(format!(
+                "{ns_path}: {ns:?} ignored: CiliumClusterwideNetworkPolicy is cluster-scoped (Kubernetes drops the namespace of cluster-scoped objects)"
             ));
         }
         None
@@ -318,7 +320,7 @@ fn parse_resource(
         namespace: namespace.as_deref(),
         name: &name,
         uid: uid.as_deref(),
-        warnings: Vec::new(),
+        warnings: scope_warning.into_iter().collect(),
     };
     let mut rules = Vec::new();
     if policy_kind == PolicyKind::NetworkPolicy {
@@ -2492,12 +2494,15 @@ specs:
     }
 
     #[test]
-    fn ccnp_rejects_namespace() {
+    fn ccnp_namespace_is_ignored_with_a_warning() {
         let mut v = ccnp(json!({"endpointSelector": {}, "ingress": [{}]}));
         v["metadata"]["namespace"] = json!("x");
-        let (p, m) = err(&v);
-        assert_eq!(p, "metadata.namespace");
-        assert!(m.contains("cluster-scoped"));
+        let ps = parse_value(&v, 0, "ccnp.yaml", &ParseOptions::default()).expect("accepted");
+        let p = &ps[0];
+        assert_eq!(p.namespace, None);
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(p.warnings[0].starts_with("metadata.namespace: \"x\" ignored"));
+        assert!(p.warnings[0].contains("cluster-scoped"));
     }
 
     #[test]
