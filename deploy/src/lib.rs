@@ -205,16 +205,16 @@ fn merge(base: &mut BTreeMap<String, Value>, over: BTreeMap<String, Value>) {
     }
 }
 
-/// The chart's values with `user` (a values file's text, named `file` in errors) merged
-/// over them, checked against `values.schema.json`.
-pub fn values(file: &str, user: Option<&str>) -> Result<Value, InstallError> {
+/// The chart's values with the user's values files (`(name, text)`, later ones win, as
+/// Helm's repeated `--values`) merged over them, checked against `values.schema.json`.
+pub fn values(files: &[(&str, &str)]) -> Result<Value, InstallError> {
     let Value::Map(mut merged) = parse_values("values.yaml", chart_file("values.yaml")?)? else {
         return Err(InstallError::Chart("values.yaml is not a mapping".into()));
     };
-    if let Some(text) = user {
+    for (file, text) in files {
         let Value::Map(over) = parse_values(file, text)? else {
             return Err(InstallError::ValuesNotMapping {
-                file: file.to_owned(),
+                file: (*file).to_owned(),
             });
         };
         merge(&mut merged, over);
@@ -232,9 +232,17 @@ pub fn values(file: &str, user: Option<&str>) -> Result<Value, InstallError> {
     }
 }
 
-/// Renders the chart for the values file `user` (its text; `None`: the chart's defaults).
+/// Renders the chart for one values file `user` named `file` (`None`: the chart's defaults).
 pub fn render(file: &str, user: Option<&str>, release: &Release) -> Result<Rendered, InstallError> {
-    let values = values(file, user)?;
+    match user {
+        Some(text) => render_files(&[(file, text)], release),
+        None => render_files(&[], release),
+    }
+}
+
+/// Renders the chart for values files `(name, text)` merged in order.
+pub fn render_files(files: &[(&str, &str)], release: &Release) -> Result<Rendered, InstallError> {
+    let values = values(files)?;
     let chart: serde_yaml_ng::Value = serde_yaml_ng::from_str(chart_file("Chart.yaml")?)
         .map_err(|e| InstallError::Chart(format!("Chart.yaml: {e}")))?;
     let chart_field = |k: &str| {

@@ -444,6 +444,10 @@ const DEPENDENCY_RULES: &[(&str, &[&str])] = &[
         "membrane-cluster",
         &["aya", "wasmtime", "membrane-agent", "membrane-datapath"],
     ),
+    (
+        "membrane-deploy",
+        &["aya", "wasmtime", "tokio", "kube", "membrane-agent"],
+    ),
 ];
 
 /// Packages allowed to depend on `membrane-lab`.
