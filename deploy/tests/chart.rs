@@ -849,3 +849,34 @@ fn bad_values_name_the_key() {
         other => panic!("expected ipam.mode: required, got {other:?}"),
     }
 }
+
+#[test]
+fn args_expand_as_kubelet_expands_them() {
+    let env = BTreeMap::from([("NODE_NAME".to_owned(), "node-1".to_owned())]);
+    assert_eq!(
+        membrane_deploy::expand_env("$(NODE_NAME)/$$(NODE_NAME)/$$/$(MISSING)/$x", &env),
+        "node-1/$(NODE_NAME)/$/$(MISSING)/$x"
+    );
+    // No container command or arg of the seed's rendering is changed by kubelet's expansion
+    // except the agent's $(NODE_NAME)/$(NODE_IP) (a `$$` meant for a shell would be).
+    let rendered = render_seed();
+    let empty = BTreeMap::new();
+    for (file, obj) in rendered.objects() {
+        let doc = json_of(&obj);
+        let pod = &doc["spec"]["template"]["spec"];
+        for list in ["containers", "initContainers"] {
+            for c in pod[list].as_array().into_iter().flatten() {
+                for s in ["command", "args"]
+                    .iter()
+                    .flat_map(|k| c[*k].as_array().into_iter().flatten())
+                {
+                    let s = s.as_str().expect("string");
+                    if s.starts_with("$(NODE_") {
+                        continue;
+                    }
+                    assert_eq!(membrane_deploy::expand_env(s, &empty), s, "{file}: {s}");
+                }
+            }
+        }
+    }
+}
