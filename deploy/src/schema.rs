@@ -154,9 +154,11 @@ pub fn validate(schema: &Json, value: &Json, path: &str, out: &mut Vec<ValuesErr
                 Some(sub) => validate(sub, v, &key, out),
                 None => match schema.get("additionalProperties") {
                     Some(Json::Bool(false)) => {
-                        let known: Vec<&str> = props
+                        // Sorted: serde_json's map keeps insertion order in some builds.
+                        let mut known: Vec<&str> = props
                             .map(|p| p.keys().map(String::as_str).collect())
                             .unwrap_or_default();
+                        known.sort_unstable();
                         out.push(ValuesError {
                             key,
                             problem: format!(
@@ -202,10 +204,12 @@ mod tests {
             "",
             &mut out,
         );
-        let keys: Vec<&str> = out.iter().map(|e| e.key.as_str()).collect();
+        let mut keys: Vec<&str> = out.iter().map(|e| e.key.as_str()).collect();
+        keys.sort_unstable();
         assert_eq!(keys, ["a.n", "a.z", "b", "l[1]", "m"], "{out:?}");
+        let unknown = out.iter().find(|e| e.key == "a.z").expect("a.z");
         assert!(
-            out[1].problem.contains("unknown key") && out[1].problem.contains("takes n"),
+            unknown.problem.contains("unknown key") && unknown.problem.contains("takes n"),
             "{out:?}"
         );
         assert!(check_schema(&json!({"pattern": "x"}), "").is_err());
