@@ -1062,7 +1062,7 @@ impl Exec<'_> {
             "print" => Value::Str(args.iter().map(s).collect::<Vec<_>>().join("")),
             "list" => Value::List(args),
             "dict" => {
-                if args.len() % 2 != 0 {
+                if !args.len().is_multiple_of(2) {
                     return Err(self.error(pos, "dict: odd number of arguments"));
                 }
                 let mut m = BTreeMap::new();
