@@ -4,6 +4,7 @@
 
 mod agent_cmd;
 mod bpf_cmd;
+mod install_cmd;
 mod policy_cmd;
 mod proxy_cmd;
 
@@ -94,6 +95,9 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCli,
     },
+    /// The Kubernetes manifests for Cilium-style Helm values (`--values FILE --dry-run`):
+    /// CRDs, the agent DaemonSet, relay, RBAC, ConfigMap, Services, ServiceMonitor.
+    Install(install_cmd::InstallArgs),
     /// The node in a box: network namespaces with pods, the datapath, real traffic.
     Lab {
         #[command(subcommand)]
@@ -200,6 +204,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bpf(args) => bpf_cmd::run(args)?,
+        Command::Install(args) => install_cmd::run(&args)?,
         Command::Proxy(args) => proxy_cmd::run_proxy(args)?,
         Command::Connectivity {
             command: ConnectivityCommand::Test { keep },

@@ -462,6 +462,10 @@ const DEPENDENCY_RULES: &[(&str, &[&str])] = &[
         "membrane-cluster",
         &["aya", "wasmtime", "membrane-agent", "membrane-datapath"],
     ),
+    (
+        "membrane-deploy",
+        &["aya", "wasmtime", "tokio", "kube", "membrane-agent"],
+    ),
 ];
 
 /// Packages allowed to depend on `membrane-lab`.
