@@ -230,14 +230,17 @@ impl ClusterClient {
             }
         }
         let node = config.node_name().to_owned();
-        let pod_cidr = match &config.cluster.pod_cidr {
-            Some(text) => Some(
-                text.parse::<Ipv4Cidr>()
-                    .map_err(|e| ClusterError::BadPodCidr {
-                        cidr: text.clone(),
-                        detail: e.to_string(),
-                    })?,
-            ),
+        let pod_cidr = match &config.pods.pod_cidr {
+            Some(prefix) => {
+                let text = prefix.to_string();
+                Some(
+                    text.parse::<Ipv4Cidr>()
+                        .map_err(|e| ClusterError::BadPodCidr {
+                            cidr: text.clone(),
+                            detail: e.to_string(),
+                        })?,
+                )
+            }
             None if !config.cluster.cluster_pool_ipv4_cidr.is_empty() => {
                 Some(pool_block(config, &store, &node, rt)?)
             }
@@ -265,10 +268,10 @@ impl ClusterClient {
                     .nodes
                     .register(ip, client.pod_cidr, config.hubble_address()),
             )
-                .map_err(|source| ClusterError::Register {
-                    node: node.clone(),
-                    source,
-                })?;
+            .map_err(|source| ClusterError::Register {
+                node: node.clone(),
+                source,
+            })?;
             client.registered.store(true, Ordering::Relaxed);
         } else {
             tracing::warn!(
