@@ -117,10 +117,10 @@ pub fn link_mtu(node: &Netns, ifname: &str) -> Result<u32> {
     let out = node.ip(&["-o", "link", "show", "dev", ifname])?;
     let mut words = out.split_whitespace();
     while let Some(w) = words.next() {
-        if w == "mtu" {
-            if let Some(Ok(mtu)) = words.next().map(str::parse) {
-                return Ok(mtu);
-            }
+        if w == "mtu"
+            && let Some(Ok(mtu)) = words.next().map(str::parse)
+        {
+            return Ok(mtu);
         }
     }
     Err(DatapathError::Invalid {
