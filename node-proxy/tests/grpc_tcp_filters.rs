@@ -258,6 +258,16 @@ fn marks_of_sockets_to(peer: SocketAddr) -> Vec<u32> {
     marks
 }
 
+/// A callback deadline a busy test machine cannot hit by descheduling a callback (these
+/// tests are about callouts and streams, not deadlines; a callback past the default 10 ms
+/// fails the stream closed).
+fn relaxed_limits() -> membrane_filters::FilterLimits {
+    membrane_filters::FilterLimits {
+        callback_deadline: std::time::Duration::from_millis(300),
+        ..membrane_filters::FilterLimits::default()
+    }
+}
+
 // ---- gRPC authorization on the standalone proxy (upstream SDK) ----
 
 /// The standalone proxy (`membrane proxy --filter grpc-auth.wasm=CONFIG --filter-upstream
@@ -274,7 +284,7 @@ async fn standalone_with_authz(
             name: "grpc-auth".into(),
             module,
             config: Some(config),
-            limits: membrane_filters::FilterLimits::default(),
+            limits: relaxed_limits(),
             protocol: FilterProtocol::Http,
         }],
         HashMap::from([("authz".to_owned(), authz)]),
@@ -696,7 +706,7 @@ async fn upstream_sdk_tcp_filter_on_the_standalone_tcp_mode() -> Result<()> {
     client.write_all(b"say ping twice: ping\n").await?;
     assert_eq!(next_line(&mut lines).await?, b"say PING twice: PING");
     assert_eq!(
-        read_line(&mut client).await?,
+        read_line(&mut client).await.context("first answer")?,
         "[wasm] got: say PING twice: PING"
     );
     // The filter closes the connection on `quit`; the server never gets that line.
@@ -706,13 +716,18 @@ async fn upstream_sdk_tcp_filter_on_the_standalone_tcp_mode() -> Result<()> {
     let mut again = TcpStream::connect(addr).await?;
     again.write_all(b"ping\n").await?;
     assert_eq!(next_line(&mut lines).await?, b"PING", "not the quit line");
-    assert_eq!(read_line(&mut again).await?, "[wasm] got: PING");
+    assert_eq!(
+        read_line(&mut again).await.context("second connection")?,
+        "[wasm] got: PING"
+    );
     drop(again);
     let _ = stop.send(());
     let _ = tokio::time::timeout(WAIT, serving).await;
 
-    // An HTTP-only module is refused for the TCP mode, with the reason.
-    let http_only = dir.write("grpc-auth.wasm", &upstream_sdk_grpc_auth());
+    // A module that declares HTTP callbacks only (membrane's SDK declares what it registers;
+    // upstream-SDK modules export every callback and so declare both) is refused for the TCP
+    // mode, with the reason.
+    let http_only = dir.write("grpc-authz.wasm", &membrane_sdk_grpc_authz());
     let source =
         FilterSource::parse(&http_only.display().to_string())?.with_protocol(FilterProtocol::Tcp);
     let err = WasmFilterSet::load(vec![source], HashMap::new(), HostConfig::default())
@@ -783,14 +798,15 @@ async fn upstream_sdk_tcp_filter_on_the_node_tls_relay() -> Result<()> {
     client.write_all(b"quit\n").await?;
     expect_closed(&mut client).await?;
 
-    // A snapshot attaching the same module as an HTTP filter is refused with the reason, and
-    // the TCP chain keeps serving.
+    // A snapshot attaching a TCP-only module (membrane's SDK `tcp-rewrite` example declares
+    // only the stream context) as an HTTP filter is refused with the reason, and the TCP
+    // chain keeps serving.
     let err = install(
         &filters,
         filter_snapshot(
             &dir,
             "tcp-rewrite",
-            &tcp_module,
+            &guests::guest_at("examples/filters/tcp-rewrite", "tcp-rewrite"),
             ResourceProtocol::Http,
             "",
             Vec::new(),
