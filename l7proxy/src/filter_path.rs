@@ -258,7 +258,7 @@ fn paused_reply() -> FilterAction {
 /// Sends `calls`, carries `ops`, and whatever their outcomes lead to, until an outcome ends
 /// the pause; `Pause` when the filters stay paused with nothing left to wait for (the caller
 /// decides what that means for its phase). At most [`MAX_CALLOUT_ROUNDS`] batches of new
-/// work (then 500).
+/// calls (then 500).
 async fn dispatch(
     shared: &SharedFilters,
     calls: Vec<Callout>,
@@ -284,7 +284,12 @@ async fn dispatch_with(
     // HTTP callouts in flight; dropped (cancelled) when the pause ends.
     let mut http = tokio::task::JoinSet::new();
     loop {
-        if !calls.is_empty() || !ops.is_empty() {
+        // A round is a batch of new calls; messages on open gRPC streams do not count.
+        let new_calls = !calls.is_empty()
+            || ops
+                .iter()
+                .any(|op| matches!(op, GrpcCalloutOp::Start { .. }));
+        if new_calls {
             if rounds == MAX_CALLOUT_ROUNDS {
                 tracing::debug!("a filter kept making callouts: 500");
                 return paused_reply();
