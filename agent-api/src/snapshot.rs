@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wasm_resource::{CalloutUpstream, FailurePolicy, FilterDirection};
+use crate::wasm_resource::{CalloutUpstream, FailurePolicy, FilterDirection, FilterProtocol};
 
 /// Which side of a local endpoint a redirected flow is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -265,6 +265,10 @@ pub struct SnapshotFilter {
     pub module: PathBuf,
     pub sha256: String,
     pub config: String,
+    /// `spec.protocol`: where the proxy attaches it (HTTP requests or L4 connections); absent
+    /// in snapshots saved before the field existed, which held HTTP filters only.
+    #[serde(default, skip_serializing_if = "FilterProtocol::is_http")]
+    pub protocol: FilterProtocol,
     pub failure_policy: FailurePolicy,
     pub failure_status: u16,
     /// `spec.upstreams`: the callout names the filter may use and their addresses.

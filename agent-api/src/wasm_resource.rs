@@ -1,5 +1,6 @@
 //! The `WasmFilter` resource (`apiVersion: membrane.io/v1alpha1`): which Wasm filter runs, in
-//! which order, on the HTTP traffic the proxy handles for the endpoints it selects.
+//! which order, on the traffic the proxy handles for the endpoints it selects: HTTP
+//! requests (`protocol: http`, the default) or TCP connections (`protocol: tcp`).
 //!
 //! ```yaml
 //! apiVersion: membrane.io/v1alpha1
@@ -11,6 +12,7 @@
 //!   endpointSelector:
 //!     matchLabels: {app: api}
 //!   direction: Ingress          # Ingress | Egress (the endpoint's traffic in or out)
+//!   protocol: http              # http (default): HTTP requests | tcp: connections relayed at L4
 //!   ports: [8080]               # optional: only these ports (default: every proxied port)
 //!   module: /var/lib/membrane/filters/deny_path.wasm
 //!   sha256: 3f5a…               # the module's SHA-256 (hex): a changed file is refused
@@ -30,10 +32,15 @@
 //! `allow-localhost` admits. A name the filter calls that is not listed gets `BAD_ARGUMENT`
 //! (Envoy's answer for an unknown cluster).
 //!
-//! Filters run on requests the proxy handles — ports with HTTP rules, after the HTTP policy
-//! allowed the request — as with Envoy's filters after Cilium's L7 policy. A selected port
-//! without HTTP rules is not redirected, so no filter sees its traffic (`membrane policy
-//! list` shows the filter; the flows show no proxy). Resources come from the watched policy
+//! HTTP filters run on requests the proxy handles — ports with HTTP rules, after the HTTP
+//! policy allowed the request — as with Envoy's filters after Cilium's L7 policy. TCP
+//! filters (the proxy-wasm stream context: `proxy_on_new_connection`, `_downstream_data`,
+//! `_upstream_data`) run on the connections the proxy relays at L4 — ports with
+//! `serverNames` rules (the TLS relay), after the policy allowed the connection — and see
+//! every byte both ways. A module that declares only the other protocol's callbacks is
+//! refused when the proxy loads it, with that reason. A selected port the proxy does not
+//! handle is not redirected, so no filter sees its traffic (`membrane policy list` shows the
+//! filter; the flows show no proxy). Resources come from the watched policy
 //! directory and `membrane policy apply`, mixed with policies in one file if wanted; errors
 //! name the file, the resource and the field, and a file with any error changes nothing.
 
@@ -54,6 +61,32 @@ pub const KIND: &str = "WasmFilter";
 pub enum FilterDirection {
     Ingress,
     Egress,
+}
+
+/// What a filter filters (`spec.protocol`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterProtocol {
+    /// HTTP requests of ports with HTTP rules.
+    #[default]
+    Http,
+    /// TCP connections the proxy relays at L4 (ports with `serverNames` rules).
+    Tcp,
+}
+
+impl FilterProtocol {
+    pub fn is_http(&self) -> bool {
+        *self == Self::Http
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tcp => "tcp",
+        }
+    }
 }
 
 /// What happens to a stream when the filter fails (trap, deadline, memory cap).
@@ -88,6 +121,8 @@ pub struct WasmFilterResource {
     /// `endpointSelector.matchExpressions` (key, operator, values).
     pub match_expressions: Vec<(String, String, Vec<String>)>,
     pub direction: FilterDirection,
+    /// `spec.protocol`: HTTP requests (default) or TCP connections.
+    pub protocol: FilterProtocol,
     /// Empty: every port the proxy handles.
     pub ports: Vec<u16>,
     pub module: PathBuf,
@@ -235,6 +270,7 @@ pub fn parse(doc: &Value, at: &str) -> Result<WasmFilterResource, String> {
             key,
             "endpointSelector"
                 | "direction"
+                | "protocol"
                 | "ports"
                 | "module"
                 | "sha256"
@@ -320,6 +356,19 @@ pub fn parse(doc: &Value, at: &str) -> Result<WasmFilterResource, String> {
             ));
         }
     };
+    let protocol = match field(spec, "protocol")
+        .map(|v| string(v, &format!("{at}: spec.protocol")))
+        .transpose()?
+        .as_deref()
+    {
+        None | Some("http") | Some("HTTP") => FilterProtocol::Http,
+        Some("tcp") | Some("TCP") => FilterProtocol::Tcp,
+        Some(other) => {
+            return Err(format!(
+                "{at}: spec.protocol: `{other}` is not http or tcp (http: HTTP requests; tcp: connections the proxy relays at L4)"
+            ));
+        }
+    };
     let mut ports = Vec::new();
     if let Some(list) = field(spec, "ports") {
         let list = list
@@ -402,6 +451,7 @@ pub fn parse(doc: &Value, at: &str) -> Result<WasmFilterResource, String> {
         match_labels,
         match_expressions,
         direction,
+        protocol,
         ports,
         module,
         sha256,
@@ -573,6 +623,7 @@ mod tests {
         assert_eq!(f.failure_policy, FailurePolicy::FailClosed);
         assert_eq!(f.failure_status, 503);
         assert_eq!(f.config, "/admin");
+        assert_eq!(f.protocol, FilterProtocol::Http, "http by default");
         assert!(f.upstreams.is_empty());
         let labels =
             Labels::parse(["k8s:app=api", "k8s:io.kubernetes.pod.namespace=default"]).unwrap();
@@ -586,6 +637,31 @@ mod tests {
             (same.as_str(), none.len()),
             ("kind: CiliumNetworkPolicy\n", 0)
         );
+    }
+
+    #[test]
+    fn the_protocol_is_http_or_tcp() {
+        let (m, sha) = module();
+        for (value, want) in [
+            ("tcp", FilterProtocol::Tcp),
+            ("TCP", FilterProtocol::Tcp),
+            ("http", FilterProtocol::Http),
+        ] {
+            let text = doc(&m, &sha, &format!("  protocol: {value}\n"));
+            let (_, filters) = split_documents(&text, "f.yaml").unwrap();
+            assert_eq!(filters[0].protocol, want, "{value}");
+        }
+        let text = doc(&m, &sha, "  protocol: udp\n");
+        let err = split_documents(&text, "f.yaml").unwrap_err();
+        assert!(
+            err.contains(
+                "(WasmFilter/default/deny-admin): spec.protocol: `udp` is not http or tcp"
+            ),
+            "{err}"
+        );
+        let text = doc(&m, &sha, "  protocol: [tcp]\n");
+        let err = split_documents(&text, "f.yaml").unwrap_err();
+        assert!(err.contains("spec.protocol: expected a string"), "{err}");
     }
 
     #[test]

@@ -85,7 +85,8 @@ enum Command {
     /// `rules.http` syntax, or a whole CNP) and forwarded to UPSTREAM, or answered
     /// `403 Access denied`. Without --policy every request is allowed. Allowed requests
     /// then run through the --filter Wasm modules (proxy-wasm), in order. One access record
-    /// per request is printed to stdout, naming what each filter did.
+    /// per request is printed to stdout, naming what each filter did. With --tcp it relays
+    /// every TCP connection to UPSTREAM through the --filter modules as TCP (stream) filters.
     Proxy(proxy_cmd::ProxyArgs),
     /// Policies: validate, resolve and trace files offline; list, apply and delete the
     /// agent's policies.

@@ -9,7 +9,9 @@
 //!    ▼ allowed (headers as the policy left them)
 //! on_request_headers ──▶ Continue | LocalReply | Close
 //!    │  Pause: take_callouts → the proxy sends them to the named upstreams →
-//!    │         on_callout_response (repeat until not paused)
+//!    │         on_callout_response (repeat until not paused);
+//!    │         take_grpc_ops → the proxy carries them over HTTP/2 (`grpc_callout`) →
+//!    │         on_grpc_event per event (initial metadata, message, trailers, close)
 //!    ▼
 //! request body chunks ──▶ on_request_body (streamed; a filter that pauses buffers)
 //!    │  Pause with callouts: sent as above before the next chunk is read; a resume
@@ -24,7 +26,10 @@
 //! ```
 //!
 //! Callbacks are synchronous and bounded by the filter host's deadline (10 ms by default), so
-//! the proxy calls them inline; only callouts are awaited. While a body phase waits for a
+//! the proxy calls them inline; only callouts are awaited. gRPC calls are started and fed only
+//! while a phase is paused (as HTTP callouts); a call still open when its phase resumes
+//! stays open, its events wait in its queue and are delivered at the stream's next pause,
+//! and it is reset when the stream ends (the host then tells the filter it was cancelled). While a body phase waits for a
 //! callout the proxy stops reading that body (backpressure), where Envoy would keep
 //! buffering and calling the filter with each new chunk: the filter sees the same bytes,
 //! later. A local reply from a response body phase cannot be sent (the response head is on
@@ -40,6 +45,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use crate::access::FilterRecord;
+use crate::grpc_callout::{GrpcCalloutEvent, GrpcRequest};
 
 /// What the proxy knows about a request's peers, handed to the filters (`source.*`,
 /// `destination.*` properties).
@@ -110,6 +116,32 @@ pub struct CalloutResponse {
     pub body: Bytes,
 }
 
+/// A gRPC operation a filter asked for (`proxy_grpc_call`, `proxy_grpc_stream`,
+/// `proxy_grpc_send`, `proxy_grpc_close`, `proxy_grpc_cancel`), in the order it asked; the
+/// proxy carries it with [`crate::grpc_callout::GrpcCallouts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcCalloutOp {
+    /// Open call `id` to the address of `filter`'s upstream `upstream`. `message`: a unary
+    /// call's request (half-closed after it); `None` opens a stream.
+    Start {
+        id: u64,
+        filter: String,
+        upstream: String,
+        request: GrpcRequest,
+        message: Option<Bytes>,
+    },
+    /// One message on stream `id` (unframed); `end_stream` half-closes after it.
+    Send {
+        id: u64,
+        message: Bytes,
+        end_stream: bool,
+    },
+    /// Half-close stream `id`: the answer still comes.
+    Close { id: u64 },
+    /// Reset call `id`: nothing more is delivered for it.
+    Cancel { id: u64 },
+}
+
 /// One request through a filter chain. The head methods take and give back the head as
 /// [`HeadPairs`] so the proxy owns the conversion to and from `http` types.
 pub trait FilterStream: Send {
@@ -128,6 +160,21 @@ pub trait FilterStream: Send {
         response: Option<CalloutResponse>,
         head: &mut HeadPairs,
     ) -> FilterAction;
+    /// gRPC operations made since the last call. Default: none.
+    fn take_grpc_ops(&mut self) -> Vec<GrpcCalloutOp> {
+        Vec::new()
+    }
+    /// Delivers one event of gRPC call `id` (every call ends with one `Close`); `head` as for
+    /// [`FilterStream::on_callout_response`]. Default: stays paused.
+    fn on_grpc_event(
+        &mut self,
+        id: u64,
+        event: GrpcCalloutEvent,
+        head: &mut HeadPairs,
+    ) -> FilterAction {
+        let _ = (id, event, head);
+        FilterAction::Pause
+    }
     /// After [`FilterStream::on_callout_response`] resumed a paused body phase
     /// (`Continue`): the bytes to forward now. Default: none.
     fn resumed_body(&mut self) -> Vec<u8> {

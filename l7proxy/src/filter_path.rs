@@ -4,10 +4,15 @@
 //! chunk by chunk (and wait for a body phase's callouts before reading on). Used only by
 //! `proxy`.
 //!
-//! Callouts leave on their own client ([`callout_client`]): in transparent mode its sockets
-//! carry [`crate::redirect::CALLOUT_MARK`] ("from the egress proxy", identity
-//! `reserved:host`), so the datapath neither redirects them back to the proxy nor takes them
-//! for the client pod's traffic.
+//! Callouts leave on their own clients ([`callout_client`] for HTTP, a
+//! [`GrpcCalloutClient`] for gRPC): in transparent mode their sockets carry
+//! [`crate::redirect::CALLOUT_MARK`] ("from the egress proxy", identity `reserved:host`), so
+//! the datapath neither redirects them back to the proxy nor takes them for the client pod's
+//! traffic.
+//!
+//! One loop ([`dispatch`]) waits for both kinds while a phase is paused: HTTP callouts
+//! in flight and the events of the stream's open gRPC calls, delivered in arrival order,
+//! with what the filters ask for next started at once, until an outcome ends the pause.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -27,8 +32,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::filter::{
-    Callout, CalloutResponse, FilterAction, FilterReply, FilterStream, HeadPairs, HttpFilters,
+    Callout, CalloutResponse, FilterAction, FilterReply, FilterStream, GrpcCalloutOp, HeadPairs,
+    HttpFilters,
 };
+use crate::grpc_callout::{GrpcCalloutClient, GrpcCalloutEvent, GrpcCallouts};
 use crate::upstream::UpstreamConnector;
 
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
@@ -49,6 +56,11 @@ pub(crate) struct SharedFilters {
     pub filters: Arc<dyn HttpFilters>,
     /// Carries the callouts of this stream's filters.
     pub callouts: CalloutClient,
+    /// Carries their gRPC calls.
+    grpc_client: GrpcCalloutClient,
+    /// This stream's gRPC calls (made on first use; taken out while a pause waits on them).
+    /// Dropped with the stream: calls still open are reset.
+    grpc: Mutex<Option<GrpcCallouts>>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,12 +72,15 @@ impl SharedFilters {
         stream: Box<dyn FilterStream>,
         filters: Arc<dyn HttpFilters>,
         callouts: CalloutClient,
+        grpc_client: GrpcCalloutClient,
     ) -> Arc<Self> {
         Arc::new(Self {
             stream: Mutex::new(stream),
             reply: Mutex::new(None),
             filters,
             callouts,
+            grpc_client,
+            grpc: Mutex::new(None),
         })
     }
 
@@ -209,17 +224,21 @@ fn lossy(bytes: &[u8]) -> String {
 
 // ---- callouts ----
 
-/// While a headers phase is paused: sends the filters' callouts, delivers their outcomes, and
-/// returns the first action that is not `Pause`. A pause with nothing to wait for (no
-/// callout pending) can never resume here, so it is answered 500 rather than left hanging.
+/// While a headers phase is paused: sends the filters' callouts (HTTP and gRPC), delivers
+/// their outcomes, and returns the first action that is not `Pause`. A pause with nothing to
+/// wait for (no callout pending, no gRPC call open) can never resume here, so it is answered
+/// 500 rather than left hanging.
 pub(crate) async fn settle(
     shared: &SharedFilters,
     mut action: FilterAction,
     head: &mut HeadPairs,
 ) -> FilterAction {
     if action == FilterAction::Pause {
-        let calls = shared.stream().take_callouts();
-        action = dispatch(shared, calls, head).await;
+        let (calls, ops) = {
+            let mut stream = shared.stream();
+            (stream.take_callouts(), stream.take_grpc_ops())
+        };
+        action = dispatch(shared, calls, ops, head).await;
     }
     if action == FilterAction::Pause {
         tracing::debug!("a filter paused the stream with no callout to wait for: 500");
@@ -236,45 +255,119 @@ fn paused_reply() -> FilterAction {
     })
 }
 
-/// Sends `calls` and the ones their outcomes lead to, round by round, until an outcome ends
-/// the pause; `Pause` when the filters stay paused with no callout left to wait for (the
-/// caller decides what that means for its phase). At most [`MAX_CALLOUT_ROUNDS`] rounds
-/// (then 500).
+/// Sends `calls`, carries `ops`, and whatever their outcomes lead to, until an outcome ends
+/// the pause; `Pause` when the filters stay paused with nothing left to wait for (the caller
+/// decides what that means for its phase). At most [`MAX_CALLOUT_ROUNDS`] batches of new
+/// calls (then 500).
 async fn dispatch(
     shared: &SharedFilters,
+    calls: Vec<Callout>,
+    ops: Vec<GrpcCalloutOp>,
+    head: &mut HeadPairs,
+) -> FilterAction {
+    // The stream's gRPC calls are taken out while this pause waits on them (no lock across
+    // an await) and put back after, still open if the filters resumed before they ended.
+    let mut grpc = lock(&shared.grpc).take();
+    let action = dispatch_with(shared, calls, ops, &mut grpc, head).await;
+    *lock(&shared.grpc) = grpc;
+    action
+}
+
+async fn dispatch_with(
+    shared: &SharedFilters,
     mut calls: Vec<Callout>,
+    mut ops: Vec<GrpcCalloutOp>,
+    grpc: &mut Option<GrpcCallouts>,
     head: &mut HeadPairs,
 ) -> FilterAction {
     let mut rounds = 0;
-    while !calls.is_empty() {
-        if rounds == MAX_CALLOUT_ROUNDS {
-            tracing::debug!("a filter kept making callouts: 500");
-            return paused_reply();
+    // HTTP callouts in flight; dropped (cancelled) when the pause ends.
+    let mut http = tokio::task::JoinSet::new();
+    loop {
+        // A round is a batch of new calls; messages on open gRPC streams do not count.
+        let new_calls = !calls.is_empty()
+            || ops
+                .iter()
+                .any(|op| matches!(op, GrpcCalloutOp::Start { .. }));
+        if new_calls {
+            if rounds == MAX_CALLOUT_ROUNDS {
+                tracing::debug!("a filter kept making callouts: 500");
+                return paused_reply();
+            }
+            rounds += 1;
         }
-        rounds += 1;
-        let mut set = tokio::task::JoinSet::new();
-        for call in calls {
+        for call in calls.drain(..) {
             let addr = shared
                 .filters
                 .callout_upstream(&call.filter, &call.upstream);
             let client = shared.callouts.clone();
-            set.spawn(async move {
+            http.spawn(async move {
                 let id = call.id;
                 (id, send_callout(&client, addr, call).await)
             });
         }
-        // Outcomes in completion order; the first one that ends the pause wins (the rest are
-        // dropped with the set, i.e. cancelled).
-        while let Some(joined) = set.join_next().await {
-            let Ok((id, response)) = joined else { continue };
-            let action = shared.stream().on_callout_response(id, response, head);
-            if action != FilterAction::Pause {
-                return action;
+        if !ops.is_empty() {
+            let open = grpc.get_or_insert_with(|| shared.grpc_client.calls());
+            for op in ops.drain(..) {
+                carry_grpc_op(shared, open, op);
             }
         }
-        calls = shared.stream().take_callouts();
+        let grpc_open = grpc.as_ref().is_some_and(|g| g.open_calls() > 0);
+        if http.is_empty() && !grpc_open {
+            return FilterAction::Pause;
+        }
+        // Outcomes in arrival order, whichever kind.
+        let action = tokio::select! {
+            Some(joined) = http.join_next(), if !http.is_empty() => match joined {
+                Ok((id, response)) => shared.stream().on_callout_response(id, response, head),
+                Err(_) => continue,
+            },
+            event = next_grpc_event(grpc), if grpc_open => match event {
+                Some((id, event)) => shared.stream().on_grpc_event(id, event, head),
+                None => continue,
+            },
+            // Unreachable while either kind is pending (checked above).
+            else => return FilterAction::Pause,
+        };
+        if action != FilterAction::Pause {
+            return action;
+        }
+        let mut stream = shared.stream();
+        calls = stream.take_callouts();
+        ops = stream.take_grpc_ops();
     }
-    FilterAction::Pause
+}
+
+/// The next event of one of the stream's open gRPC calls (never ready without calls).
+async fn next_grpc_event(grpc: &mut Option<GrpcCallouts>) -> Option<(u64, GrpcCalloutEvent)> {
+    match grpc {
+        Some(calls) => calls.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands one gRPC operation to the stream's calls; a start is sent to the address of the
+/// filter's upstream name (none: the call closes with UNAVAILABLE).
+fn carry_grpc_op(shared: &SharedFilters, calls: &mut GrpcCallouts, op: GrpcCalloutOp) {
+    match op {
+        GrpcCalloutOp::Start {
+            id,
+            filter,
+            upstream,
+            request,
+            message,
+        } => {
+            let addr = shared.filters.callout_upstream(&filter, &upstream);
+            calls.start(id, addr, request, message);
+        }
+        GrpcCalloutOp::Send {
+            id,
+            message,
+            end_stream,
+        } => calls.send(id, &message, end_stream),
+        GrpcCalloutOp::Close { id } => calls.close(id),
+        GrpcCalloutOp::Cancel { id } => calls.cancel(id),
+    }
 }
 
 /// What a body phase's callouts decided, and the bytes a resume released.
@@ -282,9 +375,13 @@ type BodySettled = (FilterAction, Vec<u8>);
 
 /// A body phase paused with callouts: sends them (as [`settle`] does) and returns the outcome
 /// with the bytes to forward when a filter resumed the body.
-async fn settle_body(shared: Arc<SharedFilters>, calls: Vec<Callout>) -> BodySettled {
+async fn settle_body(
+    shared: Arc<SharedFilters>,
+    calls: Vec<Callout>,
+    ops: Vec<GrpcCalloutOp>,
+) -> BodySettled {
     let mut head = HeadPairs::new();
-    let action = dispatch(&shared, calls, &mut head).await;
+    let action = dispatch(&shared, calls, ops, &mut head).await;
     let data = if action == FilterAction::Continue {
         shared.stream().resumed_body()
     } else {
@@ -384,22 +481,24 @@ impl FilteredBody {
     /// Runs the body phase on a chunk. A pause with callouts starts them (`self.callouts`)
     /// and forwards nothing for now.
     fn run(&mut self, data: &mut Vec<u8>, end: bool) -> Result<(), FilteredBodyError> {
-        let (action, calls) = {
+        let (action, calls, ops) = {
             let mut stream = self.shared.stream();
             let action = if self.request {
                 stream.on_request_body(data, end)
             } else {
                 stream.on_response_body(data, end)
             };
-            let calls = match action {
-                FilterAction::Pause => stream.take_callouts(),
-                _ => Vec::new(),
+            let (calls, ops) = match action {
+                FilterAction::Pause => (stream.take_callouts(), stream.take_grpc_ops()),
+                _ => (Vec::new(), Vec::new()),
             };
-            (action, calls)
+            (action, calls, ops)
         };
-        if !calls.is_empty() {
+        // A body pause waits only for callouts made in it; one that merely buffers goes on
+        // reading (calls still open from an earlier phase deliver at a later pause).
+        if !calls.is_empty() || !ops.is_empty() {
             data.clear();
-            self.callouts = Some(Box::pin(settle_body(self.shared.clone(), calls)));
+            self.callouts = Some(Box::pin(settle_body(self.shared.clone(), calls, ops)));
             return Ok(());
         }
         self.after(action, data, end)

@@ -48,6 +48,7 @@ use crate::filter_path::{
     BoxError, CalloutClient, FilteredBody, RequestBody, SharedFilters, apply_request_head,
     apply_response_head, callout_client, request_head, response_head, settle,
 };
+use crate::grpc_callout::GrpcCalloutClient;
 use crate::policy::{HttpPolicy, RequestParts, RuleRef, Verdict};
 use crate::strict::{Activity, H2_PREFACE, HeaderLimits, StrictIo};
 
@@ -58,6 +59,9 @@ pub const ACCESS_DENIED_BODY: &str = "Access denied\r\n";
 /// serve the next keep-alive request; beyond this (or the time below) we close instead.
 const DENIED_BODY_DRAIN_LIMIT: usize = 64 * 1024;
 const DENIED_BODY_DRAIN_TIME: Duration = Duration::from_secs(1);
+/// Connect timeout of filters' callout connections (HTTP and gRPC); a call's own timeout
+/// bounds the whole exchange.
+const CALLOUT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a listener knows about one accepted client connection.
 pub(crate) struct ConnInfo {
@@ -117,6 +121,8 @@ pub(crate) struct ProxyCore {
     http1: http1::Builder,
     /// Carries filters' callouts.
     callouts: CalloutClient,
+    /// Carries filters' gRPC calls (marked as `callouts` are).
+    grpc_callouts: GrpcCalloutClient,
 }
 
 /// Counts a request as in flight until dropped (with the response body).
@@ -453,7 +459,8 @@ impl ProxyCore {
             idle_timeout,
             builder: http_builder(limits, idle_timeout),
             http1: http1_builder(limits, idle_timeout),
-            callouts: callout_client(callout_mark, Duration::from_secs(5)),
+            callouts: callout_client(callout_mark, CALLOUT_CONNECT_TIMEOUT),
+            grpc_callouts: GrpcCalloutClient::new(callout_mark, CALLOUT_CONNECT_TIMEOUT),
         }
     }
 
@@ -517,7 +524,14 @@ impl ProxyCore {
                         _ => "HTTP/1.1",
                     },
                 })
-                .map(|stream| SharedFilters::new(stream, chain.clone(), self.callouts.clone())),
+                .map(|stream| {
+                    SharedFilters::new(
+                        stream,
+                        chain.clone(),
+                        self.callouts.clone(),
+                        self.grpc_callouts.clone(),
+                    )
+                }),
             _ => None,
         };
         let base = self.access.is_enabled().then(|| RecordBase {

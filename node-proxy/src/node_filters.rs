@@ -1,14 +1,20 @@
 //! `WasmFilter` resources on the node: the agent resolves them per endpoint into a snapshot
 //! sent over the proxy channel when it changes (`membrane_agent_api::proxy_channel`; the proxy saves it as
 //! `/run/membrane/<name>/proxy-filters.json`); `membrane-proxy` loads the modules (checking each against its
-//! sha256), builds one chain per (endpoint address, direction, port rule) and hands it to the
-//! transparent proxy, which runs it on requests the HTTP policy allowed. A new snapshot is
+//! sha256), builds one chain per (endpoint address, direction, port rule) and protocol and
+//! hands it to the transparent proxy: `protocol: http` filters run on requests the HTTP
+//! policy allowed, `protocol: tcp` filters on the connections the TLS relay relays after the
+//! server-name policy allowed them (every byte both ways, as proxy-wasm stream contexts). A
+//! filter whose module declares only the other protocol's callbacks is refused at load (the
+//! whole snapshot with it), with the reason. A new snapshot is
 //! compiled and booted off the data path and swapped in whole; if any filter fails to load,
 //! the previous chains keep serving and the error is logged with the filter named.
 //!
 //! Callouts: each filter's `spec.upstreams` travel in the snapshot; the filter may call those
-//! names (others get BAD_ARGUMENT) and the proxy sends the calls to their addresses, marked
-//! as the proxy's own traffic from the host (`membrane_l7proxy::redirect::CALLOUT_MARK`).
+//! names with `proxy_http_call` (others get BAD_ARGUMENT) or `proxy_grpc_call` /
+//! `proxy_grpc_stream` (others get PARSE_FAILURE, as Envoy) and the proxy sends the calls to
+//! their addresses — gRPC over HTTP/2 — marked as the proxy's own traffic from the host
+//! (`membrane_l7proxy::redirect::CALLOUT_MARK`), while the stream waits paused.
 //!
 //! Peers: the proxy knows each request's identities (ipcache); what Kubernetes would say
 //! about them comes from the agent in the same snapshot ([`PeerDirectory`]): the labels of
@@ -32,10 +38,13 @@ use std::{
     time::Duration,
 };
 
-use membrane_filters::{FailurePolicy, Filter, FilterChain, FilterHost, FilterSpec, HostConfig};
+use membrane_filters::{
+    FailurePolicy, Filter, FilterChain, FilterHost, FilterProtocol, FilterSpec, HostConfig,
+};
 use membrane_l7proxy::{
     filter::{FilterStream, HttpFilters, PeerMeta, StreamMeta},
     redirect::Direction,
+    tcp_filter::{ConnectionFilterStream, ConnectionFilters, ConnectionMeta},
 };
 
 use membrane_agent_api::wasm_resource::{self, FilterDirection};
@@ -112,20 +121,35 @@ impl HttpFilters for NodeChain {
     }
 }
 
+impl ConnectionFilters for NodeChain {
+    fn start(&self, mut meta: ConnectionMeta) -> Option<Box<dyn ConnectionFilterStream>> {
+        self.peers.fill(&mut meta.source);
+        self.peers.fill(&mut meta.destination);
+        crate::wasm::start_connection(&self.chain, meta)
+    }
+}
+
 pub fn load(path: &Path) -> Result<FilterSnapshot, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// (endpoint address, direction, port; 0 = any other port) → chain.
-type Table = HashMap<(IpAddr, Direction, u16), Arc<dyn HttpFilters>>;
+type Key = (IpAddr, Direction, u16);
+
+/// The chains of one snapshot, by protocol.
+#[derive(Default)]
+struct Tables {
+    http: HashMap<Key, Arc<dyn HttpFilters>>,
+    tcp: HashMap<Key, Arc<dyn ConnectionFilters>>,
+}
 
 /// The proxy's filters, swapped whole per snapshot.
 pub struct NodeFilters {
     host: FilterHost,
-    /// Loaded filters by (key, sha256, config, failure), reused across snapshots.
+    /// Loaded filters by (key, sha256, config, protocol, failure), reused across snapshots.
     loaded: RwLock<HashMap<String, (SnapshotFilter, Arc<Filter>)>>,
-    table: RwLock<Arc<Table>>,
+    tables: RwLock<Arc<Tables>>,
 }
 
 impl NodeFilters {
@@ -134,7 +158,7 @@ impl NodeFilters {
         let filters = Arc::new(Self {
             host,
             loaded: RwLock::new(HashMap::new()),
-            table: RwLock::new(Arc::new(HashMap::new())),
+            tables: RwLock::new(Arc::new(Tables::default())),
         });
         // proxy_on_tick for every loaded filter (each filter's own period applies).
         let weak = Arc::downgrade(&filters);
@@ -198,7 +222,12 @@ impl NodeFilters {
                     backoff_max: Duration::from_secs(30),
                 },
             };
+            let protocol = match f.protocol {
+                wasm_resource::FilterProtocol::Http => FilterProtocol::Http,
+                wasm_resource::FilterProtocol::Tcp => FilterProtocol::Tcp,
+            };
             let spec = FilterSpec::new(&f.key, bytes)
+                .with_protocol(protocol)
                 .with_config(f.config.as_bytes().to_vec())
                 .with_failure_policy(failure)
                 .with_callout_upstreams(f.upstreams.iter().map(|u| u.name.clone()));
@@ -219,25 +248,32 @@ impl NodeFilters {
                 .collect(),
         );
         let peers = Arc::new(PeerDirectory::new(&snapshot.peers));
-        let mut table: Table = HashMap::new();
+        let mut tables = Tables::default();
         for a in &snapshot.attachments {
-            let chain: Vec<Arc<Filter>> = a
-                .filters
-                .iter()
-                .map(|k| {
-                    loaded.get(k).map(|(_, f)| f.clone()).ok_or_else(|| {
-                        format!(
-                            "attachment of endpoint {} names unknown filter {k}",
-                            a.endpoint
-                        )
-                    })
+            // One attachment's filters split by protocol, each keeping the attachment's order.
+            let mut http = Vec::new();
+            let mut tcp = Vec::new();
+            for k in &a.filters {
+                let (spec, filter) = loaded.get(k).ok_or_else(|| {
+                    format!(
+                        "attachment of endpoint {} names unknown filter {k}",
+                        a.endpoint
+                    )
+                })?;
+                match spec.protocol {
+                    wasm_resource::FilterProtocol::Http => http.push(filter.clone()),
+                    wasm_resource::FilterProtocol::Tcp => tcp.push(filter.clone()),
+                }
+            }
+            let chain = |filters: Vec<Arc<Filter>>| {
+                Arc::new(NodeChain {
+                    chain: FilterChain::new(filters),
+                    upstreams: upstreams.clone(),
+                    peers: peers.clone(),
                 })
-                .collect::<Result<_, _>>()?;
-            let filters: Arc<dyn HttpFilters> = Arc::new(NodeChain {
-                chain: FilterChain::new(chain),
-                upstreams: upstreams.clone(),
-                peers: peers.clone(),
-            });
+            };
+            let http = (!http.is_empty()).then(|| chain(http));
+            let tcp = (!tcp.is_empty()).then(|| chain(tcp));
             let direction = match a.direction {
                 FilterDirection::Ingress => Direction::Ingress,
                 FilterDirection::Egress => Direction::Egress,
@@ -249,26 +285,55 @@ impl NodeFilters {
             };
             for ip in &a.ips {
                 for port in &ports {
-                    table.insert((IpAddr::V4(*ip), direction, *port), filters.clone());
+                    let key = (IpAddr::V4(*ip), direction, *port);
+                    if let Some(c) = &http {
+                        tables.http.insert(key, c.clone());
+                    }
+                    if let Some(c) = &tcp {
+                        tables.tcp.insert(key, c.clone());
+                    }
                 }
             }
         }
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
-        *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        *self.tables.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tables);
         Ok(())
     }
 
-    /// The chain for a request to or from `endpoint_ip` on `port`.
+    fn tables(&self) -> Arc<Tables> {
+        self.tables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The HTTP chain for a request to or from `endpoint_ip` on `port`.
     pub fn lookup(
         &self,
         endpoint_ip: IpAddr,
         direction: Direction,
         port: u16,
     ) -> Option<Arc<dyn HttpFilters>> {
-        let table = self.table.read().unwrap_or_else(|e| e.into_inner()).clone();
-        table
+        let tables = self.tables();
+        tables
+            .http
             .get(&(endpoint_ip, direction, port))
-            .or_else(|| table.get(&(endpoint_ip, direction, 0)))
+            .or_else(|| tables.http.get(&(endpoint_ip, direction, 0)))
+            .cloned()
+    }
+
+    /// The TCP chain for a connection to or from `endpoint_ip` on `port`.
+    pub fn lookup_tcp(
+        &self,
+        endpoint_ip: IpAddr,
+        direction: Direction,
+        port: u16,
+    ) -> Option<Arc<dyn ConnectionFilters>> {
+        let tables = self.tables();
+        tables
+            .tcp
+            .get(&(endpoint_ip, direction, port))
+            .or_else(|| tables.tcp.get(&(endpoint_ip, direction, 0)))
             .cloned()
     }
 }
@@ -290,6 +355,7 @@ mod tests {
             match_labels: vec![("app".into(), app.into())],
             match_expressions: Vec::new(),
             direction: FilterDirection::Ingress,
+            protocol: wasm_resource::FilterProtocol::Http,
             ports,
             module: PathBuf::from("/m.wasm"),
             sha256: "0".repeat(64),

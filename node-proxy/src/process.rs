@@ -81,10 +81,20 @@ pub struct ProxySettings {
     pub dns_settings: membrane_agent_api::args::DnsSettings,
 }
 
-/// The node's policy source: HTTP rules from the snapshot store, filters per endpoint.
-struct NodePolicies {
+/// The node's policy source: HTTP rules from the snapshot store, HTTP and TCP filters per
+/// endpoint (what the transparent proxy asks per request and per relayed connection).
+pub struct NodePolicies {
     store: Arc<PolicyStore>,
     filters: Option<Arc<crate::node_filters::NodeFilters>>,
+}
+
+impl NodePolicies {
+    pub fn new(
+        store: Arc<PolicyStore>,
+        filters: Option<Arc<crate::node_filters::NodeFilters>>,
+    ) -> Self {
+        Self { store, filters }
+    }
 }
 
 impl redirect::PolicySource for NodePolicies {
@@ -109,6 +119,15 @@ impl redirect::PolicySource for NodePolicies {
         self.filters
             .as_ref()?
             .lookup(query.endpoint_ip, query.direction, query.port)
+    }
+
+    fn tcp_filters(
+        &self,
+        query: &redirect::PolicyQuery,
+    ) -> Option<Arc<dyn membrane_l7proxy::tcp_filter::ConnectionFilters>> {
+        self.filters
+            .as_ref()?
+            .lookup_tcp(query.endpoint_ip, query.direction, query.port)
     }
 }
 
@@ -304,10 +323,8 @@ pub fn run(settings: ProxySettings, shutdown: Shutdown) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let policies: Arc<dyn redirect::PolicySource> = Arc::new(NodePolicies {
-        store: store.clone(),
-        filters: node_filters.clone(),
-    });
+    let policies: Arc<dyn redirect::PolicySource> =
+        Arc::new(NodePolicies::new(store.clone(), node_filters.clone()));
     let identities: Arc<dyn IdentitySource> = Arc::new(PinnedIpcache(Mutex::new(ipcache)));
     let (dns_log, dns_records) =
         membrane_l7proxy::dns::DnsLog::channel(membrane_l7proxy::access::DEFAULT_CHANNEL_CAPACITY);

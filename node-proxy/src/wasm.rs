@@ -1,8 +1,12 @@
-//! Wasm filters on the proxy's request path: adapts `membrane-filters` (the proxy-wasm host)
-//! to `membrane-l7proxy`'s filter-chain trait ([`HttpFilters`]), and owns what the standalone
-//! `membrane proxy --filter MODULE.wasm[=CONFIG] --filter-upstream NAME=ADDR` needs: loading
-//! the modules from files, the callout upstream names, `proxy_on_tick` delivery, and atomic
-//! hot reload (on SIGHUP or when a module or configuration file changes).
+//! Wasm filters on the proxy's data paths: adapts `membrane-filters` (the proxy-wasm host) to
+//! `membrane-l7proxy`'s filter-chain traits — [`HttpFilters`] for HTTP streams (HTTP and gRPC
+//! callouts included: the host's `HttpCall`s and `GrpcOp`s become the proxy's
+//! [`Callout`]s and [`GrpcCalloutOp`]s, their outcomes go back to the chain) and
+//! [`ConnectionFilters`] for TCP connections (the stream context) — and owns what the
+//! standalone `membrane proxy [--tcp] --filter MODULE.wasm[=CONFIG] --filter-upstream
+//! NAME=ADDR` needs: loading the modules from files, the callout upstream names,
+//! `proxy_on_tick` delivery, and atomic hot reload (on SIGHUP or when a module or
+//! configuration file changes).
 //!
 //! Reload is all-or-nothing for the whole chain: every filter is compiled, booted and
 //! configured off the data path; only if all succeed is the new chain swapped in (one pointer
@@ -19,12 +23,17 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use membrane_filters::{
     Action, ChainStream, DecisionKind, FailureOutcome, FilterChain, FilterError, FilterHost,
-    FilterSpec, Headers, HostConfig, HttpCallId, HttpCallResponse, PeerInfo, Phase, StreamInfo,
+    FilterProtocol, FilterSpec, GrpcCallId, GrpcEvent, GrpcOp, Headers, HostConfig, HttpCallId,
+    HttpCallResponse, PeerInfo, PeerType, Phase, StreamInfo,
 };
 use membrane_l7proxy::access::{FilterOutcome, FilterRecord};
 use membrane_l7proxy::filter::{
-    Callout, CalloutResponse, FilterAction, FilterReply, FilterStream, HeadPairs, HttpFilters,
-    StreamMeta,
+    Callout, CalloutResponse, FilterAction, FilterReply, FilterStream, GrpcCalloutOp, HeadPairs,
+    HttpFilters, PeerMeta, StreamMeta,
+};
+use membrane_l7proxy::grpc_callout::{GrpcCalloutEvent, GrpcRequest};
+use membrane_l7proxy::tcp_filter::{
+    ConnectionFilterStream, ConnectionFilters, ConnectionMeta, L4Action,
 };
 
 /// How often `proxy_on_tick` is offered to the filters (each filter's own period applies).
@@ -66,6 +75,9 @@ pub struct FilterSource {
     pub config: Option<PathBuf>,
     /// Callback deadline, memory cap and body buffer bound (defaults from `--filter`).
     pub limits: membrane_filters::FilterLimits,
+    /// HTTP streams or TCP connections (`membrane proxy --tcp`); a module that declares only
+    /// the other kind of stream callbacks is refused at load.
+    pub protocol: FilterProtocol,
 }
 
 impl FilterSource {
@@ -95,7 +107,14 @@ impl FilterSource {
             module,
             config,
             limits: membrane_filters::FilterLimits::default(),
+            protocol: FilterProtocol::Http,
         })
+    }
+
+    /// The same filter attached to `protocol`'s streams.
+    pub fn with_protocol(mut self, protocol: FilterProtocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 }
 
@@ -172,6 +191,7 @@ impl WasmFilterSet {
                 None => Vec::new(),
             };
             let spec = FilterSpec::new(&source.name, module)
+                .with_protocol(source.protocol)
                 .with_limits(source.limits)
                 .with_config(config)
                 .with_callout_upstreams(names.clone());
@@ -259,11 +279,12 @@ impl WasmFilterSet {
     }
 }
 
-/// `membrane proxy --filter ... --filter-upstream ...`: loads the chain (`None` without
-/// filters) and starts its tick and file-watch threads.
+/// `membrane proxy [--tcp] --filter ... --filter-upstream ...`: loads the chain (`None`
+/// without filters) for `protocol`'s streams and starts its tick and file-watch threads.
 pub fn from_args(
     filters: &[String],
     upstreams: &[String],
+    protocol: FilterProtocol,
 ) -> Result<Option<Arc<WasmFilterSet>>, WasmFilterError> {
     let upstreams = upstreams
         .iter()
@@ -274,7 +295,7 @@ pub fn from_args(
     }
     let sources = filters
         .iter()
-        .map(|f| FilterSource::parse(f))
+        .map(|f| FilterSource::parse(f).map(|s| s.with_protocol(protocol)))
         .collect::<Result<Vec<_>, _>>()?;
     let set = WasmFilterSet::load(sources, upstreams, HostConfig::default())?;
     let io =
@@ -313,33 +334,63 @@ impl HttpFilters for WasmFilterSet {
     }
 }
 
+/// The standalone TCP mode's connections run through the same chain (loaded for TCP).
+impl ConnectionFilters for WasmFilterSet {
+    fn start(&self, meta: ConnectionMeta) -> Option<Box<dyn ConnectionFilterStream>> {
+        start_connection(&self.chain(), meta)
+    }
+}
+
+fn peer_info(p: PeerMeta) -> PeerInfo {
+    PeerInfo {
+        address: p.address,
+        identity: p.identity.map(u64::from),
+        labels: p.labels,
+        namespace: p.namespace,
+        workload: p.workload,
+        principal: None,
+    }
+}
+
 /// One request through `chain` (`None` when the chain is empty).
 pub fn start_stream(chain: &FilterChain, meta: StreamMeta) -> Option<Box<dyn FilterStream>> {
-    {
-        if chain.is_empty() {
-            return None;
-        }
-        let peer = |p: membrane_l7proxy::filter::PeerMeta| PeerInfo {
-            address: p.address,
-            identity: p.identity.map(u64::from),
-            labels: p.labels,
-            namespace: p.namespace,
-            workload: p.workload,
-            principal: None,
-        };
-        let info = StreamInfo {
-            source: peer(meta.source),
-            destination: peer(meta.destination),
-            protocol: Some(meta.protocol.to_owned()),
-            connection_id: None,
-        };
-        Some(Box::new(WasmStream {
-            stream: chain.start_stream(info),
-            calls: HashMap::new(),
-            next_call: 0,
-            paused_response: false,
-        }))
+    if chain.is_empty() {
+        return None;
     }
+    let info = StreamInfo {
+        source: peer_info(meta.source),
+        destination: peer_info(meta.destination),
+        protocol: Some(meta.protocol.to_owned()),
+        connection_id: None,
+    };
+    Some(Box::new(WasmStream {
+        stream: chain.start_stream(info),
+        calls: HashMap::new(),
+        grpc_calls: HashMap::new(),
+        grpc_ids: HashMap::new(),
+        next_call: 0,
+        paused_response: false,
+    }))
+}
+
+/// One TCP connection through `chain`, a proxy-wasm stream context per filter (`None` when
+/// the chain is empty).
+pub fn start_connection(
+    chain: &FilterChain,
+    meta: ConnectionMeta,
+) -> Option<Box<dyn ConnectionFilterStream>> {
+    if chain.is_empty() {
+        return None;
+    }
+    let info = StreamInfo {
+        source: peer_info(meta.source),
+        destination: peer_info(meta.destination),
+        protocol: None,
+        connection_id: None,
+    };
+    Some(Box::new(WasmConnection {
+        stream: chain.start_connection(info),
+    }))
 }
 
 /// One request through the Wasm chain.
@@ -347,9 +398,69 @@ struct WasmStream {
     stream: ChainStream,
     /// Callout ids handed to the proxy → the chain's ids.
     calls: HashMap<u64, HttpCallId>,
+    /// gRPC call ids handed to the proxy → the chain's ids, and back.
+    grpc_calls: HashMap<u64, GrpcCallId>,
+    grpc_ids: HashMap<GrpcCallId, u64>,
+    /// Last id handed to the proxy (HTTP and gRPC callouts share the sequence).
     next_call: u64,
     /// Which headers phase is paused (for writing the head back on resume).
     paused_response: bool,
+}
+
+impl WasmStream {
+    /// After an outcome resumed a paused headers phase: that phase's head as the filters
+    /// left it.
+    fn resumed_head(&self, head: &mut HeadPairs) {
+        *head = to_pairs(if self.paused_response {
+            self.stream.response_headers()
+        } else {
+            self.stream.request_headers()
+        });
+    }
+}
+
+/// One TCP connection through the Wasm chain.
+struct WasmConnection {
+    stream: ChainStream,
+}
+
+fn l4(action: Action) -> L4Action {
+    match action {
+        Action::Continue => L4Action::Continue,
+        Action::Pause => L4Action::Pause,
+        // A stream context has no local reply: a failure policy's reply closes instead.
+        Action::LocalReply(_) | Action::Close => L4Action::Close,
+    }
+}
+
+fn peer_type(local: bool) -> PeerType {
+    if local {
+        PeerType::Local
+    } else {
+        PeerType::Remote
+    }
+}
+
+impl ConnectionFilterStream for WasmConnection {
+    fn on_new_connection(&mut self) -> L4Action {
+        l4(self.stream.on_new_connection())
+    }
+
+    fn on_downstream_data(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> L4Action {
+        l4(self.stream.on_downstream_data(data, end_of_stream))
+    }
+
+    fn on_upstream_data(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> L4Action {
+        l4(self.stream.on_upstream_data(data, end_of_stream))
+    }
+
+    fn on_downstream_close(&mut self, local: bool) {
+        self.stream.on_downstream_close(peer_type(local));
+    }
+
+    fn on_upstream_close(&mut self, local: bool) {
+        self.stream.on_upstream_close(peer_type(local));
+    }
 }
 
 fn to_headers(head: &HeadPairs) -> Headers {
@@ -459,11 +570,86 @@ impl FilterStream for WasmStream {
         });
         let action = self.stream.on_http_call_response(call, response);
         if action == Action::Continue {
-            *head = to_pairs(if self.paused_response {
-                self.stream.response_headers()
-            } else {
-                self.stream.request_headers()
-            });
+            self.resumed_head(head);
+        }
+        convert(action)
+    }
+
+    fn take_grpc_ops(&mut self) -> Vec<GrpcCalloutOp> {
+        let mut out = Vec::new();
+        for op in self.stream.take_grpc_ops() {
+            match op {
+                GrpcOp::Start(start) => {
+                    self.next_call += 1;
+                    let id = self.next_call;
+                    self.grpc_calls.insert(id, start.id);
+                    self.grpc_ids.insert(start.id, id);
+                    out.push(GrpcCalloutOp::Start {
+                        id,
+                        filter: start.filter.to_string(),
+                        request: GrpcRequest {
+                            // Envoy sends the cluster name as :authority.
+                            authority: start.upstream.clone(),
+                            path: start.path(),
+                            metadata: to_pairs(&start.initial_metadata),
+                            timeout: Some(start.timeout).filter(|t| !t.is_zero()),
+                        },
+                        upstream: start.upstream,
+                        message: start.message.map(Bytes::from),
+                    });
+                }
+                GrpcOp::Send {
+                    id,
+                    message,
+                    end_stream,
+                } => {
+                    if let Some(&id) = self.grpc_ids.get(&id) {
+                        out.push(GrpcCalloutOp::Send {
+                            id,
+                            message: Bytes::from(message),
+                            end_stream,
+                        });
+                    }
+                }
+                GrpcOp::Close { id } => {
+                    if let Some(&id) = self.grpc_ids.get(&id) {
+                        out.push(GrpcCalloutOp::Close { id });
+                    }
+                }
+                GrpcOp::Cancel { id } => {
+                    if let Some(id) = self.grpc_ids.remove(&id) {
+                        self.grpc_calls.remove(&id);
+                        out.push(GrpcCalloutOp::Cancel { id });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn on_grpc_event(
+        &mut self,
+        id: u64,
+        event: GrpcCalloutEvent,
+        head: &mut HeadPairs,
+    ) -> FilterAction {
+        let Some(&call) = self.grpc_calls.get(&id) else {
+            return FilterAction::Pause;
+        };
+        let event = match event {
+            GrpcCalloutEvent::InitialMetadata(h) => GrpcEvent::InitialMetadata(to_headers(&h)),
+            GrpcCalloutEvent::Message(m) => GrpcEvent::Message(m.to_vec()),
+            GrpcCalloutEvent::TrailingMetadata(h) => GrpcEvent::TrailingMetadata(to_headers(&h)),
+            GrpcCalloutEvent::Close { status, message } => {
+                // The last event of the call.
+                self.grpc_calls.remove(&id);
+                self.grpc_ids.remove(&call);
+                GrpcEvent::Close { status, message }
+            }
+        };
+        let action = self.stream.on_grpc_event(call, event);
+        if action == Action::Continue {
+            self.resumed_head(head);
         }
         convert(action)
     }

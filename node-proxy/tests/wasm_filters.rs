@@ -67,6 +67,7 @@ fn filter_set(config: &Path, upstreams: &[(&str, SocketAddr)]) -> Result<Arc<Was
             callback_deadline: std::time::Duration::from_millis(300),
             ..membrane_filters::FilterLimits::default()
         },
+        protocol: membrane_filters::FilterProtocol::Http,
     };
     let upstreams: HashMap<String, SocketAddr> = upstreams
         .iter()

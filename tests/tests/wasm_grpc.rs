@@ -1,9 +1,10 @@
 //! gRPC callouts end to end: an authorization filter written with the upstream proxy-wasm SDK
 //! (`grpc_auth_random` style) calls a real gRPC server (tonic's health service, standing in
 //! for an ext_authz-like service) through the filter host's `GrpcOp`s and the proxy's HTTP/2
-//! client (`membrane_l7proxy::grpc_callout`), driven as the node proxy drives a paused
-//! request: send what the filters asked for, deliver what comes back, until the phase goes
-//! on. Covered: allowed, denied (HTTP and gRPC clients), server error statuses (with the
+//! client (`membrane_l7proxy::grpc_callout`), driven here step by step as the proxy's pause
+//! loop (`membrane_l7proxy::filter_path`) drives a paused request: send what the filters
+//! asked for, deliver what comes back, until the phase goes on. The same filters through
+//! the proxies themselves (standalone and node): `node-proxy/tests/grpc_tcp_filters.rs`. Covered: allowed, denied (HTTP and gRPC clients), server error statuses (with the
 //! message), server down (connect refused), a server that never answers (timeout), an unknown
 //! upstream (ParseFailure, as Envoy). The same cases run with the example filter written with
 //! membrane's SDK (`examples/filters/grpc-authz`).

@@ -2,7 +2,9 @@
 //! proxy-wasm SDK (`filters/tests/guests/tcp-rewrite-upstream`) reads and rewrites the bytes
 //! of real connections both ways, on the standalone proxy's TCP mode and on the TLS relay of
 //! the transparent mode (after the SNI policy allowed the connection), through the filter
-//! host's stream context adapted to `membrane_l7proxy::tcp_filter` as the node proxy does.
+//! host's stream context adapted to `membrane_l7proxy::tcp_filter` by the node proxy's
+//! adapter (`membrane_node_proxy::wasm::start_connection`). The same through the node's
+//! policy source and `WasmFilter` snapshots: `node-proxy/tests/grpc_tcp_filters.rs`.
 //! Also: the filter closing a connection, and membrane's SDK example (`tcp-rewrite`).
 
 #[path = "../../filters/tests/common/mod.rs"]
@@ -16,8 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use membrane_filters::{
-    Action, ChainStream, FilterChain, FilterHost, FilterLog, FilterProtocol, FilterSpec,
-    HostConfig, PeerInfo, PeerType, StreamInfo,
+    FilterChain, FilterHost, FilterLog, FilterProtocol, FilterSpec, HostConfig,
 };
 use membrane_l7proxy::policy::HttpPolicy;
 use membrane_l7proxy::redirect::store::{
@@ -29,7 +30,7 @@ use membrane_l7proxy::redirect::{
     Direction, IdentitySource, PolicyQuery, PolicySource, RedirectHandler, TransparentConfig,
 };
 use membrane_l7proxy::tcp_filter::{
-    ConnectionFilterStream, ConnectionFilters, ConnectionMeta, L4Action, TcpProxy, TcpProxyConfig,
+    ConnectionFilterStream, ConnectionFilters, ConnectionMeta, TcpProxy, TcpProxyConfig,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -40,75 +41,15 @@ const WAIT: Duration = Duration::from_secs(10);
 const HELLO: &[u8] =
     include_bytes!("../../l7proxy/src/redirect/testdata/openssl-3.0-client-hello.bin");
 
-// ---- the adapter the node proxy will own: filter host ⇄ l7proxy's L4 trait ----
+// ---- the node proxy's adapter (filter host ⇄ l7proxy's L4 trait) over one chain ----
 
 struct WasmConnections {
     chain: FilterChain,
 }
 
-struct WasmConnection {
-    stream: ChainStream,
-}
-
-fn l4(action: Action) -> L4Action {
-    match action {
-        Action::Continue => L4Action::Continue,
-        Action::Pause => L4Action::Pause,
-        // A stream context has no local reply; a failure policy's reply closes.
-        Action::LocalReply(_) | Action::Close => L4Action::Close,
-    }
-}
-
-fn peer(p: &membrane_l7proxy::filter::PeerMeta) -> PeerInfo {
-    PeerInfo {
-        address: p.address,
-        identity: p.identity.map(u64::from),
-        labels: p.labels.clone(),
-        namespace: p.namespace.clone(),
-        workload: p.workload.clone(),
-        principal: None,
-    }
-}
-
 impl ConnectionFilters for WasmConnections {
     fn start(&self, meta: ConnectionMeta) -> Option<Box<dyn ConnectionFilterStream>> {
-        if self.chain.is_empty() {
-            return None;
-        }
-        let info = StreamInfo {
-            source: peer(&meta.source),
-            destination: peer(&meta.destination),
-            ..StreamInfo::default()
-        };
-        Some(Box::new(WasmConnection {
-            stream: self.chain.start_connection(info),
-        }))
-    }
-}
-
-impl ConnectionFilterStream for WasmConnection {
-    fn on_new_connection(&mut self) -> L4Action {
-        l4(self.stream.on_new_connection())
-    }
-    fn on_downstream_data(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> L4Action {
-        l4(self.stream.on_downstream_data(data, end_of_stream))
-    }
-    fn on_upstream_data(&mut self, data: &mut Vec<u8>, end_of_stream: bool) -> L4Action {
-        l4(self.stream.on_upstream_data(data, end_of_stream))
-    }
-    fn on_downstream_close(&mut self, local: bool) {
-        self.stream.on_downstream_close(if local {
-            PeerType::Local
-        } else {
-            PeerType::Remote
-        });
-    }
-    fn on_upstream_close(&mut self, local: bool) {
-        self.stream.on_upstream_close(if local {
-            PeerType::Local
-        } else {
-            PeerType::Remote
-        });
+        membrane_node_proxy::wasm::start_connection(&self.chain, meta)
     }
 }
 

@@ -305,6 +305,7 @@ pub fn filter_snapshot(
                 module: r.module.clone(),
                 sha256: r.sha256.clone(),
                 config: r.config.clone(),
+                protocol: r.protocol,
                 failure_policy: r.failure_policy,
                 failure_status: r.failure_status,
                 upstreams: r.upstreams.clone(),
