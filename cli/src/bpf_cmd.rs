@@ -274,7 +274,7 @@ pub fn run(args: BpfArgs) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&out);
             }
-            println!("{:<20} {:>10}  {}", "PREFIX", "IDENTITY", "TUNNEL ENDPOINT");
+            println!("{:<20} {:>10}  TUNNEL ENDPOINT", "PREFIX", "IDENTITY");
             for (prefix, info) in rows {
                 println!(
                     "{:<20} {:>10}  {}",
