@@ -253,10 +253,16 @@ impl ClusterArgs {
                 self.cluster_pool_ipv4_cidr.join(","),
             ]);
         }
-        out.extend([
-            "--cluster-pool-ipv4-mask-size".into(),
-            self.cluster_pool_ipv4_mask_size.to_string(),
-        ]);
+        // Only when it says something: a command line without a pool keeps its short form
+        // (the Helm chart's DaemonSet args are compared with this rendering).
+        if !self.cluster_pool_ipv4_cidr.is_empty()
+            || self.cluster_pool_ipv4_mask_size != DEFAULT_CLUSTER_POOL_MASK_SIZE
+        {
+            out.extend([
+                "--cluster-pool-ipv4-mask-size".into(),
+                self.cluster_pool_ipv4_mask_size.to_string(),
+            ]);
+        }
         if let Some(m) = self.routing_mode {
             out.extend(["--routing-mode".into(), m.as_str().into()]);
         }

@@ -938,6 +938,18 @@ spec:
     .expect("write policies");
     let applied = lab.membrane(&["policy", "apply", "-f", policies.to_str().expect("utf8")]);
     assert!(applied.status.success(), "{}", text(&applied));
+    // `policy apply` waits (bounded) for the proxy; on a loaded machine compiling the module
+    // can take longer, so wait until the proxy says it applied the filters.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = json(&lab.membrane(&["status", "-o", "json"]));
+        let filters = &status["filters"];
+        if filters["revision"] == filters["revision_applied"] && filters["attachments"] != 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "filters never applied: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let curl = |args: &[&str]| {
         let mut cmd = vec!["curl", "-s", "--max-time", "5", "-w", " %{http_code}"];

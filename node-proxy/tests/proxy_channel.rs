@@ -177,8 +177,10 @@ fn the_proxy_gets_the_policy_whole_then_as_deltas_and_resyncs_when_it_diverges()
             log: log.clone(),
         },
     );
-    wait_for("the whole policy", || store.revision() == 10);
-    assert_eq!(channel.applied(Kind::Policy), 10);
+    // The proxy applies, then acknowledges: the agent side sees the revision a moment later.
+    wait_for("the whole policy, acknowledged", || {
+        store.revision() == 10 && channel.applied(Kind::Policy) == 10
+    });
 
     // One endpoint changes, one appears: only those two travel.
     let next = policy(11, vec![endpoint(1, "PUT"), endpoint(2, "GET")]);
