@@ -176,19 +176,23 @@ pub fn apply(datapath: &mut Datapath, desired: &DesiredState) -> Result<(), Agen
         }
     }
 
-    let have_ipcache = datapath
+    // A map, not the listed vector: with other nodes' endpoints the ipcache holds thousands of
+    // entries and every reconcile compares each of them.
+    let have_ipcache: BTreeMap<Ipv4Prefix, IpcacheInfo> = datapath
         .ipcache()
         .list_info()
-        .map_err(dp_err("list ipcache"))?;
+        .map_err(dp_err("list ipcache"))?
+        .into_iter()
+        .collect();
     for (prefix, info) in &desired.ipcache {
-        if !have_ipcache.iter().any(|(p, i)| p == prefix && i == info) {
+        if have_ipcache.get(prefix) != Some(info) {
             datapath
                 .ipcache()
                 .upsert_info(*prefix, *info)
                 .map_err(dp_err("write ipcache entry"))?;
         }
     }
-    for (prefix, _) in &have_ipcache {
+    for prefix in have_ipcache.keys() {
         if !desired.ipcache.contains_key(prefix) {
             datapath
                 .ipcache()

@@ -82,7 +82,7 @@ fn pin_dir_of(args: &BpfArgs) -> anyhow::Result<PathBuf> {
         return Ok(dir.clone());
     }
     let run = membrane_lab::lab::node_run_name(args.node.as_deref())?;
-    Ok(membrane_lab::lab::pin_path().with_file_name(run))
+    Ok(membrane_lab::lab::node_pin_path(&run))
 }
 
 fn registry_path(pin_dir: &Path) -> PathBuf {

@@ -550,14 +550,26 @@ pub fn agent_socket() -> PathBuf {
     RunDir::new(&lab_name()).agent_socket()
 }
 
+/// The run names of the running lab's nodes (node 1's alone for a single-node lab).
+pub fn node_runs() -> Vec<String> {
+    let runs: Vec<String> = nodes().into_iter().map(|n| n.run_name).collect();
+    if runs.is_empty() {
+        vec![lab_name()]
+    } else {
+        runs
+    }
+}
+
+/// The pin directory of the lab node `run`.
+pub fn node_pin_path(run: &str) -> PathBuf {
+    pin_path().with_file_name(run)
+}
+
 /// The endpoints registered on every node of the running lab.
 pub fn lab_endpoints() -> Vec<registry::RegisteredEndpoint> {
-    let mut runs: Vec<String> = nodes().into_iter().map(|n| n.run_name).collect();
-    if runs.is_empty() {
-        runs.push(lab_name());
-    }
-    runs.iter()
-        .flat_map(|r| registry::read(&RunDir::of_pin_dir(&pin_path().with_file_name(r))))
+    node_runs()
+        .iter()
+        .flat_map(|r| registry::read(&RunDir::of_pin_dir(&node_pin_path(r))))
         .collect()
 }
 
@@ -1029,11 +1041,8 @@ pub fn demo() -> Result<()> {
         });
     }
     // Every node of the lab: (run name, pin directory, agent socket, registry).
-    let runs: Vec<String> = {
-        let n: Vec<String> = nodes().into_iter().map(|n| n.run_name).collect();
-        if n.is_empty() { vec![lab_name()] } else { n }
-    };
-    let node_pins = |run: &str| pin_path().with_file_name(run);
+    let runs = node_runs();
+    let node_pins = |run: &str| node_pin_path(run);
     let registries: Vec<(String, Vec<registry::RegisteredEndpoint>)> = runs
         .iter()
         .map(|r| {
