@@ -4,8 +4,8 @@
 //! block. Also the announcement to the container runtime: `05-membrane.conflist` in the
 //! CNI config directory while the agent serves the API and has a block.
 //!
-//! The block comes from `--pod-cidr` or from code ([`State::set_pod_cidr`], how cluster mode
-//! will hand over the block the cluster pool gave the node). Addresses: the network address,
+//! The block comes from `--pod-cidr`, else (cluster mode) from the block the cluster pool gave
+//! the node (`ClusterClient::pod_cidr`), read at start. Addresses: the network address,
 //! the first address (the router's, as Cilium reserves it for `cilium_host`) and the
 //! broadcast address are never handed out; the lowest free address goes first. Handed-out
 //! addresses are saved in the run directory (`ipam.json`) on every change, and a restarted
@@ -305,24 +305,6 @@ impl State {
             self.save_ipam();
         }
         IpamReleased { ip }
-    }
-
-    /// Sets the node's block from code (cluster mode: the block the cluster pool gave this
-    /// node). Addresses outside it are forgotten; the runtime's conflist follows (written
-    /// with a block, removed without one) once the API serves.
-    #[expect(
-        dead_code,
-        reason = "the hook for cluster mode, which will hand over the cluster pool's block"
-    )]
-    pub fn set_pod_cidr(&mut self, block: Option<Ipv4Cidr>) {
-        for (ip, owner) in self.ipam.set_block(block) {
-            tracing::warn!(%ip, %owner, "pod address outside the new pod CIDR forgotten");
-        }
-        self.reserve_endpoint_addresses();
-        self.save_ipam();
-        if self.cni_announced.is_some() {
-            self.announce_to_runtime();
-        }
     }
 
     /// Writes the conflist into `--cni-conf-dir` if the node has a block (removes it if it
